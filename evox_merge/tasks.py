@@ -4,9 +4,9 @@ A task is a JSONL file plus a small spec. One JSON object per line:
 
 * ``multiple_choice``: ``{"prompt": str, "choices": [str, ...], "answer": int | str}``; scored by the
   log-likelihood of each choice after the prompt (metric ``accuracy``, or ``accuracy_norm`` to divide each
-  choice's log-likelihood by its length in tokens).
-* ``generation``: ``{"prompt": str, "answer": str}``; greedy decoding, scored by exact match after
-  normalisation (metric ``exact_match``).
+  choice's log-likelihood by its length in characters).
+* ``generation``: ``{"prompt": str, "answer": str}``; greedy decoding cut at the first stop string, scored by exact
+  match after normalisation: ends stripped, inner whitespace collapsed, case kept (metric ``exact_match``).
 * ``language_modeling``: ``{"text": str}``; scored by minus the mean per-token NLL (metric ``neg_nll``,
   higher is better like every fitness here).
 
@@ -30,9 +30,10 @@ TASK_TYPES = {
     "generation": ("exact_match",),
     "language_modeling": ("neg_nll",),
 }
+# The fields the prompt template uses are required as well (checked when the template is filled).
 REQUIRED_FIELDS = {
-    "multiple_choice": ("prompt", "choices", "answer"),
-    "generation": ("prompt", "answer"),
+    "multiple_choice": ("choices", "answer"),
+    "generation": ("answer",),
     "language_modeling": ("text",),
 }
 

@@ -1,0 +1,115 @@
+"""Tokenise a task once into padded, length-bucketed batches that every candidate then reuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from evox_merge.tasks import Task
+
+IGNORE = -100
+
+
+@dataclass
+class TargetBatch:
+    """Right-padded sequences whose scored tokens are marked.
+
+    Attributes:
+        input_ids: ``(B, L)`` long.
+        attention_mask: ``(B, L)`` long, 1 on real tokens.
+        targets: ``(B, L)`` long; ``targets[b, t]`` is the token position ``t`` must predict
+            (``input_ids[b, t + 1]``) where it is scored, else ``IGNORE``.
+        rows: ``(B,)`` long, the index of each sequence in the task's row order.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts for batched greedy decoding.
+
+    Attributes:
+        input_ids: ``(B, L)`` long; attention_mask: ``(B, L)``; position_ids: ``(B, L)`` (0 at each first real
+        token); rows: ``(B,)`` indices of the examples.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rows: torch.Tensor
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, *, special: bool) -> list[int]:
+    """Token ids of `text`; `special` adds the tokenizer's BOS-like special tokens."""
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], int]]:
+    """Per scored row: the token ids and how many leading tokens are context (not scored).
+
+    Multiple choice: one row per (example, choice), context = the prompt, scored = the choice.
+    Language modelling: one row per text, every token after the first scored.
+    """
+    rows = []
+    if task.spec.type == "language_modeling":
+        for record in task.records:
+            ids = encode(tokenizer, record["text"], special=True)
+            rows.append((ids, 1))
+        return rows
+    for record in task.records:
+        context = encode(tokenizer, record["prompt"], special=True)
+        for choice in record["choices"]:
+            rows.append((context + encode(tokenizer, choice, special=False), len(context)))
+    return rows
+
+
+def target_batches(
+    sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_size: int, device: torch.device | str
+) -> list[TargetBatch]:
+    """Sort rows by length and cut them into right-padded batches of at most `batch_size` rows."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]), reverse=True)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        length = len(sequences[chunk[0]][0])
+        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        targets = torch.full((len(chunk), length), IGNORE, dtype=torch.long)
+        for b, row in enumerate(chunk):
+            ids, context = sequences[row]
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention_mask[b, : len(ids)] = 1
+            targets[b, context - 1 : len(ids) - 1] = torch.tensor(ids[context:])
+        batches.append(
+            TargetBatch(input_ids.to(device), attention_mask.to(device), targets.to(device), torch.tensor(chunk))
+        )
+    return batches
+
+
+def prompt_batches(
+    prompts: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device | str
+) -> list[PromptBatch]:
+    """Sort prompts by length and cut them into left-padded batches, whatever the tokenizer's padding side."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        length = len(prompts[chunk[0]])
+        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for b, row in enumerate(chunk):
+            ids = prompts[row]
+            input_ids[b, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[b, length - len(ids) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        batches.append(
+            PromptBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), torch.tensor(chunk))
+        )
+    return batches

@@ -1,0 +1,45 @@
+"""In-place merging: set W = W0 + B_scaled diag(d) A_cat in every target layer, once per candidate."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from evox_merge.experts import ExpertSet
+
+
+class InPlaceMerger:
+    """Writes merged weights straight into the base model's target layers and restores them.
+
+    Keeps one copy of each target layer's original weight ``W0`` (only the targeted layers), so that every
+    candidate starts from exactly ``W0``: candidates never leak into one another, whatever order they come in.
+    """
+
+    def __init__(self, experts: ExpertSet) -> None:
+        self._experts = experts
+        self._weights = {name: experts.target_module(name).weight for name in experts.layers}
+        self._originals = {name: weight.detach().clone() for name, weight in self._weights.items()}
+
+    @torch.no_grad()
+    def apply(self, coefficients: torch.Tensor) -> None:
+        """Set every target layer to ``W0 + B_scaled diag(coefficients) A_cat``; ``coefficients (N,)``."""
+        for name, factors in self._experts.layers.items():
+            scaled_B = factors.B_scaled * coefficients[factors.expert_of_rank].to(factors.B_scaled.dtype)
+            torch.addmm(self._originals[name], scaled_B, factors.A_cat, out=self._weights[name])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every target layer back to its original weight ``W0``."""
+        for name, weight in self._weights.items():
+            weight.copy_(self._originals[name])
+
+    @contextmanager
+    def merged(self, coefficients: torch.Tensor) -> Iterator[None]:
+        """Context in which the model holds the merge for ``coefficients (N,)``; restored on exit, even on error."""
+        self.apply(coefficients)
+        try:
+            yield
+        finally:
+            self.restore()
