@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from evox_merge.adapters import CONFIG_NAME, LoraAdapter, read_lora_adapter
 from evox_merge.errors import MergeInputError
 from evox_merge.hashing import directory_sha256
+from evox_merge.merging import InPlaceMerger
 
 logger = logging.getLogger(__name__)
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -115,6 +116,11 @@ class ExpertSet:
     def target_module(self, name: str) -> torch.nn.Linear:
         """The base model's Linear layer at module path `name`."""
         return self.model.get_submodule(name)
+
+    @cached_property
+    def merger(self) -> InPlaceMerger:
+        """The one in-place merger of this model (shared by every problem built on these experts)."""
+        return InPlaceMerger(self)
 
     @cached_property
     def base_hash(self) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from evox_merge.experts import ExpertSet
+if TYPE_CHECKING:
+    from evox_merge.experts import ExpertSet
 
 
 class InPlaceMerger:
@@ -17,7 +18,7 @@ class InPlaceMerger:
     candidate starts from exactly ``W0``: candidates never leak into one another, whatever order they come in.
     """
 
-    def __init__(self, experts: ExpertSet) -> None:
+    def __init__(self, experts: "ExpertSet") -> None:
         self._experts = experts
         self._weights = {name: experts.target_module(name).weight for name in experts.layers}
         self._originals = {name: weight.detach().clone() for name, weight in self._weights.items()}
@@ -28,6 +29,17 @@ class InPlaceMerger:
         for name, factors in self._experts.layers.items():
             scaled_B = factors.B_scaled * coefficients[factors.expert_of_rank].to(factors.B_scaled.dtype)
             torch.addmm(self._originals[name], scaled_B, factors.A_cat, out=self._weights[name])
+
+    @torch.no_grad()
+    def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Set each named target layer to ``W0 + delta`` (``delta (out, in)``); other target layers to ``W0``."""
+        unknown = sorted(set(deltas) - set(self._weights))
+        if unknown:
+            raise KeyError(f"not target layers of these experts: {unknown}")
+        for name, weight in self._weights.items():
+            weight.copy_(self._originals[name])
+            if name in deltas:
+                weight.add_(deltas[name].to(weight.dtype))
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -12,7 +12,6 @@ from evox.core import Problem
 
 from evox_merge.errors import MergeInputError
 from evox_merge.experts import ExpertSet
-from evox_merge.merging import InPlaceMerger
 from evox_merge.scoring import build_scorer
 from evox_merge.tasks import Task, TaskSpec, read_task
 
@@ -64,7 +63,7 @@ class MergeProblem(Problem):
         self.invalid_fitness = invalid_fitness
         device = next(experts.model.parameters()).device
         self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device) for task in self.tasks]
-        self.merger = InPlaceMerger(experts)
+        self.merger = experts.merger
         self.last_task_scores: torch.Tensor | None = None
         self.last_seconds_per_candidate: float = math.nan
 
@@ -103,6 +102,14 @@ class MergeProblem(Problem):
         self.last_seconds_per_candidate = (time.perf_counter() - start) / pop.shape[0]
         self.last_task_scores = scores
         return scores
+
+    def evaluate_deltas(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores ``(K,)`` of the model ``W0 + delta`` per named target layer (for dense merges such as TIES)."""
+        try:
+            self.merger.apply_deltas(deltas)
+            return torch.tensor([scorer.score(self.experts.model) for scorer in self.scorers], dtype=torch.float64)
+        finally:
+            self.merger.restore()
 
     def aggregate(self, task_scores: torch.Tensor) -> torch.Tensor:
         """Weighted mean over tasks, ``(P, K)`` -> ``(P,)``; NaN rows become `invalid_fitness` with a warning."""

@@ -8,7 +8,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from evox_merge.errors import MergeInputError
-from evox_merge.merging import InPlaceMerger
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.workflow import build_workflow
 
@@ -33,7 +32,7 @@ def problem(tiny_setup, tiny_experts):
 def test_in_place_merge_equals_peft_weighted_merge(tiny_setup, tiny_experts):
     torch.manual_seed(3)
     tokens = torch.randint(4, 60, (3, 17))
-    merger = InPlaceMerger(tiny_experts)
+    merger = tiny_experts.merger
     for _ in range(2):
         coefficients = torch.randn(4)
         reference = peft_weighted_merge(tiny_setup, coefficients.tolist())

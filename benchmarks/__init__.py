@@ -1,0 +1,1 @@
+"""Benchmarks of evox-merge; results are committed under benchmarks/results/."""
