@@ -83,24 +83,31 @@ def build_tiny_setup(
     return TinySetup(base_dir, adapter_dirs, write_tiny_tasks(out_dir / "tasks", seed, examples))
 
 
-def write_tiny_tasks(out_dir: str | Path, seed: int = 0, examples: int = 12) -> list[TaskSpec]:
-    """Three small tasks (multiple choice, generation, language modelling) over random letter strings."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+def _tiny_records(rng: random.Random, examples: int) -> dict[str, list[dict]]:
     words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(examples)]
-    rows = {
-        "choice": [
-            {"prompt": f"rev {w}:", "choices": [w[::-1], w, w.upper()], "answer": 0} for w in words
-        ],
+    return {
+        "choice": [{"prompt": f"rev {w}:", "choices": [w[::-1], w, w.upper()], "answer": 0} for w in words],
         "copy": [{"prompt": f"copy {w}=", "answer": w} for w in words],
         "text": [{"text": f"the word {w} backwards is {w[::-1]}."} for w in words],
     }
-    for name, records in rows.items():
-        with open(out_dir / f"{name}.jsonl", "w") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def write_tiny_tasks(out_dir: str | Path, seed: int = 0, examples: int = 12) -> list[TaskSpec]:
+    """Three small tasks (multiple choice, generation, language modelling) over random letter strings, each with
+    a validation file and a test file of other words."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split in ("validation", "test"):
+        for name, records in _tiny_records(rng, examples).items():
+            with open(out_dir / f"{name}_{split}.jsonl", "w") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    def paths(name: str) -> dict[str, str]:
+        return {"path": str(out_dir / f"{name}_validation.jsonl"), "test_path": str(out_dir / f"{name}_test.jsonl")}
+
     return [
-        TaskSpec(name="choice", type="multiple_choice", path=str(out_dir / "choice.jsonl")),
-        TaskSpec(name="copy", type="generation", path=str(out_dir / "copy.jsonl"), max_new_tokens=8),
-        TaskSpec(name="text", type="language_modeling", path=str(out_dir / "text.jsonl")),
+        TaskSpec(name="choice", type="multiple_choice", **paths("choice")),
+        TaskSpec(name="copy", type="generation", max_new_tokens=8, **paths("copy")),
+        TaskSpec(name="text", type="language_modeling", **paths("text")),
     ]

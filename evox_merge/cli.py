@@ -1,0 +1,152 @@
+"""The `evox-merge` command: search, apply, evaluate, zoo build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from evox_merge.errors import EvoxMergeError
+
+
+def _search(args: argparse.Namespace) -> None:
+    from evox_merge.search import run_search
+
+    if (args.config is None) == (not args.zoo):
+        raise EvoxMergeError("give a CONFIG file or --zoo (the default search on the offline zoo), not both")
+    progress = "quiet" if args.quiet else "json" if args.json else "bar"
+    if args.zoo:
+        from evox_merge.zoo_search import zoo_search_config
+
+        config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset)
+    else:
+        from evox_merge.config import load_config
+
+        config = load_config(args.config)
+        if args.out is not None:
+            config = config.model_copy(update={"output_dir": str(Path(args.out).resolve())})
+    result = run_search(config, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    if args.json:
+        print(json.dumps({"output_dir": str(result.output_dir), "scores": result.scores}))
+    else:
+        print(_summary_table(result))
+
+
+def _summary_table(result) -> str:
+    """The release beside the baselines, mean score per split, and where the files are."""
+    splits = list(next(iter(result.scores.values())))
+    lines = [f"Results in {result.output_dir} (model card: README.md, provenance: recipe.json)", ""]
+    lines.append(f"{'merge':<18}" + "".join(f"{split + ' mean':>18}" for split in splits))
+    for merge, by_split in result.scores.items():
+        cells = "".join(
+            f"{'n/a' if by_split[s]['mean'] is None else format(by_split[s]['mean'], '.4f'):>18}" for s in splits
+        )
+        lines.append(f"{merge:<18}{cells}")
+    return "\n".join(lines)
+
+
+def _apply(args: argparse.Namespace) -> None:
+    import torch
+
+    from evox_merge.experts import ExpertSet
+    from evox_merge.release import write_full_model, write_lora_adapter
+
+    if args.run is not None:
+        recipe = json.loads(Path(args.run, "recipe.json").read_text())
+        base, experts = recipe["base_model"]["path"], [expert["path"] for expert in recipe["experts"]]
+        coefficients = recipe["best"]["coefficients"]
+    else:
+        if not (args.base and args.experts and args.coefficients):
+            raise EvoxMergeError("apply needs --run DIR, or --base, --experts and --coefficients")
+        base, experts = args.base, args.experts
+        coefficients = [float(value) for value in args.coefficients.split(",")]
+    expert_set = ExpertSet.load(base, experts)
+    if len(coefficients) != expert_set.num_experts:
+        raise EvoxMergeError(f"--coefficients has {len(coefficients)} values for {expert_set.num_experts} experts")
+    tensor = torch.tensor(coefficients)
+    info = write_lora_adapter(expert_set, tensor, Path(args.out) / "adapter", args.rank)
+    if args.full_model:
+        write_full_model(expert_set, tensor, Path(args.out) / "model")
+    print(f"wrote {args.out}/adapter (max relative error {info['max_relative_error']:.3g})"
+          + (f" and {args.out}/model" if args.full_model else ""))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from evox_merge.evaluate import evaluate_model
+
+    scores = evaluate_model(args.model, args.tasks, adapter=args.adapter, split=args.split,
+                            batch_size=args.batch_size)
+    print(json.dumps(scores, indent=2))
+
+
+def _zoo_build(args: argparse.Namespace) -> None:
+    from evox_merge.zoo import build_zoo
+
+    path = build_zoo(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet)
+    print(f"zoo ready in {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `evox-merge`."""
+    parser = argparse.ArgumentParser(prog="evox-merge", description="Evolutionary merging of LoRA experts on EvoX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="search merge coefficients (config file, or --zoo)")
+    search.add_argument("config", nargs="?", help="search config (YAML)")
+    search.add_argument("--zoo", action="store_true", help="run the default search on the offline zoo")
+    search.add_argument("--zoo-dir", help="zoo directory (default: the cache, built if missing)")
+    search.add_argument("--preset", default="tiny", help="zoo preset for --zoo (default tiny)")
+    search.add_argument("--out", help="output directory (overrides the config's output_dir)")
+    search.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    search.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    mode = search.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="no progress display")
+    mode.add_argument("--json", action="store_true", help="JSON lines: one per generation, then the scores")
+    search.set_defaults(handler=_search)
+
+    apply = commands.add_parser("apply", help="write a merged adapter/model without searching")
+    apply.add_argument("--run", help="a finished search's output directory (uses its best coefficients)")
+    apply.add_argument("--base", help="base model directory")
+    apply.add_argument("--experts", nargs="+", help="LoRA adapter directories")
+    apply.add_argument("--coefficients", help="comma-separated, one per expert")
+    apply.add_argument("--out", required=True, help="where to write adapter/ (and model/)")
+    apply.add_argument("--rank", type=int, help="compress the adapter to this rank with SVD")
+    apply.add_argument("--full-model", action="store_true", help="also write the full merged model")
+    apply.set_defaults(handler=_apply)
+
+    evaluate = commands.add_parser("evaluate", help="score a model (and optional adapter) on tasks")
+    evaluate.add_argument("--model", required=True, help="model directory (base or full merged model)")
+    evaluate.add_argument("--adapter", help="PEFT adapter to apply on top")
+    evaluate.add_argument("--tasks", required=True, help="task spec file (YAML/JSON list)")
+    evaluate.add_argument("--split", choices=("validation", "test"), default="validation")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(handler=_evaluate)
+
+    zoo = commands.add_parser("zoo", help="the offline model zoo")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_commands.add_parser("build", help="build (or reuse) a zoo")
+    build.add_argument("--out", help="zoo directory (default: the cache)")
+    build.add_argument("--preset", default="tiny")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quiet", action="store_true")
+    build.set_defaults(handler=_zoo_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `evox-merge` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.handler(args)
+    except EvoxMergeError as error:
+        print(f"evox-merge: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""A search run: validate the config, search with records and checkpoints, then write the release packet.
+
+Output directory::
+
+    run.json          config, task-file hashes and start time (checked on --resume)
+    records.jsonl     every evaluated candidate, appended as it is evaluated
+    checkpoint.pt     workflow + algorithm + RNG state, rewritten atomically after every generation
+    best/adapter/     the best merge as a PEFT LoRA adapter (best/model/ with release.full_model)
+    recipe.json       provenance: base, experts, hashes, operator, coefficients, scores, resources, lineage
+    README.md         model card; history.csv; fitness.png, coefficients.png, task_scores.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evox_merge.algorithm_factory import build_algorithm
+from evox_merge.atomic import write_text_atomic
+from evox_merge.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from evox_merge.config import SearchConfig, load_config
+from evox_merge.errors import MergeInputError
+from evox_merge.experts import ExpertSet
+from evox_merge.hashing import file_sha256
+from evox_merge.problems.merge_problem import MergeProblem
+from evox_merge.progress import ProgressMode, SearchProgress
+from evox_merge.recipe import build_recipe
+from evox_merge.records import RECORDS_NAME, SearchMonitor, read_records, truncate_records
+from evox_merge.release import write_full_model, write_lora_adapter
+from evox_merge.report import plot_coefficients, plot_fitness, plot_task_scores, write_history_csv, write_model_card
+from evox_merge.summary import evaluate_release
+from evox_merge.workflow import build_workflow
+
+logger = logging.getLogger(__name__)
+RUN_NAME = "run.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SearchResult:
+    """Where a finished run's files are and what it found."""
+
+    output_dir: Path
+    best_coefficients: list[float]
+    best_fitness: float
+    scores: dict[str, dict[str, dict[str, float]]]
+    recipe: dict[str, Any]
+
+
+def task_file_hashes(config: SearchConfig) -> dict[str, str]:
+    """SHA-256 of every task file the config names (validation and test)."""
+    hashes = {}
+    for spec in config.task_specs():
+        for path in (spec.path, spec.test_path):
+            if path is not None:
+                hashes[path] = file_sha256(path)
+    return hashes
+
+
+def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Create, clear or check the output directory; return the run's metadata (saved or new)."""
+    out = Path(config.output_dir)
+    hashes = task_file_hashes(config)
+    if resume:
+        if not (out / RUN_NAME).is_file():
+            raise MergeInputError(f"--resume: {out} holds no run to resume ({RUN_NAME} missing)")
+        run = json.loads((out / RUN_NAME).read_text())
+        if run["config"] != config.model_dump(mode="json"):
+            changed = sorted(k for k in run["config"] if run["config"][k] != config.model_dump(mode="json").get(k))
+            raise MergeInputError(f"--resume: the config differs from the run's in {changed}")
+        changed_files = sorted(path for path, digest in run["task_hashes"].items() if hashes.get(path) != digest)
+        if changed_files:
+            raise MergeInputError(
+                f"--resume refused: task file(s) changed since the run started: {changed_files}; "
+                "start a new run (--overwrite) to search on the new data"
+            )
+        return run
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise MergeInputError(
+                f"output directory {out} is not empty: pass --resume to continue its run or --overwrite to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time()}
+    write_text_atomic(out / RUN_NAME, json.dumps(run, indent=2))
+    return run
+
+
+def _candidate_context(workflow) -> dict[str, Any]:
+    describe = getattr(workflow.algorithm, "candidate_context", None)
+    return describe() if callable(describe) else {}
+
+
+def run_search(
+    config: SearchConfig | dict | str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressMode = "bar",
+) -> SearchResult:
+    """Run one search end to end and write its release packet (see the module docstring for the files).
+
+    Args:
+        config: a `SearchConfig`, a dict, or a YAML path (validated before anything loads).
+        resume: continue the run in ``output_dir`` from its last checkpoint (same config, unchanged task files).
+        overwrite: replace a non-empty ``output_dir``.
+        progress: ``bar`` (tqdm), ``json`` (one JSON line per generation on stdout) or ``quiet``.
+    """
+    if not isinstance(config, SearchConfig):
+        config = load_config(config)
+    if resume and overwrite:
+        raise MergeInputError("--resume and --overwrite exclude each other")
+    _prepare_output(config, resume, overwrite)
+    out = Path(config.output_dir)
+    start_time = time.perf_counter()
+
+    specs = config.task_specs()
+    experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=config.device,
+                             dtype=DTYPES[config.dtype])
+    problem = MergeProblem(experts, specs, batch_size=config.batch_size)
+    algorithm = build_algorithm(config.algorithm, experts.num_experts, config.seed)
+    generations = config.budget.generations_for(config.algorithm.pop_size)
+    budget = generations * config.algorithm.pop_size
+
+    counters = {"generation": 0, "records": 0, "best": -math.inf, "elapsed": 0.0}
+    checkpoint_path = out / CHECKPOINT_NAME
+    monitor = SearchMonitor(out / RECORDS_NAME, problem.task_names, lambda: problem.last_task_scores,
+                            experts.expert_names)
+    workflow = build_workflow(algorithm, problem, monitor, device=config.device)
+    monitor.context = lambda: _candidate_context(workflow)
+    if resume and checkpoint_path.exists():
+        counters = load_checkpoint(checkpoint_path, workflow)
+        monitor.restart(counters["records"], counters["generation"], counters["best"])
+    truncate_records(out / RECORDS_NAME, counters["records"])
+    elapsed_before = counters["elapsed"]
+
+    monitor.progress = SearchProgress(budget, progress, done=counters["records"])
+    try:
+        for generation in range(counters["generation"], generations):
+            workflow.init_step() if generation == 0 else workflow.step()
+            counters = {"generation": generation + 1, "records": monitor.count, "best": monitor.best,
+                        "elapsed": elapsed_before + time.perf_counter() - start_time}
+            save_checkpoint(checkpoint_path, workflow, counters)
+    finally:
+        monitor.progress.close()
+
+    records = read_records(out / RECORDS_NAME)
+    finite = [r for r in records if r["fitness"] is not None]
+    if not finite:
+        raise MergeInputError("every candidate scored NaN: nothing to release (see records.jsonl)")
+    best = max(finite, key=lambda r: r["fitness"])
+    coefficients = torch.tensor(best["coefficients"])
+
+    scores, settings = evaluate_release(experts, specs, coefficients, config)
+    (out / "best").mkdir(exist_ok=True)
+    adapter_info = write_lora_adapter(experts, coefficients, out / "best" / "adapter", config.release.adapter_rank)
+    if config.release.full_model:
+        write_full_model(experts, coefficients, out / "best" / "model")
+
+    wall_seconds = elapsed_before + time.perf_counter() - start_time
+    recipe = build_recipe(
+        config=config, experts=experts, specs=specs, records=records, best=best, scores=scores,
+        settings=settings, adapter_info=adapter_info, algorithm=workflow.algorithm,
+        resources={
+            "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else platform.processor()
+            or "cpu",
+            "wall_seconds": wall_seconds,
+            "evaluations": len(records),
+            "peak_memory_mb": _peak_memory_mb(config.device),
+            "seconds_per_candidate": sum(r["seconds"] for r in records) / len(records),
+        },
+    )
+    write_text_atomic(out / "recipe.json", json.dumps(recipe, indent=2))
+    write_model_card(recipe, out / "README.md")
+    write_history_csv(records, experts.expert_names, out / "history.csv")
+    plot_fitness(records, out / "fitness.png")
+    plot_coefficients(records, experts.expert_names, out / "coefficients.png")
+    split = "test" if any(spec.test_path for spec in specs) else "validation"
+    plot_task_scores({merge: s[split] for merge, s in scores.items()}, out / "task_scores.png",
+                     f"{split} scores: the release against the baselines")
+    return SearchResult(out, best["coefficients"], best["fitness"], scores, recipe)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,146 @@
+"""End-to-end search runs on the tiny fixture: records, checkpoints, resume after a kill, the release packet."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from evox_merge.cli import main
+from evox_merge.config import load_config
+from evox_merge.errors import MergeInputError
+from evox_merge.evaluate import evaluate_model
+from evox_merge.records import read_records
+from evox_merge.search import run_search
+
+FAST_EVOGM = {"train_steps": 10, "hidden_sizes": [16, 16, 16, 16, 16], "num_rounds": 2, "iterations_per_round": 2}
+
+
+def search_config(setup, out, **overrides):
+    config = {
+        "base": str(setup.base_dir),
+        "experts": [str(p) for p in setup.adapter_dirs],
+        "tasks": [spec.to_dict() for spec in setup.tasks],
+        "algorithm": {"name": "evogm", "pop_size": 4, "params": FAST_EVOGM},
+        "budget": {"generations": 6},
+        "seed": 3,
+        "batch_size": 8,
+        "output_dir": str(out),
+        "intended_use": "tests",
+    }
+    config.update(overrides)
+    return config
+
+
+def test_config_errors_name_every_bad_key(tiny_setup, tmp_path):
+    bad = search_config(tiny_setup, tmp_path / "o", algoritm={}, batch_size=0)
+    bad["experts"].append(str(tmp_path / "missing"))
+    with pytest.raises(MergeInputError) as error:
+        load_config(bad)
+    message = str(error.value)
+    assert "algoritm: unknown key" in message and "batch_size: Input should be greater than or equal to 1" in message
+    good = search_config(tiny_setup, tmp_path / "o")
+    good["experts"].append(str(tmp_path / "missing"))
+    with pytest.raises(MergeInputError, match=r"experts\[4\]: .*missing does not exist"):
+        load_config(good)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    config = search_config(tiny_setup, out, release={"full_model": True})
+    return run_search(config, progress="quiet"), config
+
+
+def test_search_writes_every_record_and_the_release_packet(finished_run):
+    result, config = finished_run
+    out = result.output_dir
+    records = read_records(out / "records.jsonl")
+    assert len(records) == 6 * 4 and [r["id"] for r in records] == list(range(24))
+    assert {r["round"] for r in records} == {0, 1} and all("coefficients_round_basis" in r for r in records)
+    assert max(r["fitness"] for r in records if r["fitness"] is not None) == result.best_fitness
+    for name in ("recipe.json", "README.md", "history.csv", "fitness.png", "coefficients.png", "task_scores.png"):
+        assert (out / name).stat().st_size > 0, name
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["best"]["coefficients"] == result.best_coefficients
+    assert len(recipe["experts"]) == 4 and all(len(e["sha256"]) == 64 for e in recipe["experts"])
+    assert recipe["search"]["evaluations"] == 24 and len(recipe["search"]["round_bases"]) == 2
+    assert {"release", "base", "best_single", "task_arithmetic"} <= set(recipe["evaluation"]["scores"])
+    kinds = {node["kind"] for node in recipe["lineage"]["nodes"]}
+    assert kinds == {"expert", "basis vector", "release"}
+    assert "Intended use:** tests" in (out / "README.md").read_text()
+
+
+def test_released_adapter_and_model_reproduce_the_recorded_scores(finished_run, tiny_setup, tmp_path):
+    result, _ = finished_run
+    spec_file = tmp_path / "tasks.yaml"
+    spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
+    recorded = result.scores["release"]["validation"]
+    adapter_scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=result.output_dir / "best" / "adapter")
+    model_scores = evaluate_model(result.output_dir / "best" / "model", spec_file)
+    for name in ("choice", "copy", "text"):
+        assert adapter_scores[name] == pytest.approx(recorded[name], abs=1e-5)
+        assert model_scores[name] == pytest.approx(recorded[name], abs=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup.base_dir)
+    assert isinstance(PeftModel.from_pretrained(base, result.output_dir / "best" / "adapter"), PeftModel)
+
+
+def test_non_empty_output_is_refused_without_resume_or_overwrite(finished_run, tiny_setup, capsys):
+    result, config = finished_run
+    path = result.output_dir.parent / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["search", str(path), "--quiet"]) == 2
+    assert "is not empty: pass --resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_task_file(tiny_setup, tmp_path):
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    specs = []
+    for spec in tiny_setup.tasks:
+        copy = tasks_dir / os.path.basename(spec.path)
+        copy.write_text(open(spec.path).read())
+        specs.append({**spec.to_dict(), "path": str(copy)})
+    config = search_config(tiny_setup, tmp_path / "out", tasks=specs, budget={"generations": 1},
+                           release={"baselines": False})
+    run_search(config, progress="quiet")
+    with open(specs[1]["path"], "a") as handle:
+        handle.write('{"prompt": "copy x=", "answer": "x"}\n')
+    with pytest.raises(MergeInputError, match=r"task file\(s\) changed since the run started: .*copy_validation"):
+        run_search(config, resume=True, progress="quiet")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_best(tiny_setup, tmp_path):
+    """Kill a CLI search with SIGKILL after its 3rd checkpoint; --resume must end where an uninterrupted run does."""
+    config = search_config(tiny_setup, tmp_path / "killed", release={"baselines": False})
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-m", "evox_merge.cli", "search", str(config_path), "--quiet"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["counters"]["generation"] >= 3:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "recipe.json").exists()
+    resumed = run_search(config_path, resume=True, progress="quiet")
+
+    straight = run_search(search_config(tiny_setup, tmp_path / "straight", release={"baselines": False}),
+                          progress="quiet")
+    assert resumed.best_coefficients == straight.best_coefficients
+    assert resumed.best_fitness == straight.best_fitness
+    killed_records = read_records(tmp_path / "killed" / "records.jsonl")
+    straight_records = read_records(tmp_path / "straight" / "records.jsonl")
+    assert [r["coefficients"] for r in killed_records] == [r["coefficients"] for r in straight_records]
