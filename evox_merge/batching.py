@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import astuple, dataclass
+from typing import Sequence, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from evox_merge.tasks import Task
 
 IGNORE = -100
+Batch = TypeVar("Batch", "TargetBatch", "PromptBatch")
 
 
 @dataclass
@@ -113,3 +114,10 @@ def prompt_batches(
             PromptBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), torch.tensor(chunk))
         )
     return batches
+
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    """The two halves of a batch by rows (for retrying a batch that ran out of memory)."""
+    half = (batch.rows.numel() + 1) // 2
+    fields = astuple(batch)
+    return type(batch)(*(t[:half] for t in fields)), type(batch)(*(t[half:] for t in fields))

@@ -6,16 +6,48 @@ batches, so it is the part of the per-candidate loop that scales with the valida
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from typing import Callable, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evox_merge.batching import IGNORE, encode, prompt_batches, scored_sequences, target_batches
+from evox_merge.batching import IGNORE, encode, prompt_batches, scored_sequences, split_batch, target_batches
 from evox_merge.errors import TaskFormatError
 from evox_merge.generation import greedy_completions
 from evox_merge.tasks import Task
+
+
+logger = logging.getLogger(__name__)
+Result = TypeVar("Result")
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
+
+
+def run_batches(batches: list, run: Callable[..., Result]) -> list[Result]:
+    """`run` each batch in turn. A batch that runs out of memory is halved for good (later candidates reuse the
+    smaller batches) and retried, with a warning; a single row that does not fit re-raises."""
+    results = []
+    index = 0
+    while index < len(batches):
+        try:
+            results.append(run(batches[index]))
+            index += 1
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error) or batches[index].rows.numel() < 2:
+                raise
+            rows = batches[index].rows.numel()
+            batches[index : index + 1] = split_batch(batches[index])
+            logger.warning("out of memory on a batch of %d rows: halved to %d and retrying", rows, (rows + 1) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return results
 
 
 def normalize_answer(text: str) -> str:
@@ -57,7 +89,8 @@ class LogLikelihoodScorer:
         """The task's metric for the model's current weights; NaN if any scored log-probability is not finite."""
         logprob_sum = torch.empty(self.num_rows, dtype=torch.float64)
         token_count = torch.empty(self.num_rows, dtype=torch.float64)
-        for batch in self.batches:
+
+        def run(batch) -> None:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             scored = batch.targets != IGNORE
             row_logprobs = torch.zeros(scored.shape, dtype=torch.float32, device=logits.device)
@@ -65,6 +98,8 @@ class LogLikelihoodScorer:
             row_logprobs[scored] = picked.gather(-1, batch.targets[scored].unsqueeze(-1)).squeeze(-1)
             logprob_sum[batch.rows] = row_logprobs.sum(-1).double().cpu()
             token_count[batch.rows] = scored.sum(-1).double().cpu()
+
+        run_batches(self.batches, run)
         if not torch.isfinite(logprob_sum).all():
             return math.nan
         if self.task.spec.type == "language_modeling":
@@ -95,13 +130,14 @@ class GenerationScorer:
         """Each example's completion, cut at the first stop string; None if the logits were not finite."""
         spec = self.task.spec
         texts: list[str] = [""] * len(self.answers)
-        for batch in self.batches:
+
+        def run(batch) -> bool:
             batch_texts = greedy_completions(model, self.tokenizer, batch, spec.max_new_tokens, spec.stop)
-            if batch_texts is None:
-                return None
-            for row, text in zip(batch.rows.tolist(), batch_texts):
+            for row, text in zip(batch.rows.tolist(), batch_texts or []):
                 texts[row] = text
-        return texts
+            return batch_texts is not None
+
+        return texts if all(run_batches(self.batches, run)) else None
 
     def score(self, model: PreTrainedModel) -> float:
         """Exact-match accuracy of the model's current weights; NaN if decoding met non-finite logits."""

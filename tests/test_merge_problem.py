@@ -134,3 +134,23 @@ def test_runs_inside_evox_workflows(problem, algorithm_class):
     best = problem.aggregate(problem.last_task_scores).max()
     # the monitor undoes the workflow's sign flip: its best is a real (higher-is-better) fitness
     assert monitor.get_best_fitness() >= best - 1e-6
+
+
+def test_out_of_memory_halves_the_batch_and_retries(tiny_setup, tiny_experts, monkeypatch, caplog):
+    """CPU runs cannot be made to run out of memory on purpose: the model's forward raises it for big batches."""
+    pop = torch.tensor([[0.1, 0.2, -0.1, 0.0]])
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8)
+    expected = problem.evaluate_per_task(pop)
+    forward = type(tiny_experts.model).forward
+
+    def small_batches_only(self, input_ids=None, **kwargs):
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(tiny_experts.model), "forward", small_batches_only)
+    with caplog.at_level("WARNING"):
+        halved = problem.evaluate_per_task(pop)
+    torch.testing.assert_close(halved, expected, rtol=0, atol=1e-5)
+    assert "out of memory on a batch of 8 rows: halved to 4" in caplog.text
+    assert max(batch.rows.numel() for scorer in problem.scorers for batch in scorer.batches) <= 2
