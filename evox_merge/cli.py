@@ -27,7 +27,11 @@ def _search(args: argparse.Namespace) -> None:
         config = load_config(args.config)
         if args.out is not None:
             config = config.model_copy(update={"output_dir": str(Path(args.out).resolve())})
+    if args.distributed:
+        config = config.model_copy(update={"distributed": True})
     result = run_search(config, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    if result is None:  # a distributed rank other than 0
+        return
     if args.json:
         print(json.dumps({"output_dir": str(result.output_dir), "scores": result.scores}))
     else:
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", help="output directory (overrides the config's output_dir)")
     search.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     search.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    search.add_argument("--distributed", action="store_true", help="split populations across torchrun ranks")
     mode = search.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true", help="no progress display")
     mode.add_argument("--json", action="store_true", help="JSON lines: one per generation, then the scores")

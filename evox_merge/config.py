@@ -105,6 +105,8 @@ class SearchConfig(_Strict):
     output_dir: str = "runs/search"
     intended_use: str = "Not stated in the search config."
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    distributed: bool = False
+    collective_timeout_s: float = Field(default=600.0, gt=0)
 
     @field_validator("device")
     @classmethod

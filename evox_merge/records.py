@@ -55,6 +55,7 @@ class SearchMonitor(Monitor):
         expert_names: the experts, the parents of every candidate in the original basis.
         progress: the live display (None: none).
         context: returns the algorithm's per-candidate annotations (or an empty dict).
+        write: False on every distributed rank but 0: count and track, write nothing.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class SearchMonitor(Monitor):
         expert_names: list[str],
         progress: SearchProgress | None = None,
         context: Callable[[], dict[str, Any]] = dict,
+        write: bool = True,
     ) -> None:
         super().__init__()
         self.records_path = Path(records_path)
@@ -73,6 +75,7 @@ class SearchMonitor(Monitor):
         self.expert_names = expert_names
         self.progress = progress
         self.context = context
+        self.write = write
         self.count = 0
         self.generation = 0
         self.best = -math.inf
@@ -88,6 +91,19 @@ class SearchMonitor(Monitor):
         self._started = time.perf_counter()
 
     def post_eval(self, fitness: torch.Tensor) -> None:
+        if self.write:
+            self._write_records(fitness)
+        fitness_list = fitness.detach().cpu().double().tolist()
+        self.count += len(fitness_list)
+        finite = [v for v in fitness_list if math.isfinite(v)]
+        self.best = max([self.best, *finite])
+        median = float(torch.tensor(finite).median()) if finite else math.nan
+        if self.progress is not None:
+            seconds = (time.perf_counter() - self._started) / max(len(fitness_list), 1)
+            self.progress.update(self.generation, len(fitness_list), self.best, median, seconds)
+        self.generation += 1
+
+    def _write_records(self, fitness: torch.Tensor) -> None:
         seconds = (time.perf_counter() - self._started) / max(len(fitness), 1)
         scores = self._task_scores()
         context = self.context()
@@ -110,10 +126,3 @@ class SearchMonitor(Monitor):
         with open(self.records_path, "a", encoding="utf-8") as handle:
             handle.writelines(lines)
             handle.flush()
-        self.count += len(fitness_list)
-        finite = [v for v in fitness_list if math.isfinite(v)]
-        self.best = max([self.best, *finite])
-        median = float(torch.tensor(finite).median()) if finite else math.nan
-        if self.progress is not None:
-            self.progress.update(self.generation, len(fitness_list), self.best, median, seconds)
-        self.generation += 1

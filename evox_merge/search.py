@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from evox_merge.algorithm_factory import build_algorithm
 from evox_merge.atomic import write_text_atomic
 from evox_merge.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from evox_merge.config import SearchConfig, load_config
+from evox_merge.distributed import DistributedRunError, init_distributed, single_process
 from evox_merge.errors import MergeInputError
 from evox_merge.experts import ExpertSet
 from evox_merge.hashing import file_sha256
@@ -108,7 +110,7 @@ def run_search(
     resume: bool = False,
     overwrite: bool = False,
     progress: ProgressMode = "bar",
-) -> SearchResult:
+) -> SearchResult | None:
     """Run one search end to end and write its release packet (see the module docstring for the files).
 
     Args:
@@ -116,17 +118,33 @@ def run_search(
         resume: continue the run in ``output_dir`` from its last checkpoint (same config, unchanged task files).
         overwrite: replace a non-empty ``output_dir``.
         progress: ``bar`` (tqdm), ``json`` (one JSON line per generation on stdout) or ``quiet``.
+
+    With ``distributed: true`` under torchrun, every rank evaluates its share of each population; rank 0 writes
+    every file and returns the result, the other ranks return None.
     """
     if not isinstance(config, SearchConfig):
         config = load_config(config)
     if resume and overwrite:
         raise MergeInputError("--resume and --overwrite exclude each other")
-    _prepare_output(config, resume, overwrite)
+    context = init_distributed(config.device, config.collective_timeout_s) if config.distributed else (
+        single_process(config.device))
+    try:
+        return _run(config, context, resume, overwrite, progress)
+    finally:
+        if config.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress: ProgressMode) -> SearchResult | None:
+    if context.is_main:
+        _prepare_output(config, resume, overwrite)
+    if context.world_size > 1:
+        dist.barrier()
     out = Path(config.output_dir)
     start_time = time.perf_counter()
 
     specs = config.task_specs()
-    experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=config.device,
+    experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
                              dtype=DTYPES[config.dtype])
     problem = MergeProblem(experts, specs, batch_size=config.batch_size)
     algorithm = build_algorithm(config.algorithm, experts.num_experts, config.seed)
@@ -136,24 +154,30 @@ def run_search(
     counters = {"generation": 0, "records": 0, "best": -math.inf, "elapsed": 0.0}
     checkpoint_path = out / CHECKPOINT_NAME
     monitor = SearchMonitor(out / RECORDS_NAME, problem.task_names, lambda: problem.last_task_scores,
-                            experts.expert_names)
-    workflow = build_workflow(algorithm, problem, monitor, device=config.device)
+                            experts.expert_names, write=context.is_main)
+    workflow = build_workflow(algorithm, problem, monitor, device=context.device,
+                              enable_distributed=context.world_size > 1)
     monitor.context = lambda: _candidate_context(workflow)
     if resume and checkpoint_path.exists():
         counters = load_checkpoint(checkpoint_path, workflow)
         monitor.restart(counters["records"], counters["generation"], counters["best"])
-    truncate_records(out / RECORDS_NAME, counters["records"])
+    if context.is_main:
+        truncate_records(out / RECORDS_NAME, counters["records"])
+        monitor.progress = SearchProgress(budget, progress, done=counters["records"])
     elapsed_before = counters["elapsed"]
 
-    monitor.progress = SearchProgress(budget, progress, done=counters["records"])
     try:
         for generation in range(counters["generation"], generations):
-            workflow.init_step() if generation == 0 else workflow.step()
+            _step(workflow, generation, context, out)
             counters = {"generation": generation + 1, "records": monitor.count, "best": monitor.best,
                         "elapsed": elapsed_before + time.perf_counter() - start_time}
-            save_checkpoint(checkpoint_path, workflow, counters)
+            if context.is_main:
+                save_checkpoint(checkpoint_path, workflow, counters)
     finally:
-        monitor.progress.close()
+        if monitor.progress is not None:
+            monitor.progress.close()
+    if not context.is_main:
+        return None
 
     records = read_records(out / RECORDS_NAME)
     finite = [r for r in records if r["fitness"] is not None]
@@ -190,6 +214,20 @@ def run_search(
     plot_task_scores({merge: s[split] for merge, s in scores.items()}, out / "task_scores.png",
                      f"{split} scores: the release against the baselines")
     return SearchResult(out, best["coefficients"], best["fitness"], scores, recipe)
+
+
+def _step(workflow, generation: int, context, out: Path) -> None:
+    """One generation; under torch.distributed a failed or timed-out collective becomes a resumable stop."""
+    try:
+        workflow.init_step() if generation == 0 else workflow.step()
+    except (RuntimeError, dist.DistBackendError) as error:
+        if context.world_size == 1 or isinstance(error, torch.OutOfMemoryError):
+            raise
+        raise DistributedRunError(
+            f"rank {context.rank}: a collective failed in generation {generation} (a rank died or timed out: "
+            f"{str(error).splitlines()[0]}). The last checkpoint covers {generation} generation(s) in {out}; "
+            "relaunch with --resume"
+        ) from error
 
 
 def _peak_memory_mb(device: str) -> float:

@@ -99,7 +99,7 @@ class MergeProblem(Problem):
                     scores[p, k] = scorer.score(self.experts.model)
         finally:
             self.merger.restore()
-        self.last_seconds_per_candidate = (time.perf_counter() - start) / pop.shape[0]
+        self.last_seconds_per_candidate = (time.perf_counter() - start) / max(pop.shape[0], 1)
         self.last_task_scores = scores
         return scores
 
