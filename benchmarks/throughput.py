@@ -2,16 +2,17 @@
 
 Measured side by side in one run on the same model, experts, task and population:
   (a) MergeProblem.evaluate(pop): in-place merge + batched scoring;
-  (b) the loop a user would write with PEFT: per candidate add_weighted_adapter(cat), set_adapter, score,
-      delete_adapter (all adapters loaded once, before timing);
+  (b) the loop a user would write with PEFT: per candidate add_weighted_adapter (cat, and PEFT's default svd),
+      set_adapter, score, delete_adapter (all adapters loaded once, before timing);
   (c) the floor: the unmerged base model scoring the same data P times.
 
-    python -m benchmarks.throughput [--population 16] [--repeats 3] [--out benchmarks/results/throughput.md]
+    python -m benchmarks.throughput [--population 8] [--repeats 3] [--out benchmarks/results/throughput.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
@@ -32,8 +33,8 @@ from evox_merge.tasks import TaskSpec, read_task
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def build_setup(root: Path, experts: int, rank: int, hidden: int, layers: int, texts: int, length: int, seed: int):
-    """A random Qwen2 base of a few million parameters, `experts` random rank-`rank` LoRA adapters, one LM task."""
+def build_setup(root: Path, experts: int, rank: int, hidden: int, layers: int, seed: int):
+    """A random Qwen2 base of a few million parameters and `experts` random rank-`rank` LoRA adapters."""
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     config = Qwen2Config(
@@ -53,14 +54,30 @@ def build_setup(root: Path, experts: int, rank: int, hidden: int, layers: int, t
         peft_model.save_pretrained(root / f"expert_{index}")
         adapter_dirs.append(root / f"expert_{index}")
         model = peft_model.unload()
+    return root / "base", adapter_dirs, sum(p.numel() for p in model.parameters())
+
+
+def write_task(root: Path, kind: str, examples: int, length: int, seed: int) -> TaskSpec:
+    """A validation task of random letters: `lm` texts of `length` characters, `mc` prompts of `length` with
+    4 choices of 8, or `gen` prompts of `length` decoding 8 tokens."""
     rng = random.Random(seed)
     letters = DEFAULT_ALPHABET[:62]
-    task_path = root / "validation.jsonl"
-    task_path.write_text("".join(
-        '{"text": "' + "".join(rng.choice(letters) for _ in range(length - 1)) + '"}\n' for _ in range(texts)
-    ))
-    spec = TaskSpec(name="lm", type="language_modeling", path=str(task_path))
-    return root / "base", adapter_dirs, spec, sum(p.numel() for p in model.parameters())
+
+    def word(n: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    path = root / f"{kind}.jsonl"
+    if kind == "lm":
+        rows = [{"text": word(length - 1)} for _ in range(examples)]
+        spec = TaskSpec(name=kind, type="language_modeling", path=str(path))
+    elif kind == "mc":
+        rows = [{"prompt": word(length), "choices": [word(8) for _ in range(4)], "answer": 0} for _ in range(examples)]
+        spec = TaskSpec(name=kind, type="multiple_choice", path=str(path))
+    else:
+        rows = [{"prompt": word(length), "answer": word(8)} for _ in range(examples)]
+        spec = TaskSpec(name=kind, type="generation", path=str(path), max_new_tokens=8, stop=())
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return spec
 
 
 def time_calls(function, repeats: int) -> list[float]:
@@ -73,26 +90,63 @@ def time_calls(function, repeats: int) -> list[float]:
     return seconds
 
 
-def peft_loop(peft_model, scorer, names: list[str], pop: torch.Tensor) -> list[float]:
+def peft_loop(peft_model, scorer, names: list[str], pop: torch.Tensor, combination: str) -> list[float]:
     """What a user writes with PEFT: a weighted adapter per candidate, scored, then deleted."""
     scores = []
     for coefficients in pop.tolist():
-        peft_model.add_weighted_adapter(names, coefficients, "candidate", combination_type="cat")
+        peft_model.add_weighted_adapter(names, coefficients, "candidate", combination_type=combination)
         peft_model.set_adapter("candidate")
         scores.append(scorer.score(peft_model))
         peft_model.delete_adapter("candidate")
     return scores
 
 
+def measure(kind: str, args, root: Path, base_dir: Path, adapter_dirs: list[Path]) -> dict:
+    """Seconds per candidate of (a), (b) cat, (b) svd and (c) on one task kind; interleaved repeats."""
+    spec = write_task(root, kind, args.examples, args.length, seed=1)
+    experts = ExpertSet.load(base_dir, adapter_dirs)
+    problem = MergeProblem(experts, [spec], batch_size=args.batch_size)
+    pop = torch.rand(args.population, args.experts, generator=torch.Generator().manual_seed(0)) * 0.5
+    task = read_task(spec)
+    scorer = build_scorer(task, experts.tokenizer, args.batch_size, "cpu")
+    rows = sum(batch.rows.numel() * batch.input_ids.shape[1] for batch in scorer.batches)
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), adapter_dirs[0], adapter_name="e0"
+    ).eval()
+    for index, path in enumerate(adapter_dirs[1:], start=1):
+        peft_model.load_adapter(path, adapter_name=f"e{index}")
+    names = [f"e{i}" for i in range(args.experts)]
+
+    ours = problem.evaluate_per_task(pop)[:, 0].tolist()
+    theirs = peft_loop(peft_model, scorer, names, pop, "cat")
+    methods = {
+        "a": lambda: problem.evaluate(pop),
+        "b_cat": lambda: peft_loop(peft_model, scorer, names, pop, "cat"),
+        "b_svd": lambda: peft_loop(peft_model, scorer, names, pop, "svd"),
+        "c": lambda: [scorer.score(base_model) for _ in range(args.population)],
+    }
+    methods["b_svd"]()  # warm-up of the two methods not run above
+    methods["c"]()
+    timings = {name: [] for name in methods}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every method alike
+        for name, function in methods.items():
+            timings[name] += time_calls(function, 1)
+    per_candidate = {name: statistics.median(values) / args.population for name, values in timings.items()}
+    return {"kind": kind, "tokens": rows, "max_difference": max(abs(a - b) for a, b in zip(ours, theirs)),
+            **per_candidate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--population", type=int, default=16)
+    parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--texts", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--tasks", nargs="+", default=["lm", "mc", "gen"], choices=["lm", "mc", "gen"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -101,55 +155,37 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        base_dir, adapter_dirs, spec, parameters = build_setup(
-            Path(tmp), args.experts, args.rank, args.hidden, args.layers, args.texts, args.length, seed=0
+        root = Path(tmp)
+        base_dir, adapter_dirs, parameters = build_setup(
+            root, args.experts, args.rank, args.hidden, args.layers, seed=0
         )
-        experts = ExpertSet.load(base_dir, adapter_dirs)
-        problem = MergeProblem(experts, [spec], batch_size=args.batch_size)
-        pop = torch.rand(args.population, args.experts, generator=torch.Generator().manual_seed(0)) * 0.5
-        task = read_task(spec)
-        tokens = sum(len(experts.tokenizer(r["text"])["input_ids"]) for r in task.records)
+        results = [measure(kind, args, root, base_dir, adapter_dirs) for kind in args.tasks]
 
-        base_model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-        base_scorer = build_scorer(task, experts.tokenizer, args.batch_size, "cpu")
-        peft_model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(base_dir), adapter_dirs[0], adapter_name="e0"
-        ).eval()
-        for index, path in enumerate(adapter_dirs[1:], start=1):
-            peft_model.load_adapter(path, adapter_name=f"e{index}")
-        names = [f"e{i}" for i in range(args.experts)]
-
-        ours = problem.evaluate_per_task(pop)[:, 0].tolist()
-        theirs = peft_loop(peft_model, base_scorer, names, pop)
-        max_difference = max(abs(a - b) for a, b in zip(ours, theirs))
-
-        timings = {"a": [], "b": [], "c": []}
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits all three alike
-            timings["a"] += time_calls(lambda: problem.evaluate(pop), 1)
-            timings["b"] += time_calls(lambda: peft_loop(peft_model, base_scorer, names, pop), 1)
-            timings["c"] += time_calls(lambda: [base_scorer.score(base_model) for _ in range(args.population)], 1)
-        per_candidate = {k: statistics.median(v) / args.population for k, v in timings.items()}
-
-    ratio_ac = per_candidate["a"] / per_candidate["c"]
-    ratio_ba = per_candidate["b"] / per_candidate["a"]
+    lines = []
+    for r in results:
+        lines.append(
+            f"| {r['kind']} | {r['tokens']} | {r['a']:.4f} | {r['b_cat']:.4f} | {r['b_svd']:.4f} | {r['c']:.4f} | "
+            f"**{r['a'] / r['c']:.3f}** | **{r['b_cat'] / r['a']:.2f}** | {r['b_svd'] / r['a']:.2f} | "
+            f"{r['max_difference']:.1e} |"
+        )
     report = f"""# Throughput: seconds per candidate evaluation
 
 Command: `python -m benchmarks.throughput --population {args.population} --repeats {args.repeats} --threads {args.threads}`
 
 Setup: random Qwen2 base, hidden {args.hidden}, {args.layers} layers, {parameters / 1e6:.2f} M parameters;
-{args.experts} LoRA experts of rank {args.rank} on {", ".join(TARGETS)}; one language-modelling validation task of
-{args.texts} texts, {tokens} tokens in all (batch size {args.batch_size}); population P = {args.population};
-median of {args.repeats} interleaved repeats.
+{args.experts} LoRA experts of rank {args.rank} on {", ".join(TARGETS)}; one validation task per row of
+{args.examples} examples (prompt/text length {args.length}; `tokens` = padded tokens per forward sweep, batch size
+{args.batch_size}); population P = {args.population}; median of {args.repeats} interleaved repeats, all methods
+measured in the same process on the same model, experts, task and population.
 
-| method | s / candidate |
-| --- | --- |
-| (a) `MergeProblem.evaluate` (in-place merge) | {per_candidate["a"]:.4f} |
-| (b) PEFT loop (`add_weighted_adapter` cat, `set_adapter`, score, `delete_adapter`) | {per_candidate["b"]:.4f} |
-| (c) floor: base model alone, same data | {per_candidate["c"]:.4f} |
+- (a) `MergeProblem.evaluate`: in-place merge, then batched scoring;
+- (b) the PEFT loop a user would write: per candidate `add_weighted_adapter` (combination `cat`, exact, or PEFT's
+  default `svd`), `set_adapter`, score with the same scorer, `delete_adapter` (adapters loaded once, untimed);
+- (c) the floor: the unmerged base model scoring the same data P times.
 
-- a / c = **{ratio_ac:.3f}** (target <= 1.15)
-- b / a = **{ratio_ba:.2f}** (target >= 3)
-- (a) and (b) score the same merges: largest difference in mean log-likelihood {max_difference:.2e}.
+| task | tokens | (a) s/cand | (b) cat s/cand | (b) svd s/cand | (c) s/cand | a/c (target <= 1.15) | b_cat/a (target >= 3) | b_svd/a | max abs score diff a vs b_cat |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(lines)}
 
 Machine:
 {machine_markdown()}
