@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from benchmarks.machine import machine_markdown
+from evox_merge.machine import machine_markdown
 from evox_merge.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from evox_merge.experts import ExpertSet
 from evox_merge.problems.merge_problem import MergeProblem

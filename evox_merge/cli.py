@@ -85,6 +85,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(scores, indent=2))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from evox_merge.bench.runner import run_sweep
+
+    path = run_sweep(args.config, progress=not args.quiet)
+    print(f"sweep results in {path}")
+
+
 def _zoo_build(args: argparse.Namespace) -> None:
     from evox_merge.zoo import build_zoo
 
@@ -129,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("validation", "test"), default="validation")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(handler=_evaluate)
+
+    bench = commands.add_parser("bench", help="run a benchmark sweep (resumable)")
+    bench.add_argument("config", help="sweep config (YAML)")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(handler=_bench)
 
     zoo = commands.add_parser("zoo", help="the offline model zoo")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)

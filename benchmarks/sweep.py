@@ -1,0 +1,13 @@
+"""Benchmark sweep: EvoGM against CMA-ES, PSO, random search and static merges at equal evaluation budgets.
+
+    python -m benchmarks.sweep benchmarks/configs/sweep_tiny.yaml     (same as: evox-merge bench CONFIG)
+
+Resumable: rerun the same command and finished cells are skipped. See evox_merge.bench for the pieces.
+"""
+
+import sys
+
+from evox_merge.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

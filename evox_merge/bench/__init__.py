@@ -1,0 +1,1 @@
+"""Benchmark sweeps: EvoGM against CMA-ES, PSO, random search and static merges at equal budgets."""
