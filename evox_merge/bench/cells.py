@@ -56,12 +56,14 @@ def grid(config: SweepConfig, setup: BenchSetup) -> list[Cell]:
     return cells
 
 
-def build_search_algorithm(method: str, num_experts: int, budget: BudgetSpec, seed: int) -> tuple[Algorithm, int]:
+def build_search_algorithm(
+    method: str, num_experts: int, budget: BudgetSpec, seed: int, evogm_params: dict | None = None
+) -> tuple[Algorithm, int]:
     """The algorithm for a search method and how many generations the budget gives every method."""
     pop_size = budget.pop_per_expert * num_experts
     generations = budget.rounds * (budget.iterations + 1)
     common = {"pop_size": pop_size, "seed": seed}
-    evogm = {"num_rounds": budget.rounds, "iterations_per_round": budget.iterations, **common}
+    evogm = {**(evogm_params or {}), "num_rounds": budget.rounds, "iterations_per_round": budget.iterations, **common}
     algorithms = {
         "random": lambda: RandomSearch(num_experts, **common),
         "cmaes": lambda: BoundedCMAES(num_experts, **common),
@@ -106,8 +108,9 @@ class CurveMonitor(Monitor):
 
 
 @lru_cache(maxsize=2)
-def _cached_setup(setup: SetupConfig) -> BenchSetup:
-    return load_setup(setup)
+def _cached_setup(setup_json: str) -> BenchSetup:
+    """The setup, loaded once per worker process."""
+    return load_setup(SetupConfig.model_validate_json(setup_json))
 
 
 def _tasks(setup: BenchSetup, names: tuple[str, ...], split: str, limit: int | None) -> list[Task]:
@@ -122,7 +125,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     """Run one cell and return its row: validation and test score of its choice, curve, cost."""
     torch.set_num_threads(1)
     started = time.perf_counter()
-    setup = _cached_setup(config.setup)
+    setup = _cached_setup(config.setup.model_dump_json())
     validation = MergeProblem(setup.experts, _tasks(setup, cell.tasks, "validation", config.max_validation_examples),
                               batch_size=config.batch_size)
     test = MergeProblem(setup.experts, _tasks(setup, cell.tasks, "test", None), batch_size=config.batch_size)
@@ -135,7 +138,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
                    settings=merge.settings)
     else:
         algorithm, generations = build_search_algorithm(cell.method, setup.experts.num_experts,
-                                                        config.budgets[cell.budget], cell.seed)
+                                                        config.budgets[cell.budget], cell.seed, config.evogm_params)
         monitor = CurveMonitor()
         workflow = build_workflow(algorithm, validation, monitor)
         search_started = time.perf_counter()

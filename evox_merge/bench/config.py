@@ -51,7 +51,10 @@ class BudgetSpec(_Strict):
 
 
 class SweepConfig(_Strict):
-    """A grid of settings x methods x seeds x budgets, all searches of a budget getting the same evaluations."""
+    """A grid of settings x methods x seeds x budgets, all searches of a budget getting the same evaluations.
+
+    ``evogm_params`` go to EvoGM and its ablations (e.g. ``train_steps``); the budget fixes P, R and T.
+    """
 
     setup: SetupConfig = Field(default_factory=SetupConfig)
     settings: list[Literal["single_task_unseen", "multi_task_unseen", "multi_task_seen"]] = list(SETTINGS)
@@ -59,6 +62,7 @@ class SweepConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     budgets: dict[str, BudgetSpec] = Field(default_factory=lambda: {"paper": BudgetSpec()})
     large_budget_settings: list[str] = Field(default_factory=lambda: ["multi_task_unseen"])
+    evogm_params: dict = Field(default_factory=dict)
     max_validation_examples: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=2, ge=1)

@@ -1,0 +1,66 @@
+"""The sweep runner on the tiny fixture: every cell runs, equal budgets, resume skips finished cells."""
+
+import json
+
+import yaml
+
+from evox_merge.bench.config import load_sweep_config
+from evox_merge.bench.report import welch_p
+from evox_merge.bench.runner import run_sweep
+
+
+def sweep_config(setup, tmp_path, methods, seeds=(0, 1)):
+    specs = [spec.to_dict() for spec in setup.tasks]
+    (tmp_path / "seen.yaml").write_text(yaml.safe_dump(specs[:2]))
+    (tmp_path / "unseen.yaml").write_text(yaml.safe_dump(specs[1:]))
+    config = {
+        "setup": {"base": str(setup.base_dir), "experts": [str(p) for p in setup.adapter_dirs],
+                  "seen_tasks": "seen.yaml", "unseen_tasks": "unseen.yaml"},
+        "settings": ["single_task_unseen", "multi_task_unseen"],
+        "methods": methods,
+        "seeds": list(seeds),
+        "budgets": {"paper": {"pop_per_expert": 1, "rounds": 2, "iterations": 1},
+                    "large": {"pop_per_expert": 1, "rounds": 3, "iterations": 1}},
+        "large_budget_settings": ["multi_task_unseen"],
+        "max_validation_examples": 6,
+        "evogm_params": {"train_steps": 10, "hidden_sizes": [16, 16, 16, 16, 16]},
+        "workers": 1,
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sweep_runs_every_cell_with_equal_budgets_and_resumes(tiny_setup, tmp_path):
+    path = sweep_config(tiny_setup, tmp_path, ["base", "dare", "random", "evogm", "evogm_no_cycle"])
+    results = run_sweep(path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    # single-task: 2 unseen tasks x (base 1 + dare 2 + 3 searches x 2 seeds); multi-task: (1 + 2 + 6) + large 6
+    assert len(rows) == 2 * 9 + 9 + 6
+    searches = [r for r in rows if r["evaluations"] is not None]
+    assert {r["evaluations"] for r in searches if r["budget"] == "paper"} == {4 * 4}
+    assert {r["evaluations"] for r in searches if r["budget"] == "large"} == {4 * 6}
+    assert all(r["curve"] == sorted(r["curve"]) and r["validation"] == r["curve"][-1] for r in searches)
+    assert all(r["algorithm_seconds"] >= 0 and r["evaluation_seconds"] > 0 for r in searches)
+    text = results.read_text()
+    assert "## multi_task_unseen, budget `large`" in text and "p (EvoGM vs this)" in text
+    assert (tmp_path / "out" / "convergence_single_task_unseen_paper.png").stat().st_size > 0
+    before = (tmp_path / "out" / "rows.jsonl").read_text()
+    run_sweep(path, progress=False)
+    assert (tmp_path / "out" / "rows.jsonl").read_text() == before  # nothing reran
+
+
+def test_bad_sweep_config_names_the_key(tmp_path):
+    import pytest
+
+    from evox_merge.errors import MergeInputError
+
+    (tmp_path / "bad.yaml").write_text("methods: [evogm, hillclimb]\nseedz: [1]\n")
+    with pytest.raises(MergeInputError, match=r"seedz: unknown key.*|.*hillclimb.*"):
+        load_sweep_config(tmp_path / "bad.yaml")
+
+
+def test_welch_p_value():
+    assert welch_p([1.0, 1.1, 0.9, 1.0], [2.0, 2.1, 1.9, 2.0]) < 1e-4
+    assert welch_p([1.0, 2.0, 3.0], [1.1, 2.1, 2.9]) > 0.5
