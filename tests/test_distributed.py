@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,9 +31,9 @@ def config_for(setup, out, pop_size, **extra):
     }
 
 
-def torchrun(config_path, world_size: int, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(config_path, world_size: int = 2, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world_size),
-               "--master-port", "0", "-m", "evox_merge.cli", "search", str(config_path), "--quiet"]
+               "--master-port", str(_free_port()), "-m", "evox_merge.cli", "search", str(config_path), "--quiet", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -66,3 +67,46 @@ def test_gather_rows_single_rank_is_identity():
         torch.testing.assert_close(_gather_rows(rows, [3], None), rows)
     finally:
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_run_with_a_resumable_checkpoint(tiny_setup, tmp_path):
+    config = config_for(tiny_setup, tmp_path / "out", 6, distributed=True, collective_timeout_s=20)
+    config["budget"] = {"generations": 8}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = _free_port()
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "evox_merge.cli", "search", str(config_path), "--quiet"],
+            env=env, stderr=subprocess.PIPE, text=True,
+        ))
+    checkpoint = tmp_path / "out" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and processes[0].poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["counters"]["generation"] >= 2:
+            break
+        time.sleep(0.2)
+    processes[1].kill()
+    processes[1].wait()
+    _, stderr = processes[0].communicate(timeout=120)  # no hang: the collective fails or times out
+    assert processes[0].returncode == 2, stderr[-2000:]
+    assert "a collective failed in generation" in stderr and "relaunch with --resume" in stderr
+    done = torch.load(checkpoint, weights_only=False)["counters"]
+    assert 2 <= done["generation"] < 8
+    assert len(read_records(tmp_path / "out" / "records.jsonl")) >= done["records"]
+
+    resumed = torchrun(config_path, 2, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(read_records(tmp_path / "out" / "records.jsonl")) == 8 * 6
