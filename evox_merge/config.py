@@ -128,7 +128,8 @@ class SearchConfig(_Strict):
         return [task_spec_from_dict(item, base_dir, f"tasks[{i}]") for i, item in enumerate(self.tasks)]
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_validation_errors(error: ValidationError) -> str:
+    """Pydantic errors as one line: ``key.path: message`` per offending key, joined by '; '."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "config"
@@ -195,5 +196,5 @@ def load_config(source: str | Path | dict[str, Any]) -> SearchConfig:
     try:
         config = SearchConfig.model_validate(data)
     except ValidationError as error:
-        raise MergeInputError(f"invalid search config: {_format_errors(error)}") from None
+        raise MergeInputError(f"invalid search config: {format_validation_errors(error)}") from None
     return resolve_paths(config, base_dir)

@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from evox_merge.config import format_validation_errors
 from evox_merge.errors import MergeInputError
 
 SETTINGS = ("single_task_unseen", "multi_task_unseen", "multi_task_seen")
@@ -87,12 +88,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'config'}: "
-            f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg'].removeprefix('Value error, ')}"
-            for e in error.errors()
-        )
-        raise MergeInputError(f"invalid sweep config {path}: {problems}") from None
+        raise MergeInputError(f"invalid sweep config {path}: {format_validation_errors(error)}") from None
     setup = config.setup
     if setup.base is not None:
         resolve = lambda value: str((path.parent / value).resolve())  # noqa: E731
