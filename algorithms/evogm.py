@@ -1,0 +1,502 @@
+"""EvoGM, Evolutionary Generative Merging (seeds/001, Algorithm 1), as an EvoX algorithm.
+
+A learned operator replaces mutation: two MLP generators are fitted on the round's history of evaluated coefficient
+vectors, split into winners and losers, and the loser-to-winner generator maps the population to the next
+candidates. Every few generations the best N vectors become a new expert basis. See /work/shared/EVOGM.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from evox.core import Algorithm, Mutable, Parameter
+
+from evox_merge.errors import MergeInputError
+
+from .generators import GeneratorPair
+
+__all__ = [
+    "EvoGM",
+    "EvoGMHistory",
+    "coefficient_bounds",
+    "hybrid_population",
+    "rank_key",
+    "split_winners_losers",
+]
+
+log = logging.getLogger(__name__)
+
+
+def coefficient_bounds(
+    num_experts: int, lb: float | torch.Tensor, ub: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coefficient box as two (N,) float32 CPU tensors, from scalars or (N,) tensors.
+
+    Raises:
+        MergeInputError: a bound of the wrong shape, or lb >= ub in some coordinate.
+    """
+    bounds = []
+    for name, value in (("lb", lb), ("ub", ub)):
+        tensor = torch.as_tensor(value, dtype=torch.float32, device="cpu").detach()
+        if tensor.ndim == 0:
+            tensor = tensor.expand(num_experts)
+        if tensor.shape != (num_experts,):
+            raise MergeInputError(
+                f"{name}: expected a float or a tensor of shape ({num_experts},), got {tuple(tensor.shape)}"
+            )
+        bounds.append(tensor.clone())
+    lower, upper = bounds
+    if not bool((lower < upper).all()):
+        raise MergeInputError(
+            f"lb/ub: expected lb < ub in every coordinate, got lb={lower.tolist()} ub={upper.tolist()}"
+        )
+    return lower, upper
+
+
+def hybrid_population(
+    num_experts: int, pop_size: int, lb: torch.Tensor, ub: torch.Tensor, rng: torch.Generator
+) -> torch.Tensor:
+    """EvoGM's initial population (seeds/001, "Population Initialization"), (P, N) float32 on CPU.
+
+    Rows: the uniform average (1/N each), the N one-hot vectors, then uniform random draws in [lb, ub]; truncated to P
+    rows and clipped into the box. The average comes first *(ours; the authors' code puts the one-hots first)*, so a
+    population smaller than N + 1 keeps the average merge, the strongest static baseline, and drops a one-hot.
+    """
+    average = torch.full((1, num_experts), 1.0 / num_experts, device="cpu")
+    one_hot = torch.eye(num_experts, device="cpu")
+    num_random = max(pop_size - num_experts - 1, 0)
+    random = lb + (ub - lb) * torch.rand(num_random, num_experts, generator=rng, device="cpu")
+    return torch.clamp(torch.cat([average, one_hot, random])[:pop_size], lb, ub)
+
+
+def rank_key(fitness: torch.Tensor) -> torch.Tensor:
+    """Fitness for ranking under minimisation: NaN and +-inf become +inf, so a failed evaluation always ranks last."""
+    return torch.where(torch.isfinite(fitness), fitness, torch.inf)
+
+
+def split_winners_losers(fitness: torch.Tensor, winner_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the winner set H+ and loser set H- of a history (seeds/001, "Winner-Loser Pairing").
+
+    H+ is the best floor(rho * |H|) entries (at least one, as in the authors' code) among those with finite fitness;
+    a NaN or infinite fitness never becomes a winner. H- is everything else. Ties keep evaluation order.
+
+    Args:
+        fitness: (H,) fitness under minimisation.
+        winner_ratio: rho in (0, 1).
+
+    Returns:
+        (winner_idx, loser_idx), int64 tensors; winner_idx is empty when no fitness is finite.
+    """
+    order = torch.argsort(rank_key(fitness), stable=True)
+    num_finite = int(torch.isfinite(fitness).sum())
+    num_winners = min(max(1, int(len(fitness) * winner_ratio)), num_finite)
+    return order[:num_winners], order[num_winners:]
+
+
+class EvoGMHistory:
+    """Every candidate EvoGM evaluated, in evaluation order; CPU tensors that grow by one population per step.
+
+    Attributes:
+        coefficients: (E, N) lambda, in the expert basis of the candidate's round.
+        original_coefficients: (E, N) c = M^T lambda in the original expert basis: exactly what the problem received.
+        fitness: (E,) fitness as the algorithm saw it. EvoX algorithms minimise, so under
+            `StdWorkflow(opt_direction="max")` (evox-merge's convention) this is minus the problem's score.
+            NaN and inf are kept as returned.
+        round: (E,) int64, 0-based round index.
+        iteration: (E,) int64, 0 for a round's initial population, t >= 1 for its t-th generated population.
+        generation: (E,) int64, the workflow step that evaluated it (0 is `init_step`).
+    """
+
+    _FIELDS = ("coefficients", "original_coefficients", "fitness", "round", "iteration", "generation")
+
+    def __init__(self, num_experts: int) -> None:
+        self.coefficients = torch.empty(0, num_experts, device="cpu")
+        self.original_coefficients = torch.empty(0, num_experts, device="cpu")
+        self.fitness = torch.empty(0, device="cpu")
+        self.round = torch.empty(0, dtype=torch.int64, device="cpu")
+        self.iteration = torch.empty(0, dtype=torch.int64, device="cpu")
+        self.generation = torch.empty(0, dtype=torch.int64, device="cpu")
+
+    def __len__(self) -> int:
+        return len(self.fitness)
+
+    def append(
+        self,
+        coefficients: torch.Tensor,
+        original_coefficients: torch.Tensor,
+        fitness: torch.Tensor,
+        round: int,
+        iteration: int,
+        generation: int,
+    ) -> None:
+        """Add one evaluated population: (P, N), (P, N), (P,) tensors and its labels."""
+        labels = {"round": round, "iteration": iteration, "generation": generation}
+        new = {"coefficients": coefficients, "original_coefficients": original_coefficients, "fitness": fitness}
+        for name, value in labels.items():
+            new[name] = torch.full((len(fitness),), value, dtype=torch.int64, device="cpu")
+        for name in self._FIELDS:
+            setattr(self, name, torch.cat([getattr(self, name), new[name].detach().cpu()]))
+
+    def of_round(self, round: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The archive H of one round: its coefficients (H, N) in that round's basis and their fitness (H,)."""
+        mask = self.round == round
+        return self.coefficients[mask], self.fitness[mask]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One plain dict per evaluation (JSON-serialisable), with the same keys as the attributes."""
+        columns = [getattr(self, name).tolist() for name in self._FIELDS]
+        return [dict(zip(self._FIELDS, row)) for row in zip(*columns)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The history as a dict of tensors (checkpointable with `torch.save`, loadable with `weights_only=True`)."""
+        return {name: getattr(self, name).clone() for name in self._FIELDS}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the history, in place, with one from `state_dict`."""
+        for name in self._FIELDS:
+            setattr(self, name, state[name].clone())
+
+
+class EvoGM(Algorithm):
+    """Evolutionary Generative Merging (Jiang et al., seeds/001, Algorithm 1) over N merge coefficients.
+
+    One `step` is one generation of `pop_size` evaluations, so budgets compare with any EvoX algorithm by evaluations:
+
+    * `init_step`, and the first step of every later round, evaluate the round's hybrid initial population
+      (average, one-hots, uniform random) and reset the generators;
+    * each other step splits the round's history into winners/losers, trains the generators
+      (`train_steps` Adam steps on alpha_c * L_cyc + alpha_o * L_opt), maps the population through G_f, clips to the
+      bounds, evaluates the P new candidates and keeps the best P of old and new;
+    * after `iterations_per_round` generated populations the best N vectors of the round become the next round's
+      expert basis (basis shift).
+
+    A run of R rounds takes `generations_per_run = R * (T + 1)` steps (`init_step` included), that is
+    `evaluations_per_run = P * R * (T + 1)` evaluations: 160 with the defaults, the count of the paper's Table 7.
+    Steps past that budget keep iterating in the last round (its history keeps growing), so a workflow with a
+    bigger budget does not fail.
+
+    **Basis shift as a change of coordinates.** The algorithm keeps M_r, the (N, N) matrix whose rows are round r's
+    experts written in the original experts (M_0 = I, M_{r+1} = Lambda_r M_r with Lambda_r the round's top-N
+    vectors as rows) and always hands the problem c = M_r^T lambda. For linear merging,
+    theta(lambda in round r's basis) == theta(c in the original basis), so the problem never changes state and any
+    EvoX problem can run EvoGM. Bounds apply to lambda, the coordinates the generators see; after a shift, c may
+    leave the box (it does in the paper too).
+
+    **Fitness.** EvoX algorithms minimise; run merges with `StdWorkflow(..., opt_direction="max")`. NaN or infinite
+    fitness ranks last everywhere: it is never a winner, never selected over a finite candidate, never a basis
+    vector while N finite ones exist. A round whose history has no finite fitness samples uniformly instead of
+    training.
+
+    **Randomness.** Every random draw (random initial rows, generator weights, mini-batches) comes from one
+    `torch.Generator` seeded with `seed`, never from torch's global RNG, and the generators train single-threaded
+    on CPU, so a seed gives a bit-identical history on every run, whatever the problem does with the global RNG.
+
+    **Inspecting a run** (read it from `workflow.algorithm`; the objects are shared with the instance passed in):
+
+    * `history`: an `EvoGMHistory` of every evaluation (both bases, fitness, round, iteration, generation);
+    * `bases`: list of the (N, N) basis matrices M_r, one per round begun, and `basis_records`: for each round,
+      the history indices of the vectors that became its basis (empty for round 0);
+    * `generator_log`: one dict per generated population: round, iteration, generation, `winners`/`losers` sizes,
+      `losses` ((train_steps, 3): total, cycle, optimisation-guided per Adam step) and `seconds` (training plus
+      generation wall time);
+    * `pop`/`fit`: the current population (P, N) in the round's basis and its fitness; `record_step()` reports the
+      population in the original basis;
+    * `best_coefficients`/`best_fitness`: the best evaluation so far, in the original basis.
+
+    **Checkpoints.** `state_dict()` carries the whole search state: `pop`/`fit` and the hyperparameters as buffers and
+    parameters, and, through `get_extra_state`, the history, bases, generator log, generator weights with their Adam
+    state, and the RNG state. `torch.save(workflow.state_dict(), path)` during a run, then build the same algorithm
+    and workflow, `workflow.load_state_dict(torch.load(path, weights_only=True))` and keep stepping: the continuation
+    is identical to an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        pop_size: int = 20,
+        num_rounds: int = 2,
+        iterations_per_round: int = 3,
+        winner_ratio: float = 0.3,
+        hidden_sizes: Sequence[int] = (128, 256, 256, 256, 128),
+        lr: float = 1e-4,
+        train_steps: int = 200,
+        cycle_weight: float = 100.0,
+        opt_weight: float = 1.0,
+        single_generator: bool = False,
+        multi_round: bool = True,
+        lb: float | torch.Tensor = -1.0,
+        ub: float | torch.Tensor = 1.0,
+        seed: int = 0,
+        device: torch.device | None = None,
+    ):
+        """Defaults are the authors' public settings (JiangTao97/evogm, config/method/evogm.yaml).
+
+        Args:
+            num_experts: N, the length of a coefficient vector.
+            pop_size: P. Authors' default 20; the paper says P = 2N and its Table 12 tries 10/20/30.
+            num_rounds: R. Default 2 (paper Fig. 3: 2 rounds x 3 iterations); Table 12 tries 1/3/5.
+            iterations_per_round: T, generated populations per round. Default 3; Table 12 tries 3/5/8.
+            winner_ratio: rho, the share of the round's history that forms H+ (at least one). Paper and code: 0.3.
+            hidden_sizes: hidden widths of both five-layer MLP generators (Linear+ReLU each, then Linear+Tanh).
+            lr: Adam learning rate. Default 1e-4 (authors' code; Table 12 finds it best); the paper's text says 1e-3.
+            train_steps: Adam steps per generation, each one full batch. Default 200 (authors' code; Table 12 finds
+                200 slightly better than 400); the paper's text says 400 epochs.
+            cycle_weight: alpha_c, the cycle-consistency weight. Default 100 (authors' code; the paper gives none).
+                0 is the paper's "w/o cycle loss" ablation (Table 11); G_b then receives no gradient.
+            opt_weight: alpha_o, the optimisation-guided loss weight. Default 1.
+            single_generator: the "single-generator" ablation (Table 11): only G_f, trained on L_opt alone.
+            multi_round: False is the "w/o rounds" ablation (Table 11): one round of R * (T + 1) - 1 iterations,
+                the same evaluation budget (the paper turns 2 rounds x 2 iterations into 5 iterations).
+            lb: lower bound on lambda, a float or an (N,) tensor. Default -1, the tanh range the paper uses.
+            ub: upper bound on lambda. Default 1. Other boxes map the generators' tanh range onto [lb, ub].
+            seed: seed of the algorithm's private `torch.Generator`.
+            device: device of `pop`/`fit` and of the populations handed to the problem (default: torch's default).
+                The generators always train on CPU.
+
+        Raises:
+            MergeInputError: an argument outside its valid range.
+        """
+        super().__init__()
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if not multi_round:
+            num_rounds, iterations_per_round = 1, num_rounds * (iterations_per_round + 1) - 1
+        _validate(num_experts, pop_size, num_rounds, iterations_per_round, winner_ratio, hidden_sizes, train_steps)
+        self.num_experts = num_experts
+        self.pop_size = pop_size
+        self.num_rounds = num_rounds
+        self.iterations_per_round = iterations_per_round
+        self.hidden_sizes = tuple(hidden_sizes)
+        self.train_steps = train_steps
+        self.single_generator = single_generator
+        self.winner_ratio = Parameter(winner_ratio, dtype=torch.float64, device=device)
+        self.lr = Parameter(lr, dtype=torch.float64, device=device)
+        self.cycle_weight = Parameter(cycle_weight, dtype=torch.float64, device=device)
+        self.opt_weight = Parameter(opt_weight, dtype=torch.float64, device=device)
+        # Internal state lives on CPU: the box, its affine map to the generators' [-1, 1], the archive.
+        self.lb, self.ub = coefficient_bounds(num_experts, lb, ub)
+        self._center, self._half_width = (self.ub + self.lb) / 2, (self.ub - self.lb) / 2
+        self._rng = torch.Generator().manual_seed(seed)
+        self._generators = GeneratorPair(num_experts, self.hidden_sizes, dual=not single_generator)
+        self.history = EvoGMHistory(num_experts)
+        self.bases: list[torch.Tensor] = [torch.eye(num_experts, device="cpu")]
+        self.basis_records: list[list[int]] = [[]]
+        self.generator_log: list[dict[str, Any]] = []
+        self._evaluating: tuple[torch.Tensor, int] = (torch.empty(0, num_experts, device="cpu"), 0)
+        self.pop = Mutable(torch.zeros(pop_size, num_experts, device=device))
+        self.fit = Mutable(torch.full((pop_size,), torch.inf, device=device))
+
+    @property
+    def generations_per_run(self) -> int:
+        """Workflow steps in R rounds of T iterations, `init_step` included: R * (T + 1)."""
+        return self.num_rounds * (self.iterations_per_round + 1)
+
+    @property
+    def evaluations_per_run(self) -> int:
+        """Problem evaluations in R rounds of T iterations: P * R * (T + 1)."""
+        return self.pop_size * self.generations_per_run
+
+    @property
+    def current_round(self) -> int:
+        """0-based index of the round in progress (0 before `init_step`)."""
+        return len(self.bases) - 1
+
+    @property
+    def current_iteration(self) -> int:
+        """Generated populations evaluated so far in the current round (0 right after its initial population)."""
+        return int(self.history.iteration[-1]) if len(self.history) else 0
+
+    @property
+    def best_coefficients(self) -> torch.Tensor:
+        """(N,) original-basis coefficients of the best evaluation so far (NaN/inf fitness ranked last)."""
+        return self.history.original_coefficients[int(torch.argmin(rank_key(self.history.fitness)))]
+
+    @property
+    def best_fitness(self) -> torch.Tensor:
+        """Scalar fitness of `best_coefficients`, under minimisation (minus the score with opt_direction="max")."""
+        return self.history.fitness[int(torch.argmin(rank_key(self.history.fitness)))]
+
+    def init_step(self) -> None:
+        """Evaluate round 0's initial population (P evaluations) and start its generators."""
+        self._begin_round()
+
+    def step(self) -> None:
+        """One generation of P evaluations: a generated population, or the next round's initial population.
+
+        A workflow that skips `init_step` gets the initial population on its first `step`.
+        """
+        if len(self.history) == 0:
+            self._begin_round()
+        elif self.current_iteration >= self.iterations_per_round and self.current_round < self.num_rounds - 1:
+            self._shift_basis()
+            self._begin_round()
+        else:
+            self._generate()
+
+    def record_step(self) -> dict[str, torch.Tensor]:
+        """The current population in the original expert basis (P, N) and its fitness (P,), for EvoX monitors."""
+        return {"pop": self.pop @ self.bases[-1].to(self.pop.device), "fit": self.fit}
+
+    def candidate_context(self) -> dict[str, Any]:
+        """Annotations of the population being evaluated, one list entry per candidate where they differ.
+
+        Called by evox-merge's `SearchMonitor` while the population is evaluated, for records.jsonl: the round,
+        the iteration, each candidate's coefficients in the round's basis, and (from round 1 on) `basis_records`,
+        the evaluation indices (record ids) of the N vectors that form the round's basis.
+        """
+        coefficients, iteration = self._evaluating
+        context: dict[str, Any] = {
+            "round": self.current_round,
+            "iteration": iteration,
+            "coefficients_round_basis": coefficients.tolist(),
+        }
+        if self.current_round > 0:
+            context["basis_records"] = [self.basis_records[-1]] * len(coefficients)
+        return context
+
+    def _begin_round(self) -> None:
+        population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng)
+        fitness = self._evaluate_and_record(population, iteration=0)
+        self._set_population(population, fitness)
+        self._generators.reset(float(self.lr), self._rng)
+        log.info(
+            "EvoGM round %d/%d: initial population evaluated, best fitness %.6g (minimised)",
+            self.current_round + 1,
+            self.num_rounds,
+            float(rank_key(fitness).min()),
+        )
+
+    def _shift_basis(self) -> None:
+        in_round = torch.nonzero(self.history.round == self.current_round).squeeze(1)
+        elite = in_round[torch.argsort(rank_key(self.history.fitness[in_round]), stable=True)[: self.num_experts]]
+        self.bases.append(self.history.coefficients[elite] @ self.bases[-1])  # rows: the round's top-N vectors
+        self.basis_records.append(elite.tolist())
+
+    def _generate(self) -> None:
+        iteration = self.current_iteration + 1
+        coefficients, fitness = self.history.of_round(self.current_round)
+        winners, losers = split_winners_losers(fitness, float(self.winner_ratio))
+        if len(winners) == 0:
+            log.warning("EvoGM round %d: no finite fitness yet, sampling uniformly", self.current_round + 1)
+            draws = torch.rand(self.pop_size, self.num_experts, generator=self._rng, device="cpu")
+            candidates = self.lb + (self.ub - self.lb) * draws
+        else:
+            candidates = self._train_and_generate(coefficients[winners], coefficients[losers], iteration)
+        candidates = torch.clamp(candidates, self.lb, self.ub)
+        new_fitness = self._evaluate_and_record(candidates, iteration)
+        pool = torch.cat([self.pop.cpu(), candidates])
+        pool_fitness = torch.cat([self.fit.cpu(), new_fitness])
+        keep = torch.argsort(rank_key(pool_fitness), stable=True)[: self.pop_size]
+        self._set_population(pool[keep], pool_fitness[keep])
+
+    def _train_and_generate(self, winners: torch.Tensor, losers: torch.Tensor, iteration: int) -> torch.Tensor:
+        start = time.perf_counter()
+        losses = self._generators.train(
+            self._to_generator_space(winners),
+            self._to_generator_space(losers),
+            self.train_steps,
+            float(self.cycle_weight),
+            float(self.opt_weight),
+            self._rng,
+        )
+        candidates = self._from_generator_space(self._generators.generate(self._to_generator_space(self.pop.cpu())))
+        seconds = time.perf_counter() - start
+        self.generator_log.append(
+            {
+                "round": self.current_round,
+                "iteration": iteration,
+                "generation": len(self.history) // self.pop_size,
+                "winners": len(winners),
+                "losers": len(losers),
+                "losses": losses,
+                "seconds": seconds,
+            }
+        )
+        log.debug(
+            "EvoGM round %d iteration %d: final loss %.4g (cycle %.4g, opt %.4g), generators took %.3f s",
+            self.current_round + 1,
+            iteration,
+            *losses[-1].tolist(),
+            seconds,
+        )
+        return candidates
+
+    def _evaluate_and_record(self, coefficients: torch.Tensor, iteration: int) -> torch.Tensor:
+        # The problem always sees original-basis coefficients c = M^T lambda (rows: lambda @ M).
+        original = coefficients @ self.bases[-1]
+        self._evaluating = (coefficients, iteration)
+        fitness = self.evaluate(original.to(self.pop.device))
+        if fitness.shape != (len(coefficients),):
+            raise MergeInputError(
+                f"problem fitness: EvoGM is single-objective and expects shape ({len(coefficients)},), "
+                f"got {tuple(fitness.shape)}; reduce per-task scores to one score per candidate"
+            )
+        fitness = fitness.detach().to("cpu", torch.float32)
+        self.history.append(
+            coefficients, original, fitness, self.current_round, iteration, len(self.history) // self.pop_size
+        )
+        return fitness
+
+    def _set_population(self, population: torch.Tensor, fitness: torch.Tensor) -> None:
+        self.pop = population.to(self.pop.device)
+        self.fit = fitness.to(self.fit.device)
+
+    def _to_generator_space(self, coefficients: torch.Tensor) -> torch.Tensor:
+        # Affine map of the box onto [-1, 1]^N (the identity for the default box).
+        return (coefficients - self._center) / self._half_width
+
+    def _from_generator_space(self, values: torch.Tensor) -> torch.Tensor:
+        return self._center + self._half_width * values
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Search state outside buffers (it grows, or is not a tensor), saved by `state_dict()`."""
+        return {
+            "history": self.history.state_dict(),
+            "bases": [basis.clone() for basis in self.bases],
+            "basis_records": [list(records) for records in self.basis_records],
+            "generator_log": [dict(entry) for entry in self.generator_log],
+            "generators": self._generators.state_dict(),
+            "rng": self._rng.get_state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore `get_extra_state`'s dict, in place (the workflow's copy of the algorithm shares these objects)."""
+        self.history.load_state_dict(state["history"])
+        self.bases[:] = [basis.clone() for basis in state["bases"]]
+        self.basis_records[:] = [list(records) for records in state["basis_records"]]
+        self.generator_log[:] = [dict(entry) for entry in state["generator_log"]]
+        self._generators.load_state_dict(state["generators"])
+        self._rng.set_state(state["rng"])
+
+
+def _validate(
+    num_experts: int,
+    pop_size: int,
+    num_rounds: int,
+    iterations_per_round: int,
+    winner_ratio: float,
+    hidden_sizes: Sequence[int],
+    train_steps: int,
+) -> None:
+    # One message per bad argument, naming it and what was expected.
+    checks = [
+        (num_experts >= 1, "num_experts", "an integer >= 1", num_experts),
+        (pop_size >= 2, "pop_size", "an integer >= 2", pop_size),
+        (num_rounds >= 1, "num_rounds", "an integer >= 1", num_rounds),
+        (iterations_per_round >= 1, "iterations_per_round", "an integer >= 1", iterations_per_round),
+        (0.0 < winner_ratio < 1.0, "winner_ratio", "a float in (0, 1)", winner_ratio),
+        (len(hidden_sizes) > 0 and min(hidden_sizes) >= 1, "hidden_sizes", "non-empty positive widths", hidden_sizes),
+        (train_steps >= 1, "train_steps", "an integer >= 1", train_steps),
+        (
+            num_rounds == 1 or pop_size * (iterations_per_round + 1) >= num_experts,
+            "pop_size",
+            f"pop_size * (iterations_per_round + 1) >= num_experts = {num_experts} so a basis shift finds N vectors",
+            pop_size,
+        ),
+    ]
+    for ok, name, expected, value in checks:
+        if not ok:
+            raise MergeInputError(f"{name}: expected {expected}, got {value!r}")
