@@ -28,7 +28,7 @@ class AlgorithmConfig(_Strict):
 
     ``name`` is one of ``evogm``, ``cmaes``, ``pso``, ``random``, or an import path to any EvoX Algorithm class
     (``evox.algorithms.DE``). ``pop_size``, ``lb`` and ``ub`` go to every algorithm that takes them; ``params``
-    holds the rest (e.g. EvoGM's ``rounds``, ``iterations``, ``winner_ratio``).
+    holds the rest (e.g. EvoGM's ``num_rounds``, ``iterations_per_round``, ``winner_ratio``).
     """
 
     name: str = "evogm"
