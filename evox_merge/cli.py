@@ -20,7 +20,7 @@ def _search(args: argparse.Namespace) -> None:
     if args.zoo:
         from evox_merge.zoo_search import zoo_search_config
 
-        config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset)
+        config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset, seed=args.seed)
     else:
         from evox_merge.config import load_config
 
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--zoo", action="store_true", help="run the default search on the offline zoo")
     search.add_argument("--zoo-dir", help="zoo directory (default: the cache, built if missing)")
     search.add_argument("--preset", default="tiny", help="zoo preset for --zoo (default tiny)")
+    search.add_argument("--seed", type=int, default=0, help="zoo and search seed for --zoo (default 0)")
     search.add_argument("--out", help="output directory (overrides the config's output_dir)")
     search.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     search.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
