@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import resource
 import shutil
 import time
@@ -34,6 +33,7 @@ from evox_merge.distributed import DistributedRunError, init_distributed, single
 from evox_merge.errors import MergeInputError
 from evox_merge.experts import ExpertSet
 from evox_merge.hashing import file_sha256
+from evox_merge.machine import describe_machine
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.progress import ProgressMode, SearchProgress
 from evox_merge.recipe import build_recipe
@@ -197,8 +197,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         config=config, experts=experts, specs=specs, records=records, best=best, scores=scores,
         settings=settings, adapter_info=adapter_info, algorithm=workflow.algorithm,
         resources={
-            "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else platform.processor()
-            or "cpu",
+            "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else describe_machine()["cpu"],
             "wall_seconds": wall_seconds,
             "evaluations": len(records),
             "peak_memory_mb": _peak_memory_mb(config.device),
