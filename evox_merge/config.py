@@ -90,7 +90,11 @@ class ReleaseConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """Everything one search needs; paths are resolved against the config file's folder."""
+    """Everything one search needs; paths are resolved against the config file's folder.
+
+    ``max_validation_examples`` searches on the first k examples of each validation file (faster candidates);
+    the release is still scored on whole validation and test files.
+    """
 
     base: str
     experts: list[str] = Field(min_length=2)
@@ -102,6 +106,7 @@ class SearchConfig(_Strict):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=32, ge=1)
+    max_validation_examples: int | None = Field(default=None, ge=1)
     output_dir: str = "runs/search"
     intended_use: str = "Not stated in the search config."
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)

@@ -41,6 +41,7 @@ from evox_merge.records import RECORDS_NAME, SearchMonitor, read_records, trunca
 from evox_merge.release import write_full_model, write_lora_adapter
 from evox_merge.report import plot_coefficients, plot_fitness, plot_task_scores, write_history_csv, write_model_card
 from evox_merge.summary import evaluate_release
+from evox_merge.tasks import read_task
 from evox_merge.workflow import build_workflow
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     specs = config.task_specs()
     experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
                              dtype=DTYPES[config.dtype])
-    problem = MergeProblem(experts, specs, batch_size=config.batch_size)
+    search_tasks = [read_task(spec, config.max_validation_examples) for spec in specs]
+    problem = MergeProblem(experts, search_tasks, batch_size=config.batch_size)
     algorithm = build_algorithm(config.algorithm, experts.num_experts, config.seed)
     generations = config.budget.generations_for(config.algorithm.pop_size)
     budget = generations * config.algorithm.pop_size

@@ -146,8 +146,12 @@ def load_task_specs(path: str | Path) -> list[TaskSpec]:
     return specs
 
 
-def read_task(spec: TaskSpec) -> Task:
-    """Read and check every line of ``spec.path``; errors name the file, the line and the field."""
+def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
+    """Read and check every line of ``spec.path``; errors name the file, the line and the field.
+
+    Args:
+        limit: keep only the first `limit` examples (every line is still checked).
+    """
     path = Path(spec.path)
     if not path.is_file():
         raise TaskFormatError(f"task {spec.name!r}: file {path} does not exist")
@@ -166,7 +170,7 @@ def read_task(spec: TaskSpec) -> Task:
             records.append(_checked_record(record, spec, where))
     if not records:
         raise TaskFormatError(f"task {spec.name!r}: file {path} holds no examples")
-    return Task(spec, records)
+    return Task(spec, records[:limit])
 
 
 def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, Any]:

@@ -73,3 +73,13 @@ def test_spec_file_resolves_relative_paths_and_rejects_unknown_fields(tmp_path):
     (tmp_path / "bad.yaml").write_text("- {name: a, type: generation, path: a.jsonl, metrc: x}\n")
     with pytest.raises(TaskFormatError, match=r"unknown field\(s\) \['metrc'\]"):
         load_task_specs(tmp_path / "bad.yaml")
+
+
+def test_limit_keeps_the_first_examples_but_checks_every_line(tmp_path):
+    lines = [json.dumps({"prompt": f"q{i}", "answer": "a"}) for i in range(5)] + ["{broken"]
+    path = write_lines(tmp_path / "t.jsonl", lines)
+    spec = TaskSpec(name="g", type="generation", path=str(path))
+    with pytest.raises(TaskFormatError, match=r"t\.jsonl:6: malformed JSON"):
+        read_task(spec, limit=2)
+    path.write_text("".join(line + "\n" for line in lines[:5]))
+    assert [r["prompt"] for r in read_task(spec, limit=2).records] == ["q0", "q1"]

@@ -114,11 +114,8 @@ def _cached_setup(setup_json: str) -> BenchSetup:
 
 
 def _tasks(setup: BenchSetup, names: tuple[str, ...], split: str, limit: int | None) -> list[Task]:
-    tasks = []
-    for name in names:
-        task = read_task(setup.specs[name].with_split(split))
-        tasks.append(Task(task.spec, task.records[:limit]) if split == "validation" and limit else task)
-    return tasks
+    return [read_task(setup.specs[name].with_split(split), limit if split == "validation" else None)
+            for name in names]
 
 
 def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
