@@ -8,7 +8,6 @@ import torch
 
 from evox_merge import baselines
 from evox_merge.config import SearchConfig
-from evox_merge.experts import ExpertSet
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.tasks import TaskSpec
 
@@ -22,28 +21,29 @@ def _named(problem: MergeProblem, task_scores: torch.Tensor) -> dict[str, float 
 
 
 def evaluate_release(
-    experts: ExpertSet, specs: Sequence[TaskSpec], coefficients: torch.Tensor, config: SearchConfig
+    search_problem: MergeProblem, specs: Sequence[TaskSpec], coefficients: torch.Tensor, config: SearchConfig
 ) -> tuple[Scores, dict[str, dict]]:
     """Per merge (``release``, and with ``release.baselines`` the base, best single expert, model soup and task
-    arithmetic, each tuned on validation) and per split, every task's score and their weighted mean.
+    arithmetic, each tuned on the search's own validation examples) and per split (whole validation files, and
+    test files where given), every task's score and their weighted mean.
 
     Returns:
         ``(scores[merge][split][task or "mean"], settings[merge])``.
     """
-    validation = MergeProblem(experts, specs, batch_size=config.batch_size)
+    experts = search_problem.experts
     merges: dict[str, torch.Tensor] = {"release": coefficients}
     settings: dict[str, dict] = {"release": {"coefficients": coefficients.tolist()}}
     if config.release.baselines:
         for static in (
-            baselines.base_model(validation),
-            baselines.best_single_expert(validation),
-            baselines.model_soup(validation),
-            baselines.task_arithmetic(validation),
+            baselines.base_model(search_problem),
+            baselines.best_single_expert(search_problem),
+            baselines.model_soup(search_problem),
+            baselines.task_arithmetic(search_problem),
         ):
             merges[static.name] = static.coefficients
             settings[static.name] = static.settings
     candidates = torch.stack(list(merges.values()))
-    splits = {"validation": validation}
+    splits = {"validation": MergeProblem(experts, specs, batch_size=config.batch_size)}
     tested = [spec.with_split("test") for spec in specs if spec.test_path]
     if tested:
         splits["test"] = MergeProblem(experts, tested, batch_size=config.batch_size)
