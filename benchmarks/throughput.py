@@ -187,6 +187,16 @@ measured in the same process on the same model, experts, task and population.
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 
+How to read it. (c) is the floor: one forward sweep of the validation set per candidate (plus greedy decoding for
+`gen`, whose length depends on when each model emits EOS, so (a) and (c) decode different lengths there). (a) adds
+only the merge, 4 x {args.layers} `addmm`s of {args.hidden}-wide factors per candidate, and should sit within noise
+of (c). (b) adds PEFT's per-candidate work (building the weighted adapter's modules) and the unmerged LoRA path of
+rank {args.experts * args.rank} in every targeted layer of every forward pass; with validation sets of thousands
+of tokens the forward passes dominate all three, so b/a settles near 1 + (LoRA path + adapter build) / forward.
+The b/a >= 3 target is not reached at these sizes; b/a grows as the validation set shrinks (the adapter build is
+a fixed cost per candidate) and with PEFT's default `svd` combination. Machine load: other jobs shared the 2 cores
+while this ran; the interleaved repeats expose every method to the same load.
+
 Machine:
 {machine_markdown()}
 """
