@@ -193,7 +193,7 @@ only the merge, 4 x {args.layers} `addmm`s of {args.hidden}-wide factors per can
 of (c). (b) adds PEFT's per-candidate work (building the weighted adapter's modules) and the unmerged LoRA path of
 rank {args.experts * args.rank} in every targeted layer of every forward pass; with validation sets of thousands
 of tokens the forward passes dominate all three, so b/a settles near 1 + (LoRA path + adapter build) / forward.
-The b/a >= 3 target is not reached at these sizes; b/a grows as the validation set shrinks (the adapter build is
+The b/a >= 3 target is not reached at these sizes; b/a should grow as the validation set shrinks (the adapter build is
 a fixed cost per candidate) and with PEFT's default `svd` combination. Machine load: other jobs shared the 2 cores
 while this ran; the interleaved repeats expose every method to the same load.
 
