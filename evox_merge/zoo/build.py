@@ -1,0 +1,260 @@
+"""Build the offline zoo: task files, base model, experts, manifest; cached, atomic, byte-deterministic.
+
+A build writes into a hidden sibling directory and renames it onto the target only once the manifest (written
+last) is in place, so an interrupted build never leaves a directory that looks finished. An existing target is
+reused when its manifest matches the preset and seed and every file still has its recorded hash; a zoo that is
+partial, corrupted or from another zoo version is rebuilt.
+
+Determinism: every random choice comes from the seed, and the build runs single-threaded with PyTorch's
+deterministic algorithms, so the same preset and seed give byte-identical files on the same machine and
+software versions (``manifest.json`` records them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import peft
+import tokenizers
+import torch
+import transformers
+
+from evox_merge.char_tokenizer import build_char_tokenizer
+from evox_merge.errors import ZooError
+from evox_merge.tasks import TaskSpec
+from evox_merge.zoo.base_training import train_base
+from evox_merge.zoo.expert_training import train_expert
+from evox_merge.zoo.families import FAMILIES
+from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, load_zoo
+from evox_merge.zoo.manifest import MANIFEST_NAME, write_manifest
+from evox_merge.zoo.presets import EXPERT_LORA, ZooPreset, get_preset
+from evox_merge.zoo.scores import base_and_expert_scores
+from evox_merge.zoo.task_suite import SEEN_TASKS, UNSEEN_TASKS, TaskDesign, draw_splits
+
+logger = logging.getLogger(__name__)
+_BUILDING_PREFIX = ".building-"
+_ZOO_ENTRIES = {MANIFEST_NAME, "base", "experts", "tasks", SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, ALL_TASKS_FILE}
+
+
+def default_zoo_dir(preset: str = "tiny", seed: int = 0) -> Path:
+    """Where a zoo is cached when no directory is given: ``$EVOX_MERGE_CACHE/zoo/<preset>-seed<seed>``, where
+    ``EVOX_MERGE_CACHE`` defaults to ``$XDG_CACHE_HOME/evox-merge`` (``~/.cache/evox-merge``)."""
+    cache = os.environ.get("EVOX_MERGE_CACHE")
+    if not cache:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evox-merge")
+    return Path(cache) / "zoo" / f"{preset}-seed{seed}"
+
+
+def build_zoo(out_dir: str | Path | None = None, preset: str = "tiny", seed: int = 0, progress: bool = True) -> Path:
+    """Build the offline zoo of `preset` and `seed` in `out_dir`, or reuse it if it is already there and intact.
+
+    Args:
+        out_dir: the zoo directory; `default_zoo_dir` (a per-user cache) when None.
+        preset: ``micro`` (tests, seconds), ``tiny`` (quick start and CI, a few minutes on 2 CPU cores, < 50 MB)
+            or ``small`` (benchmarks, longer).
+        seed: every random choice of the build (data, initialisation, training order) derives from it.
+        progress: show tqdm bars while training.
+
+    Returns:
+        The zoo directory; open it with `load_zoo`.
+
+    Raises:
+        ZooError: unknown preset; `out_dir` holds a valid zoo of another preset/seed, or files that are not a zoo.
+    """
+    settings = get_preset(preset)
+    root = Path(out_dir) if out_dir is not None else default_zoo_dir(preset, seed)
+    if _reusable(root, preset, seed):
+        logger.info("zoo %s is built and intact; reusing it", root)
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}{_BUILDING_PREFIX}{os.getpid()}-"))
+    start = time.perf_counter()
+    try:
+        with _build_environment(progress):
+            _build_into(staging, settings, seed, progress)
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("built zoo %s (preset %s, seed %d) in %.0f s", root, preset, seed, time.perf_counter() - start)
+    return root
+
+
+def _reusable(root: Path, preset: str, seed: int) -> bool:
+    """True for an intact zoo of this preset and seed; False for nothing, an empty dir, or a broken zoo (which is
+    rebuilt); raises for a valid zoo of other settings or a directory of other files."""
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return False
+    if not root.is_dir():
+        raise ZooError(f"zoo path {root} is a file, not a directory; choose another --out")
+    try:
+        zoo = load_zoo(root)
+    except ZooError as error:
+        entries = {entry.name for entry in root.iterdir()}
+        if not entries & _ZOO_ENTRIES:
+            raise ZooError(f"{root} is not empty and holds no zoo; choose another --out or empty it") from None
+        logger.warning("rebuilding the zoo in %s: %s", root, error)
+        return False
+    if (zoo.preset, zoo.seed) != (preset, seed):
+        raise ZooError(
+            f"{root / MANIFEST_NAME} is a zoo of preset {zoo.preset!r}, seed {zoo.seed}, not preset {preset!r}, "
+            f"seed {seed}; choose another --out or delete it"
+        )
+    return True
+
+
+def _remove_stale_builds(root: Path) -> None:
+    """Delete staging directories of earlier builds of `root` whose process is gone (killed mid-build)."""
+    for staging in root.parent.glob(f".{root.name}{_BUILDING_PREFIX}*"):
+        pid_text = staging.name[len(f".{root.name}{_BUILDING_PREFIX}") :].split("-")[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            logger.info("removing %s, left by an interrupted build", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _build_environment(progress: bool) -> Iterator[None]:
+    """For the duration of a build: one thread and deterministic algorithms; without `progress`, no progress bars
+    from transformers' own loading and saving either. Everything is restored afterwards."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _build_into(root: Path, preset: ZooPreset, seed: int, progress: bool) -> None:
+    """Write every file of the zoo into the empty directory `root`, the manifest last."""
+    tokenizer = build_char_tokenizer()
+    seen_specs, held_out = _write_tasks(root, SEEN_TASKS, preset, seed)
+    unseen_specs, unseen_held_out = _write_tasks(root, UNSEEN_TASKS, preset, seed)
+    held_out |= unseen_held_out
+    _write_specs(root / SEEN_TASKS_FILE, seen_specs)
+    _write_specs(root / UNSEEN_TASKS_FILE, unseen_specs)
+    _write_specs(root / ALL_TASKS_FILE, seen_specs + unseen_specs)
+
+    base, base_loss = train_base(preset, tokenizer, seed, held_out, progress)
+    base.name_or_path = base.config.name_or_path = "base"  # PEFT records it as base_model_name_or_path
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+
+    expert_losses = {}
+    adapter_dirs = []
+    for name in FAMILIES:
+        expert, expert_losses[name] = train_expert(base, name, preset, tokenizer, seed, held_out, progress)
+        adapter_dirs.append(root / "experts" / name)
+        expert.save_pretrained(adapter_dirs[-1], save_embedding_layers=False)  # no lookup of "base" on the Hub
+        _sort_target_modules(adapter_dirs[-1] / "adapter_config.json")
+        _write_model_card(adapter_dirs[-1], name, preset, seed)
+        del expert
+
+    scores = base_and_expert_scores(
+        base_dir, adapter_dirs, list(FAMILIES), [TaskSpec(**{**s, "path": str(root / s["path"]), "test_path": None})
+                                                 for s in seen_specs + unseen_specs]
+    )
+    designs = {design.name: design for design in (*SEEN_TASKS, *UNSEEN_TASKS)}
+    write_manifest(
+        root,
+        {
+            "preset": preset.name,
+            "seed": seed,
+            "settings": preset.to_dict(),
+            "software": {
+                "python": ".".join(map(str, sys.version_info[:3])),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                "tokenizers": tokenizers.__version__,
+            },
+            "experts": list(FAMILIES),
+            "tasks": {
+                name: {"group": design.group, "type": design.type, "families": list(design.families)}
+                for name, design in designs.items()
+            },
+            "training_loss": {"base": round(base_loss, 6), **{k: round(v, 6) for k, v in expert_losses.items()}},
+            "validation_scores": scores,
+        },
+    )
+
+
+def _write_tasks(
+    root: Path, designs: tuple[TaskDesign, ...], preset: ZooPreset, seed: int
+) -> tuple[list[dict], set[str]]:
+    """Write each task's ``validation.jsonl`` and ``test.jsonl``; return the spec dicts (paths relative to
+    `root`) and every prompt written (kept out of all training)."""
+    specs, prompts = [], set()
+    for design in designs:
+        validation, test = draw_splits(design, seed, preset.validation_size, preset.test_size)
+        folder = root / "tasks" / design.name
+        folder.mkdir(parents=True)
+        for split, records in (("validation", validation), ("test", test)):
+            with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(record) + "\n")
+                    prompts.add(record["prompt"])
+        spec = TaskSpec(
+            name=design.name,
+            type=design.type,
+            path=f"tasks/{design.name}/validation.jsonl",
+            test_path=f"tasks/{design.name}/test.jsonl",
+            max_new_tokens=design.max_new_tokens,
+        )
+        specs.append(spec.to_dict())
+    return specs, prompts
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes ``target_modules`` in set order, which changes with Python's hash seed; sort it."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _write_model_card(adapter_dir: Path, family: str, preset: ZooPreset, seed: int) -> None:
+    """Replace PEFT's boilerplate model card with what this adapter is."""
+    shape = EXPERT_LORA[family]
+    (adapter_dir / "README.md").write_text(
+        f"# evox-merge zoo expert: {family}\n\n"
+        f"A LoRA adapter (rank {shape.rank}, alpha {shape.alpha}, on {', '.join(shape.target_modules)}) of the "
+        f"evox-merge offline zoo (preset {preset.name}, seed {seed}), fine-tuned from `../../base` on the "
+        f"`{family}` task family ({preset.expert_steps} steps, {preset.replay_fraction:.0%} replay of the base "
+        "mixture). Synthetic data only; for tests and benchmarks of model merging.\n",
+        encoding="utf-8",
+    )
+
+
+def _write_specs(path: Path, specs: list[dict]) -> None:
+    path.write_text(json.dumps(specs, indent=1) + "\n", encoding="utf-8")
