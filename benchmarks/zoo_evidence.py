@@ -29,18 +29,20 @@ KEEP_MARKER = "<!-- Written by hand below this line; zoo_evidence.py keeps it wh
 CLEAR_MARGIN = 0.10  # an expert "clearly" beats the base on its own task by at least this much (test)
 
 
-def random_coefficients(num: int, num_experts: int, seed: int, keep: float) -> torch.Tensor:
-    """``(num, N)`` random merges: each coefficient is uniform in [0, 1] with probability `keep`, else 0 (every
+def random_coefficients(num: int, num_experts: int, seed: int, keep: float, high: float) -> torch.Tensor:
+    """``(num, N)`` random merges: each coefficient is uniform in [0, high] with probability `keep`, else 0 (every
     vector keeps at least one expert)."""
     generator = torch.Generator().manual_seed(seed)
-    values = torch.rand(num, num_experts, generator=generator)
+    values = high * torch.rand(num, num_experts, generator=generator)
     kept = torch.rand(num, num_experts, generator=generator) < keep
     empty = ~kept.any(dim=1)
     kept[empty, torch.randint(num_experts, (int(empty.sum()),), generator=generator)] = True
     return values * kept
 
 
-def candidate_pool(num_experts: int, num_random: int, seed: int, keep: float) -> tuple[list[str], torch.Tensor]:
+def candidate_pool(
+    num_experts: int, num_random: int, seed: int, keep: float, high: float
+) -> tuple[list[str], torch.Tensor]:
     """Names and ``(C, N)`` coefficients: base, each expert, uniform average, task arithmetic grid, random."""
     eye = torch.eye(num_experts)
     names = ["base", *[f"expert{i}" for i in range(num_experts)], "uniform"]
@@ -48,17 +50,18 @@ def candidate_pool(num_experts: int, num_random: int, seed: int, keep: float) ->
     for scale in TA_SCALES:
         names.append(f"ta{scale:g}")
         rows.append(torch.full((num_experts,), scale))
-    randoms = random_coefficients(num_random, num_experts, seed, keep)
+    randoms = random_coefficients(num_random, num_experts, seed, keep, high)
     names += [f"random{i}" for i in range(num_random)]
     return names, torch.cat([torch.stack(rows), randoms])
 
 
-def score_pool(problem: MergeProblem, pool: torch.Tensor, chunk: int, description: str) -> torch.Tensor:
-    """``(C, K)`` scores of every candidate, evaluated `chunk` candidates at a time behind a progress bar."""
-    parts = []
-    for start in tqdm(range(0, pool.shape[0], chunk), desc=description, unit="chunk"):
-        parts.append(problem.evaluate_per_task(pool[start : start + chunk]))
-    return torch.cat(parts)
+def score_pool(problem: MergeProblem, pool: torch.Tensor, rows: list[int], description: str) -> torch.Tensor:
+    """``(C, K)`` scores of the candidates `rows` of `pool` (NaN elsewhere), ten at a time behind a progress bar."""
+    scores = torch.full((pool.shape[0], len(problem.tasks)), math.nan, dtype=torch.float64)
+    for start in tqdm(range(0, len(rows), 10), desc=description, unit="x10 candidates"):
+        chunk = rows[start : start + 10]
+        scores[chunk] = problem.evaluate_per_task(pool[chunk])
+    return scores
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -68,17 +71,24 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return (x @ y).item() / denominator if denominator > 0 else math.nan
 
 
-def analyse(names: list[str], validation: torch.Tensor, test: torch.Tensor, zoo) -> dict:
-    """Per task: the baselines' validation/test scores, the picks tuned on validation, and the checks."""
+def random_search_picks(names: list[str], validation: torch.Tensor) -> list[int]:
+    """Per task, the random candidate with the best validation score (the first among ties)."""
+    random_rows = [i for i, name in enumerate(names) if name.startswith("random")]
+    return [random_rows[int(torch.argmax(validation[random_rows, k]))] for k in range(validation.shape[1])]
+
+
+def analyse(names: list[str], validation: torch.Tensor, test: torch.Tensor, zoo, correlation_rows: list[int]) -> dict:
+    """Per task: the baselines' validation/test scores, the picks tuned on validation, and the checks;
+    validation-vs-test correlations over the candidates `correlation_rows`."""
     index = {name: i for i, name in enumerate(names)}
     experts = zoo.expert_names
     ta_rows = [index[f"ta{s:g}"] for s in TA_SCALES]
-    random_rows = [i for i, name in enumerate(names) if name.startswith("random")]
+    picks = random_search_picks(names, validation)
     tasks = {}
     for k, spec in enumerate(zoo.tasks):
         group = zoo.manifest["tasks"][spec.name]["group"]
         ta_pick = ta_rows[int(torch.argmax(validation[ta_rows, k]))]  # first (smallest scale) among ties
-        random_pick = random_rows[int(torch.argmax(validation[random_rows, k]))]
+        random_pick = picks[k]
         row = {
             "group": group,
             "type": spec.type,
@@ -91,7 +101,7 @@ def analyse(names: list[str], validation: torch.Tensor, test: torch.Tensor, zoo)
             "task_arithmetic_scale": float(names[ta_pick][2:]),
             "random_search": [validation[random_pick, k].item(), test[random_pick, k].item()],
             "random_search_pick": names[random_pick],
-            "val_test_correlation": pearson(validation[random_rows, k], test[random_rows, k]),
+            "val_test_correlation": pearson(validation[correlation_rows, k], test[correlation_rows, k]),
         }
         best_expert = max(experts, key=lambda e: row["experts"][e][1])
         row["best_single_expert"] = best_expert
@@ -103,7 +113,7 @@ def analyse(names: list[str], validation: torch.Tensor, test: torch.Tensor, zoo)
             rs_test = row["random_search"][1]
             row["check"] = rs_test > row["base"][1] and rs_test > row["experts"][best_expert][1]
         tasks[spec.name] = row
-    pooled = pearson(validation[random_rows].flatten(), test[random_rows].flatten())
+    pooled = pearson(validation[correlation_rows].flatten(), test[correlation_rows].flatten())
     return {"tasks": tasks, "pooled_val_test_correlation": pooled}
 
 
@@ -129,10 +139,11 @@ def render(result: dict, context: dict) -> str:
         f"- Zoo: {context['zoo_summary']}",
         f"- Build: {context['build']}",
         f"- Splits: validation {context['n_validation']} / test {context['n_test']} examples per task. "
-        f"Evidence run: {context['candidates']} candidates x {len(tasks)} tasks x 2 splits in "
-        f"{context['eval_seconds'] / 60:.0f} min ({context['machine']}).",
-        f"- Random search: {context['num_random']} vectors, each coefficient uniform in [0, 1] with probability "
-        f"{context['keep']:g} and 0 otherwise (seed {context['random_seed']}); the vector with the best "
+        f"Evidence run: {context['candidates']} candidates on validation and {context['test_candidates']} on "
+        f"test, x {len(tasks)} tasks, in {context['eval_seconds'] / 60:.0f} min ({context['machine']}).",
+        f"- Random search: {context['num_random']} vectors, each coefficient uniform in [0, {context['high']:g}] "
+        f"with probability {context['keep']:g} and 0 otherwise (seed {context['random_seed']}); the vector with the "
+        "best "
         "**validation** score on a task is its pick, and its test score is reported. Task arithmetic: all "
         f"coefficients equal to a scale in {{{', '.join(f'{s:g}' for s in TA_SCALES)}}}, the scale chosen on "
         "validation per task. Uniform: all coefficients 1/N.",
@@ -145,7 +156,8 @@ def render(result: dict, context: dict) -> str:
         f"2. On unseen tasks, the random-search merge chosen on validation beats both the base and the best single "
         f"expert (the expert with the highest *test* score, a strict baseline) on test: **{unseen_ok}/{len(unseen)}**"
         + (" - pass (at least half)." if 2 * unseen_ok >= len(unseen) else " - FAIL (fewer than half)."),
-        "3. Validation-vs-test Pearson correlation of the random candidates' scores: pooled over tasks "
+        f"3. Validation-vs-test Pearson correlation of the scores of the first {context['test_random']} random "
+        "candidates (all of them scored on both splits): pooled over tasks "
         f"**{result['pooled_val_test_correlation']:.2f}**; per task in the last column below (median "
         f"{_median([t['val_test_correlation'] for t in tasks.values()]):.2f}).",
         "",
@@ -204,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", type=int, default=200, help="random coefficient vectors")
-    parser.add_argument("--keep", type=float, default=0.3, help="probability that a random coefficient is non-zero")
+    parser.add_argument("--keep", type=float, default=0.35, help="probability that a random coefficient is non-zero")
+    parser.add_argument("--high", type=float, default=1.25, help="non-zero random coefficients: uniform in [0, high]")
+    parser.add_argument("--test-random", type=int, default=100,
+                        help="random candidates (the first ones) also scored on test, for the correlation")
     parser.add_argument("--random-seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "zoo.md"))
@@ -216,13 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     experts = ExpertSet.load(zoo.base_dir, zoo.adapter_dirs)
     validation_problem = MergeProblem(experts, zoo.tasks, batch_size=args.batch_size)
     test_problem = MergeProblem(experts, [spec.with_split("test") for spec in zoo.tasks], batch_size=args.batch_size)
-    names, pool = candidate_pool(experts.num_experts, args.candidates, args.random_seed, args.keep)
+    names, pool = candidate_pool(experts.num_experts, args.candidates, args.random_seed, args.keep, args.high)
     start = time.perf_counter()
-    validation = score_pool(validation_problem, pool, 10, "validation")
-    test = score_pool(test_problem, pool, 10, "test")
+    validation = score_pool(validation_problem, pool, list(range(len(names))), "validation")
+    correlation_rows = [i for i, name in enumerate(names) if name.startswith("random")][: args.test_random]
+    fixed_rows = [i for i, name in enumerate(names) if not name.startswith("random")]
+    test_rows = sorted(set(fixed_rows + correlation_rows + random_search_picks(names, validation)))
+    test = score_pool(test_problem, pool, test_rows, "test")
     eval_seconds = time.perf_counter() - start
 
-    result = analyse(names, validation, test, zoo)
+    result = analyse(names, validation, test, zoo, correlation_rows)
     settings = zoo.manifest["settings"]
     size_mb = sum(p.stat().st_size for p in zoo.root.rglob("*") if p.is_file()) / 1e6
     n_params = sum(p.numel() for p in experts.model.parameters())
@@ -237,14 +255,18 @@ def main(argv: list[str] | None = None) -> None:
             f"Qwen2 base, hidden {settings['hidden_size']}, {settings['num_layers']} layers, {n_params / 1e6:.2f}M "
             f"parameters, {len(zoo.expert_names)} LoRA experts ("
             + ", ".join(_expert_shape(e, shapes[e], standard) for e in zoo.expert_names)
-            + f"; others on {'/'.join(standard)}), {len(zoo.seen_tasks)} seen + {len(zoo.unseen_tasks)} unseen tasks; {size_mb:.1f} MB on disk."
+            + f"; others on {'/'.join(standard)}), {len(zoo.seen_tasks)} seen + {len(zoo.unseen_tasks)} unseen "
+            f"tasks; {size_mb:.1f} MB on disk."
         ),
         "build": args.build_note or "see the manifest for its settings",
         "n_validation": settings["validation_size"],
         "n_test": settings["test_size"],
         "candidates": pool.shape[0],
+        "test_candidates": len(test_rows),
         "num_random": args.candidates,
+        "test_random": len(correlation_rows),
         "keep": args.keep,
+        "high": args.high,
         "random_seed": args.random_seed,
         "eval_seconds": eval_seconds,
         "machine": f"{torch.get_num_threads()} thread, torch {torch.__version__}",

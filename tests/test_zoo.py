@@ -156,7 +156,8 @@ def test_corrupted_or_missing_file_is_named_with_the_rebuild_command(zoo_copy, d
     else:
         target.unlink()
     expected = "corrupted" if damage == "truncate" else "missing"
-    with pytest.raises(ZooError, match=rf"{target}.*is {expected}.*evox-merge zoo build --out {zoo_copy} --preset micro"):
+    rebuild = f"evox-merge zoo build --out {zoo_copy} --preset micro"
+    with pytest.raises(ZooError, match=rf"{target}.*is {expected}.*{rebuild}"):
         load_zoo(zoo_copy)
     if damage == "truncate":
         build_zoo(zoo_copy, preset="micro", seed=0, progress=False)  # a broken zoo is rebuilt

@@ -7,9 +7,9 @@ import random
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
+from evox_merge.zoo.families import draw_base_mixture
 from evox_merge.zoo.lm_training import ExampleStream, train
 from evox_merge.zoo.presets import ZooPreset
-from evox_merge.zoo.families import draw_base_mixture
 
 
 def base_config(preset: ZooPreset, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
@@ -32,8 +32,9 @@ def base_config(preset: ZooPreset, tokenizer: PreTrainedTokenizerBase) -> Qwen2C
 def train_base(
     preset: ZooPreset, tokenizer: PreTrainedTokenizerBase, seed: int, held_out: set[str], progress: bool
 ) -> tuple[Qwen2ForCausalLM, float]:
-    """A base model trained for `preset.base_steps` steps on every family equally, with the families' shorter base inputs,
-    never on a prompt in `held_out`. Returns the model (eval mode) and its final training loss."""
+    """A base model trained from random initialisation for `preset.base_steps` steps on every family equally, on
+    the families' shorter base inputs, never on a prompt in `held_out`. Returns the model (eval mode) and its
+    final training loss."""
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(base_config(preset, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -82,6 +82,8 @@ def build_zoo(out_dir: str | Path | None = None, preset: str = "tiny", seed: int
     try:
         with _build_environment(progress):
             _build_into(staging, settings, seed, progress)
+        if _intact(root, preset, seed):  # another process finished the same build meanwhile
+            return root
         if root.exists():
             shutil.rmtree(root)
         os.rename(staging, root)
@@ -112,6 +114,15 @@ def _reusable(root: Path, preset: str, seed: int) -> bool:
             f"seed {seed}; choose another --out or delete it"
         )
     return True
+
+
+def _intact(root: Path, preset: str, seed: int) -> bool:
+    """True if `root` holds an intact zoo of this preset and seed (no logging, no errors)."""
+    try:
+        zoo = load_zoo(root)
+    except ZooError:
+        return False
+    return (zoo.preset, zoo.seed) == (preset, seed)
 
 
 def _remove_stale_builds(root: Path) -> None:
@@ -181,10 +192,10 @@ def _build_into(root: Path, preset: ZooPreset, seed: int, progress: bool) -> Non
         _write_model_card(adapter_dirs[-1], name, preset, seed)
         del expert
 
-    scores = base_and_expert_scores(
-        base_dir, adapter_dirs, list(FAMILIES), [TaskSpec(**{**s, "path": str(root / s["path"]), "test_path": None})
-                                                 for s in seen_specs + unseen_specs]
-    )
+    validation_specs = [
+        TaskSpec(**{**spec, "path": str(root / spec["path"]), "test_path": None}) for spec in seen_specs + unseen_specs
+    ]
+    scores = base_and_expert_scores(base_dir, adapter_dirs, list(FAMILIES), validation_specs)
     designs = {design.name: design for design in (*SEEN_TASKS, *UNSEEN_TASKS)}
     write_manifest(
         root,

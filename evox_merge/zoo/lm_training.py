@@ -14,12 +14,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 IGNORE = -100
 
 
-def answer_text(record: dict) -> str:
-    """The text a model learns to write after the prompt (the right choice of a multiple-choice record)."""
-    answer = record["answer"]
-    return record["choices"][answer] if "choices" in record else answer
-
-
 @dataclass
 class TrainingBatch:
     """Right-padded training sequences ``prompt + answer + "\\n" + EOS``.
@@ -37,8 +31,8 @@ class TrainingBatch:
 
 
 class ExampleStream:
-    """Endless training batches: each row from `draw`, or with probability `replay_fraction` from `replay_draw`;
-    never a prompt in `held_out` (the evaluation splits)."""
+    """Endless training batches of generation records ``{"prompt", "answer"}``: each row from `draw`, or with
+    probability `replay_fraction` from `replay_draw`; never a prompt in `held_out` (the evaluation splits)."""
 
     def __init__(
         self,
@@ -68,7 +62,7 @@ class ExampleStream:
         """The next `size` rows."""
         records, replay = zip(*(self._record() for _ in range(size)))
         prompts = self.tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-        answers = self.tokenizer([answer_text(r) + "\n" for r in records], add_special_tokens=False)["input_ids"]
+        answers = self.tokenizer([r["answer"] + "\n" for r in records], add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers))
         input_ids = torch.full((size, width), self.tokenizer.pad_token_id, dtype=torch.long)

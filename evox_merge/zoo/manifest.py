@@ -58,7 +58,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ZooError(f"{path} is corrupted ({error}); rebuild the zoo with: {rebuild_command(root)}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
         raise ZooError(f"{path} is not an evox-merge zoo manifest; rebuild the zoo with: {rebuild_command(root)}")
     command = rebuild_command(root, manifest.get("preset"), manifest.get("seed"))
     if manifest.get("zoo_version") != ZOO_VERSION:

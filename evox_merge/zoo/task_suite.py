@@ -105,7 +105,9 @@ UNSEEN_TASKS: tuple[TaskDesign, ...] = (
 )
 
 
-def draw_splits(design: TaskDesign, seed: int, validation_size: int, test_size: int) -> tuple[list[Record], list[Record]]:
+def draw_splits(
+    design: TaskDesign, seed: int, validation_size: int, test_size: int
+) -> tuple[list[Record], list[Record]]:
     """The task's validation and test records: distinct prompts, so no prompt is in both splits.
 
     Raises:
