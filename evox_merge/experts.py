@@ -155,23 +155,13 @@ def _check_adapter_list(paths: list[Path]) -> None:
 
 def _check_no_duplicate_weights(adapters: list[LoraAdapter]) -> None:
     """Two directories holding the same factors are the same expert twice."""
-    seen: dict[tuple, Path] = {}
-    for adapter in adapters:
-        fingerprint = tuple(
-            (module, adapter.lora_A[module].sum().item(), adapter.lora_B[module].sum().item(), adapter.scaling[module])
-            for module in adapter.modules
-        )
-        if fingerprint in seen and _same_factors(adapters, seen[fingerprint], adapter):
-            raise MergeInputError(f"duplicate expert: {adapter.path} holds the same weights as {seen[fingerprint]}")
-        seen[fingerprint] = adapter.path
-
-
-def _same_factors(adapters: list[LoraAdapter], first_path: Path, second: LoraAdapter) -> bool:
-    first = next(a for a in adapters if a.path == first_path)
-    return all(
-        torch.equal(first.lora_A[m], second.lora_A[m]) and torch.equal(first.lora_B[m], second.lora_B[m])
-        for m in second.modules
-    )
+    for index, adapter in enumerate(adapters):
+        for earlier in adapters[:index]:
+            if earlier.modules == adapter.modules and earlier.scaling == adapter.scaling and all(
+                torch.equal(earlier.lora_A[m], adapter.lora_A[m]) and torch.equal(earlier.lora_B[m], adapter.lora_B[m])
+                for m in adapter.modules
+            ):
+                raise MergeInputError(f"duplicate expert: {adapter.path} holds the same weights as {earlier.path}")
 
 
 def _base_config(base: str) -> dict | None:

@@ -109,8 +109,7 @@ def build_recipe(
                        "baseline_settings": settings},
         "search": {
             "algorithm": config.algorithm.name,
-            "algorithm_class": type(algorithm).__mro__[1].__name__ if type(algorithm).__name__ == "_SubAlgorithm"
-            else type(algorithm).__name__,
+            "algorithm_class": type(algorithm).__name__,
             "config": config.model_dump(mode="json"),
             "evaluations": len(records),
             "seed": config.seed,

@@ -197,7 +197,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     wall_seconds = elapsed_before + time.perf_counter() - start_time
     recipe = build_recipe(
         config=config, experts=experts, specs=specs, records=records, best=best, scores=scores,
-        settings=settings, adapter_info=adapter_info, algorithm=workflow.algorithm,
+        settings=settings, adapter_info=adapter_info, algorithm=algorithm,
         resources={
             "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else describe_machine()["cpu"],
             "wall_seconds": wall_seconds,
