@@ -101,6 +101,13 @@ def peft_loop(peft_model, scorer, names: list[str], pop: torch.Tensor, combinati
     return scores
 
 
+def padded_tokens(batch) -> int:
+    """Token positions a batch runs through the model (padding included)."""
+    if hasattr(batch, "choice_ids"):
+        return batch.prompt_ids.numel() + batch.choice_ids.numel()
+    return batch.input_ids.numel()
+
+
 def measure(kind: str, args, root: Path, base_dir: Path, adapter_dirs: list[Path]) -> dict:
     """Seconds per candidate of (a), (b) cat, (b) svd and (c) on one task kind; interleaved repeats."""
     spec = write_task(root, kind, args.examples, args.length, seed=1)
@@ -109,7 +116,7 @@ def measure(kind: str, args, root: Path, base_dir: Path, adapter_dirs: list[Path
     pop = torch.rand(args.population, args.experts, generator=torch.Generator().manual_seed(0)) * 0.5
     task = read_task(spec)
     scorer = build_scorer(task, experts.tokenizer, args.batch_size, "cpu")
-    rows = sum(batch.rows.numel() * batch.input_ids.shape[1] for batch in scorer.batches)
+    rows = sum(padded_tokens(batch) for batch in scorer.batches)
     base_model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir), adapter_dirs[0], adapter_name="e0"

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from evox_merge.tasks import Task
 
 IGNORE = -100
-Batch = TypeVar("Batch", "TargetBatch", "PromptBatch")
+Batch = TypeVar("Batch", "TargetBatch", "PromptBatch", "ChoiceBatch")
 
 
 @dataclass
@@ -44,6 +44,26 @@ class PromptBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass
+class ChoiceBatch:
+    """Multiple-choice examples whose prompt is run once and whose choices then continue it from the KV cache.
+
+    Attributes:
+        prompt_ids: ``(B, Lp)`` long, left-padded prompts; prompt_mask: ``(B, Lp)``; prompt_positions: ``(B, Lp)``
+            (0 at each first real token).
+        choice_ids: ``(B, C, La)`` long, each choice's tokens, right-padded (C is the most choices of any example).
+        choice_mask: ``(B, C, La)`` long, 1 on real choice tokens (all 0 for an example's missing choices).
+        rows: ``(B,)`` long, the index of each example in the task's order.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_positions: torch.Tensor
+    choice_ids: torch.Tensor
+    choice_mask: torch.Tensor
     rows: torch.Tensor
 
 
@@ -113,6 +133,40 @@ def prompt_batches(
         batches.append(
             PromptBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), torch.tensor(chunk))
         )
+    return batches
+
+
+def choice_batches(
+    examples: Sequence[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int, device: torch.device | str
+) -> list[ChoiceBatch]:
+    """Cut ``(prompt ids, [choice ids, ...])`` examples, sorted by length, into batches of at most `batch_size`
+    scored sequences (examples x choices), prompts left-padded and choices right-padded."""
+    def size(i: int) -> tuple[int, int]:
+        prompt, choices = examples[i]
+        return len(prompt), max(len(choice) for choice in choices)
+
+    order = sorted(range(len(examples)), key=size, reverse=True)
+    most_choices = max(len(choices) for _, choices in examples)
+    per_batch = max(1, batch_size // most_choices)
+    batches = []
+    for start in range(0, len(order), per_batch):
+        chunk = order[start : start + per_batch]
+        prompt_length = max(size(i)[0] for i in chunk)
+        choice_length = max(size(i)[1] for i in chunk)
+        prompt_ids = torch.full((len(chunk), prompt_length), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(chunk), prompt_length), dtype=torch.long)
+        choice_ids = torch.full((len(chunk), most_choices, choice_length), pad_id, dtype=torch.long)
+        choice_mask = torch.zeros((len(chunk), most_choices, choice_length), dtype=torch.long)
+        for b, row in enumerate(chunk):
+            prompt, choices = examples[row]
+            prompt_ids[b, prompt_length - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[b, prompt_length - len(prompt) :] = 1
+            for c, choice in enumerate(choices):
+                choice_ids[b, c, : len(choice)] = torch.tensor(choice)
+                choice_mask[b, c, : len(choice)] = 1
+        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        tensors = (prompt_ids, prompt_mask, prompt_positions, choice_ids, choice_mask)
+        batches.append(ChoiceBatch(*(t.to(device) for t in tensors), torch.tensor(chunk)))
     return batches
 
 

@@ -11,9 +11,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from evox_merge.batching import PromptBatch
 
 
-def _cache_argument(model: PreTrainedModel) -> str:
-    """The name under which this transformers version passes the KV cache (``cache`` since 5.x)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which this transformers version passes the KV cache (``cache`` since 5.x); a PEFT model
+    passes it through to its base model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -37,7 +39,7 @@ def greedy_completions(
     eos_id = tokenizer.eos_token_id
     rows = batch.input_ids.shape[0]
     attention_mask = batch.attention_mask
-    cache_argument = _cache_argument(model)
+    cache_name = cache_argument(model)
     output = model(
         input_ids=batch.input_ids,
         attention_mask=attention_mask,
@@ -70,7 +72,7 @@ def greedy_completions(
             attention_mask=attention_mask,
             position_ids=next_positions,
             use_cache=True,
-            **{cache_argument: getattr(output, cache_argument)},
+            **{cache_name: getattr(output, cache_name)},
         )
         next_positions = next_positions + 1
     return texts

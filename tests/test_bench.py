@@ -64,3 +64,23 @@ def test_bad_sweep_config_names_the_key(tmp_path):
 def test_welch_p_value():
     assert welch_p([1.0, 1.1, 0.9, 1.0], [2.0, 2.1, 1.9, 2.0]) < 1e-4
     assert welch_p([1.0, 2.0, 3.0], [1.1, 2.1, 2.9]) > 0.5
+
+
+def test_grid_restricts_single_task_searches_and_large_budget_methods(tiny_setup, tmp_path):
+    import pytest
+
+    from evox_merge.bench.cells import grid
+    from evox_merge.bench.setup import load_setup
+    from evox_merge.errors import MergeInputError
+
+    path = sweep_config(tiny_setup, tmp_path, ["base", "random", "evogm"])
+    config = load_sweep_config(path).model_copy(update={
+        "single_task_tasks": ["copy"], "large_budget_methods": ["evogm"]})
+    setup = load_setup(config.setup)
+    cells = grid(config, setup)
+    assert {c.tasks for c in cells if c.setting == "single_task_unseen"} == {("copy",)}
+    assert {c.method for c in cells if c.budget == "large"} == {"evogm"}
+    # single-task: base + 2 searches x 2 seeds; multi-task: the same + evogm x 2 seeds at the large budget
+    assert len(cells) == 5 + 5 + 2
+    with pytest.raises(MergeInputError, match="single_task_tasks: \\['choice'\\] are not unseen"):
+        grid(config.model_copy(update={"single_task_tasks": ["choice"]}), setup)

@@ -149,7 +149,7 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_setup, tiny_experts, mo
     forward = type(tiny_experts.model).forward
 
     def small_batches_only(self, input_ids=None, **kwargs):
-        if input_ids.shape[0] > 2:
+        if input_ids.shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(self, input_ids=input_ids, **kwargs)
 
@@ -159,3 +159,4 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_setup, tiny_experts, mo
     torch.testing.assert_close(halved, expected, rtol=0, atol=1e-5)
     assert "out of memory on a batch of 8 rows: halved to 4" in caplog.text
     assert max(batch.rows.numel() for scorer in problem.scorers for batch in scorer.batches) <= 2
+    assert problem.scorers[0].batches[0].rows.numel() == 1  # multiple choice: 1 example x 3 choices fits

@@ -15,6 +15,7 @@ from evox_merge import baselines
 from evox_merge.algorithms import BoundedCMAES, BoundedPSO, EvoGM, RandomSearch
 from evox_merge.bench.config import STATIC_METHODS, BudgetSpec, SetupConfig, SweepConfig
 from evox_merge.bench.setup import BenchSetup, load_setup
+from evox_merge.errors import MergeInputError
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.tasks import Task, read_task
 from evox_merge.workflow import build_workflow
@@ -38,21 +39,29 @@ class Cell:
 
 def grid(config: SweepConfig, setup: BenchSetup) -> list[Cell]:
     """Every cell of the sweep: static merges once (DARE once per seed), searches per seed and budget."""
+    single = config.single_task_tasks if config.single_task_tasks is not None else setup.unseen
+    unknown = sorted(set(single) - set(setup.unseen))
+    if unknown:
+        raise MergeInputError(f"single_task_tasks: {unknown} are not unseen tasks of the setup; "
+                              f"unseen tasks: {setup.unseen}")
     task_groups = {
-        "single_task_unseen": [(name,) for name in setup.unseen],
+        "single_task_unseen": [(name,) for name in single],
         "multi_task_unseen": [tuple(setup.unseen)],
         "multi_task_seen": [tuple(setup.seen)],
     }
+    large_methods = config.large_budget_methods if config.large_budget_methods is not None else config.methods
     cells = []
     for setting in config.settings:
-        budgets = [b for b in config.budgets if b == "paper" or setting in config.large_budget_settings]
         for tasks in task_groups[setting]:
             for method in config.methods:
                 if method in STATIC_METHODS:
                     seeds = config.seeds if method == "dare" else config.seeds[:1]
                     cells += [Cell(setting, tasks, method, seed, "paper") for seed in seeds]
-                else:
-                    cells += [Cell(setting, tasks, method, s, b) for b in budgets for s in config.seeds]
+                    continue
+                for budget in config.budgets:
+                    large = setting in config.large_budget_settings and method in large_methods
+                    if budget == "paper" or large:
+                        cells += [Cell(setting, tasks, method, seed, budget) for seed in config.seeds]
     return cells
 
 

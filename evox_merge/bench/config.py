@@ -55,6 +55,8 @@ class SweepConfig(_Strict):
     """A grid of settings x methods x seeds x budgets, all searches of a budget getting the same evaluations.
 
     ``evogm_params`` go to EvoGM and its ablations (e.g. ``train_steps``); the budget fixes P, R and T.
+    Budgets other than ``paper`` run in ``large_budget_settings`` for ``large_budget_methods`` (default: every
+    search method); ``single_task_unseen`` searches each of ``single_task_tasks`` (default: every unseen task).
     """
 
     setup: SetupConfig = Field(default_factory=SetupConfig)
@@ -63,6 +65,8 @@ class SweepConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     budgets: dict[str, BudgetSpec] = Field(default_factory=lambda: {"paper": BudgetSpec()})
     large_budget_settings: list[str] = Field(default_factory=lambda: ["multi_task_unseen"])
+    large_budget_methods: list[str] | None = None
+    single_task_tasks: list[str] | None = None
     evogm_params: dict = Field(default_factory=dict)
     max_validation_examples: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -74,6 +78,9 @@ class SweepConfig(_Strict):
         unknown = sorted(set(self.methods) - set(STATIC_METHODS) - set(SEARCH_METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {[*STATIC_METHODS, *SEARCH_METHODS]}")
+        misplaced = sorted(set(self.large_budget_methods or []) - set(SEARCH_METHODS))
+        if misplaced:
+            raise ValueError(f"large_budget_methods must be search methods {list(SEARCH_METHODS)}; got {misplaced}")
         if "paper" not in self.budgets:
             raise ValueError("budgets must define 'paper' (the budget every setting runs)")
         return self

@@ -1,0 +1,56 @@
+"""Multiple-choice scoring continues each prompt's KV cache; it must equal scoring every full sequence."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from evox_merge.scoring import MultipleChoiceScorer
+from evox_merge.tasks import TaskSpec, read_task
+
+
+def full_sequence_logprob(model, tokenizer, prompt: str, choice: str) -> float:
+    """The reference: one unpadded forward pass of prompt + choice, summing the choice tokens' log-probabilities."""
+    context = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    scored = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context + scored])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(logprobs[len(context) - 1 + j, token].item() for j, token in enumerate(scored))
+
+
+@pytest.fixture()
+def ragged_task(tmp_path):
+    """Prompts and choices of many lengths, and examples with 2, 3 or 4 choices."""
+    words = ["ab", "hello", "xyzzy", "a", "merge", "evolution", "q", "tiny"]
+    records = [
+        {"prompt": f"pick {w}:", "choices": [w, w[::-1] + "!", w.upper() * 2, "z"][: 2 + i % 3], "answer": i % 2}
+        for i, w in enumerate(words)
+    ]
+    path = tmp_path / "ragged.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return read_task(TaskSpec(name="ragged", type="multiple_choice", path=str(path)))
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_cached_prompt_scoring_equals_full_sequences(tiny_experts, ragged_task, batch_size):
+    model, tokenizer = tiny_experts.model, tiny_experts.tokenizer
+    scorer = MultipleChoiceScorer(ragged_task, tokenizer, batch_size, "cpu")
+    ours = scorer.choice_logprobs(model)
+    for index, record in enumerate(ragged_task.records):
+        choices = record["choices"]
+        reference = [full_sequence_logprob(model, tokenizer, record["prompt"], c) for c in choices]
+        torch.testing.assert_close(ours[index, : len(choices)], torch.tensor(reference, dtype=torch.float64),
+                                   rtol=0, atol=1e-4)
+        assert torch.all(ours[index, len(choices):] == -math.inf)
+
+
+def test_accuracy_is_argmax_of_the_real_choices(tiny_experts, ragged_task):
+    model, tokenizer = tiny_experts.model, tiny_experts.tokenizer
+    scorer = MultipleChoiceScorer(ragged_task, tokenizer, 5, "cpu")
+    hits = 0
+    for record in ragged_task.records:
+        scores = [full_sequence_logprob(model, tokenizer, record["prompt"], c) for c in record["choices"]]
+        hits += max(range(len(scores)), key=scores.__getitem__) == record["answer"]
+    assert scorer.score(model) == pytest.approx(hits / len(ragged_task.records))
