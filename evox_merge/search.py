@@ -188,7 +188,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     best = max(finite, key=lambda r: r["fitness"])
     coefficients = torch.tensor(best["coefficients"])
 
-    scores, settings = evaluate_release(problem, specs, coefficients, config)
+    scores, settings = evaluate_release(problem, specs, coefficients, config, progress=progress == "bar")
     (out / "best").mkdir(exist_ok=True)
     adapter_info = write_lora_adapter(experts, coefficients, out / "best" / "adapter", config.release.adapter_rank)
     if config.release.full_model:

@@ -13,7 +13,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from evox_merge.bench.cells import Cell, grid, run_cell
-from evox_merge.bench.config import SweepConfig, load_sweep_config
+from evox_merge.bench.config import STATIC_METHODS, SweepConfig, load_sweep_config
 from evox_merge.bench.report import write_report
 from evox_merge.bench.setup import load_setup
 from evox_merge.machine import machine_markdown
@@ -58,14 +58,23 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Pat
                 _append(handle, run_cell(cell, config), bar)
         else:
             context = multiprocessing.get_context("spawn")
+            longest_first = sorted(todo, key=lambda cell: _relative_cost(cell, config), reverse=True)
             with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-                futures = [pool.submit(run_cell, cell, config) for cell in todo]
+                futures = [pool.submit(run_cell, cell, config) for cell in longest_first]
                 for future in as_completed(futures):
                     _append(handle, future.result(), bar)
     bar.close()
     wanted = {cell.key for cell in cells}
     rows = [row for key, row in _finished(rows_path).items() if key in wanted]
     return write_report(rows, config.methods, out, _preamble(config, setup, time.perf_counter() - started))
+
+
+def _relative_cost(cell: Cell, config: SweepConfig) -> int:
+    """Tasks x evaluations of a cell (static merges count as one population), to hand out long cells first so
+    that workers finish together."""
+    budget = config.budgets[cell.budget]
+    generations = 1 if cell.method in STATIC_METHODS else budget.rounds * (budget.iterations + 1)
+    return len(cell.tasks) * generations
 
 
 def _append(handle, row: dict, bar) -> None:
