@@ -57,7 +57,8 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS, else 0 (padding is always masked)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return candidate
@@ -80,7 +81,7 @@ class LanguageModelScorer:
         self.task = task
         sequences = scored_sequences(task, tokenizer)
         _check_scored_rows(task, sequences)
-        self.batches = target_batches(sequences, _pad_id(tokenizer), batch_size, device)
+        self.batches = target_batches(sequences, pad_token_id(tokenizer), batch_size, device)
 
     @torch.no_grad()
     def score(self, model: PreTrainedModel) -> float:
@@ -104,6 +105,9 @@ class MultipleChoiceScorer:
 
     Each prompt runs through the model once; its KV cache is then repeated for the example's choices, which are
     scored in one more forward pass (about half the tokens of scoring every prompt + choice sequence in full).
+
+    Attributes:
+        real_choices: ``(examples, most choices)`` bool, which entries of `choice_logprobs` are real choices.
     """
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device) -> None:
@@ -114,10 +118,11 @@ class MultipleChoiceScorer:
             choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
             _check_scored_rows(task, [(prompt + choice, len(prompt)) for choice in choices])
             examples.append((prompt, choices))
-        self.batches = choice_batches(examples, _pad_id(tokenizer), batch_size, device)
-        self._choices = [len(record["choices"]) for record in task.records]
+        self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device)
+        choices = torch.tensor([len(record["choices"]) for record in task.records])
         self._answers = torch.tensor([record["answer"] for record in task.records])
-        most = max(self._choices)
+        most = int(choices.max())
+        self.real_choices = torch.arange(most) < choices.unsqueeze(1)
         self._choice_chars = torch.ones(len(task.records), most, dtype=torch.float64)
         for index, record in enumerate(task.records):
             self._choice_chars[index, : len(record["choices"])] = torch.tensor(
@@ -161,8 +166,7 @@ class MultipleChoiceScorer:
         """The task's accuracy for the model's current weights; NaN if any choice's log-probability is not
         finite."""
         logprobs = self.choice_logprobs(model)
-        real = torch.arange(logprobs.shape[1]) < torch.tensor(self._choices).unsqueeze(1)
-        if not torch.isfinite(logprobs[real]).all():
+        if not torch.isfinite(logprobs[self.real_choices]).all():
             return math.nan
         if self.task.spec.metric == "accuracy_norm":
             logprobs = logprobs / self._choice_chars
@@ -179,7 +183,7 @@ class GenerationScorer:
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing")
-        self.batches = prompt_batches(prompts, _pad_id(tokenizer), batch_size, device)
+        self.batches = prompt_batches(prompts, pad_token_id(tokenizer), batch_size, device)
         self.answers = [normalize_answer(record["answer"]) for record in task.records]
 
     def completions(self, model: PreTrainedModel) -> list[str] | None:
