@@ -49,6 +49,9 @@ def test_sweep_runs_every_cell_with_equal_budgets_and_resumes(tiny_setup, tmp_pa
     before = (tmp_path / "out" / "rows.jsonl").read_text()
     run_sweep(path, progress=False)
     assert (tmp_path / "out" / "rows.jsonl").read_text() == before  # nothing reran
+    timing = (tmp_path / "out" / "timing.jsonl").read_text().splitlines()
+    assert len(timing) == 1 and json.loads(timing[0])["cells"] == len(rows)  # the resume ran nothing, timed nothing
+    assert "Cost per run" in results.read_text() and f"{len(rows)} cells in" in results.read_text()
 
 
 def test_bad_sweep_config_names_the_key(tmp_path):

@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import time
+from datetime import datetime, timezone
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from evox_merge.machine import machine_markdown
 
 logger = logging.getLogger(__name__)
 ROWS_NAME = "rows.jsonl"
+TIMING_NAME = "timing.jsonl"
 
 
 def _finished(path: Path) -> dict[str, dict]:
@@ -64,9 +66,14 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Pat
                 for future in as_completed(futures):
                     _append(handle, future.result(), bar)
     bar.close()
+    if todo:
+        with open(out / TIMING_NAME, "a") as handle:
+            handle.write(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     "cells": len(todo), "seconds": time.perf_counter() - started,
+                                     "workers": config.workers}) + "\n")
     wanted = {cell.key for cell in cells}
     rows = [row for key, row in _finished(rows_path).items() if key in wanted]
-    return write_report(rows, config.methods, out, _preamble(config, setup, time.perf_counter() - started))
+    return write_report(rows, config.methods, out, _preamble(config, setup, _invocations(out / TIMING_NAME)))
 
 
 def _relative_cost(cell: Cell, config: SweepConfig) -> int:
@@ -77,13 +84,27 @@ def _relative_cost(cell: Cell, config: SweepConfig) -> int:
     return len(cell.tasks) * generations
 
 
+def _timing_summary(invocations: list[dict]) -> str:
+    if not invocations:
+        return "no recorded time (timing.jsonl is missing)"
+    minutes = sum(entry["seconds"] for entry in invocations) / 60
+    parts = ", ".join(f"{e['cells']} cells in {e['seconds'] / 60:.1f} min with {e['workers']} worker processes on "
+                      f"{e['date'][:10]}" for e in invocations)
+    return f"{minutes:.1f} minutes in all ({parts}; from timing.jsonl)"
+
+
 def _append(handle, row: dict, bar) -> None:
     handle.write(json.dumps(row) + "\n")
     handle.flush()
     bar.update(1)
 
 
-def _preamble(config: SweepConfig, setup, seconds: float) -> str:
+def _invocations(path: Path) -> list[dict]:
+    """The timing.jsonl entries: one per invocation of the sweep that ran cells."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _preamble(config: SweepConfig, setup, invocations: list[dict]) -> str:
     budgets = ", ".join(
         f"`{name}`: P = {b.pop_per_expert}N = {b.pop_per_expert * setup.experts.num_experts}, "
         f"{b.rounds * (b.iterations + 1)} generations = "
@@ -96,8 +117,8 @@ def _preamble(config: SweepConfig, setup, seconds: float) -> str:
 {setup.experts.num_experts} experts; seen tasks {setup.seen}; unseen tasks {setup.unseen}.
 Budgets per search: {budgets}. Seeds {config.seeds}. Validation examples per task:
 {config.max_validation_examples or "all"}. Static merges are tuned on validation too (best single expert, task
-arithmetic / TIES / DARE scaling from a grid). This run of the sweep took {seconds / 60:.1f} minutes with
-{config.workers} worker processes (cells already in rows.jsonl were not rerun). Exact config: `config.yaml`.
+arithmetic / TIES / DARE scaling from a grid). Running the cells took {_timing_summary(invocations)}.
+Exact config: `config.yaml`.
 
 Machine:
 {machine_markdown()}
