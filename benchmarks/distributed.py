@@ -49,11 +49,7 @@ def run(config: dict, root: Path, name: str, processes: int, threads: int) -> di
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     records = read_records(root / name / "records.jsonl")
-    generations: dict[int, float] = {}
-    for record in records:
-        generations[record["generation"]] = record["seconds"] * sum(
-            1 for r in records if r["generation"] == record["generation"])
-    evaluation_seconds = sum(generations.values())
+    evaluation_seconds = sum(record["seconds"] for record in records)  # each candidate's share of its population
     return {"name": name, "processes": processes, "threads": threads, "evaluations": len(records),
             "evaluation_seconds": evaluation_seconds, "wall_seconds": wall,
             "fitness": [r["fitness"] for r in records]}

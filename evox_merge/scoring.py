@@ -133,7 +133,7 @@ class MultipleChoiceScorer:
     def choice_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
         """``(examples, most choices)`` float64: each choice's summed log-probability given its prompt under the
         model's current weights (-inf where an example has fewer choices)."""
-        logprobs = torch.full(self._choice_chars.shape, -math.inf, dtype=torch.float64)
+        logprobs = torch.empty(self._choice_chars.shape, dtype=torch.float64)
         cache_name = cache_argument(model)
 
         def run(batch) -> None:
@@ -155,12 +155,11 @@ class MultipleChoiceScorer:
             # Token 0 of a choice is predicted by the prompt's last position, token j by the choice's position j-1.
             logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(choices, dim=0), continued.logits[:, :-1]], 1)
             picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, choice_ids.unsqueeze(-1)).squeeze(-1)
-            summed = torch.where(choice_mask.bool(), picked, 0.0).double().sum(-1).cpu().view(rows, choices)
-            real = batch.choice_mask.any(-1).cpu()
-            logprobs[batch.rows] = torch.where(real, summed, -math.inf)
+            summed = torch.where(choice_mask.bool(), picked, 0.0).double().sum(-1)
+            logprobs[batch.rows] = summed.cpu().view(rows, choices)
 
         run_batches(self.batches, run)
-        return logprobs
+        return logprobs.masked_fill(~self.real_choices, -math.inf)
 
     def score(self, model: PreTrainedModel) -> float:
         """The task's accuracy for the model's current weights; NaN if any choice's log-probability is not

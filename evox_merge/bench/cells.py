@@ -70,7 +70,7 @@ def build_search_algorithm(
 ) -> tuple[Algorithm, int]:
     """The algorithm for a search method and how many generations the budget gives every method."""
     pop_size = budget.pop_per_expert * num_experts
-    generations = budget.rounds * (budget.iterations + 1)
+    generations = budget.generations
     common = {"pop_size": pop_size, "seed": seed}
     evogm = {**(evogm_params or {}), "num_rounds": budget.rounds, "iterations_per_round": budget.iterations, **common}
     algorithms = {

@@ -50,6 +50,11 @@ class BudgetSpec(_Strict):
     rounds: int = Field(default=2, ge=1)
     iterations: int = Field(default=3, ge=1)
 
+    @property
+    def generations(self) -> int:
+        """Generations every search method gets: EvoGM's R rounds of 1 initial + T generated populations."""
+        return self.rounds * (self.iterations + 1)
+
 
 class SweepConfig(_Strict):
     """A grid of settings x methods x seeds x budgets, all searches of a budget getting the same evaluations.

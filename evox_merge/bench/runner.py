@@ -80,7 +80,7 @@ def _relative_cost(cell: Cell, config: SweepConfig) -> int:
     """Tasks x evaluations of a cell (static merges count as one population), to hand out long cells first so
     that workers finish together."""
     budget = config.budgets[cell.budget]
-    generations = 1 if cell.method in STATIC_METHODS else budget.rounds * (budget.iterations + 1)
+    generations = 1 if cell.method in STATIC_METHODS else budget.generations
     return len(cell.tasks) * generations
 
 
@@ -107,8 +107,8 @@ def _invocations(path: Path) -> list[dict]:
 def _preamble(config: SweepConfig, setup, invocations: list[dict]) -> str:
     budgets = ", ".join(
         f"`{name}`: P = {b.pop_per_expert}N = {b.pop_per_expert * setup.experts.num_experts}, "
-        f"{b.rounds * (b.iterations + 1)} generations = "
-        f"{b.pop_per_expert * setup.experts.num_experts * b.rounds * (b.iterations + 1)} evaluations "
+        f"{b.generations} generations = "
+        f"{b.pop_per_expert * setup.experts.num_experts * b.generations} evaluations "
         f"(EvoGM: {b.rounds} rounds x {b.iterations} iterations)"
         for name, b in config.budgets.items()
     )

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-IGNORE = -100
+from evox_merge.batching import IGNORE
 
 
 @dataclass
