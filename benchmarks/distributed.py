@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from evox_merge.machine import machine_markdown
-from evox_merge.records import read_records
-from evox_merge.zoo_search import zoo_search_config
+from evox_merge.util.machine import machine_markdown
+from evox_merge.run.monitor import read_records
+from evox_merge.run.zoo_search import zoo_search_config
 
 
 def _free_port() -> int:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from evox_merge.batching import IGNORE, scored_sequences, target_batches
+from evox_merge.tasks.batching import IGNORE, scored_sequences, target_batches
 from evox_merge.experts import ExpertSet
-from evox_merge.machine import machine_markdown
-from evox_merge.scoring import MultipleChoiceScorer, pad_token_id
+from evox_merge.util.machine import machine_markdown
+from evox_merge.tasks.scoring import MultipleChoiceScorer, pad_token_id
 from evox_merge.tasks import read_task
 from evox_merge.zoo import build_zoo, load_zoo
 
@@ -74,7 +74,7 @@ Command: `python -m benchmarks.mc_scoring --preset {args.preset} --repeats {args
 Every multiple-choice task of the `{args.preset}` zoo (test split), scored with the base model both ways in one
 process, repeats interleaved; median seconds. *Full*: every prompt + choice row through the model (what the
 scorer did before). *Cached*: each prompt once, its KV cache repeated for the choices, the choices in one more
-pass (`evox_merge.scoring.MultipleChoiceScorer`). The last column is the largest difference between the two
+pass (`evox_merge.tasks.scoring.MultipleChoiceScorer`). The last column is the largest difference between the two
 ways' per-choice log-likelihoods.
 
 | task | examples x choices | full s | cached s | speed-up | max abs difference |

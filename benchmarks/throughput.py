@@ -23,11 +23,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from evox_merge.machine import machine_markdown
-from evox_merge.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from evox_merge.util.machine import machine_markdown
+from evox_merge.zoo.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from evox_merge.experts import ExpertSet
 from evox_merge.problems.merge_problem import MergeProblem
-from evox_merge.scoring import build_scorer
+from evox_merge.tasks.scoring import build_scorer
 from evox_merge.tasks import TaskSpec, read_task
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

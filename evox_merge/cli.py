@@ -1,4 +1,4 @@
-"""The `evox-merge` command: search, apply, evaluate, zoo build."""
+"""The `evox-merge` command: search, apply, evaluate, algorithms, bench, zoo build."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import logging
 import sys
 from pathlib import Path
 
-from evox_merge.errors import EvoxMergeError
+from evox_merge.util.errors import EvoxMergeError
 
 
 def _search(args: argparse.Namespace) -> None:
-    from evox_merge.search import run_search
+    from evox_merge.run.search import run_search
 
     if (args.config is None) == (not args.zoo):
         raise EvoxMergeError("give a CONFIG file or --zoo (the default search on the offline zoo), not both")
     progress = "quiet" if args.quiet else "json" if args.json else "bar"
     if args.zoo:
-        from evox_merge.zoo_search import zoo_search_config
+        from evox_merge.run.zoo_search import zoo_search_config
 
         config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset, seed=args.seed)
     else:
-        from evox_merge.config import load_config
+        from evox_merge.run.config import load_config
 
         config = load_config(args.config)
         if args.out is not None:
@@ -55,7 +55,7 @@ def _apply(args: argparse.Namespace) -> None:
     import torch
 
     from evox_merge.experts import ExpertSet
-    from evox_merge.release import write_full_model, write_lora_adapter
+    from evox_merge.run.release import write_full_model, write_lora_adapter
 
     if args.run is not None:
         recipe = json.loads(Path(args.run, "recipe.json").read_text())
@@ -78,7 +78,7 @@ def _apply(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from evox_merge.evaluate import evaluate_model
+    from evox_merge.run.evaluate import evaluate_model
 
     scores = evaluate_model(args.model, args.tasks, adapter=args.adapter, split=args.split,
                             batch_size=args.batch_size)
@@ -86,10 +86,21 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from evox_merge.bench.runner import run_sweep
-
+    try:  # the sweep runner lives in the repository's benchmarks/, not in the installed package
+        from benchmarks.sweep.runner import run_sweep
+    except ImportError as error:
+        raise EvoxMergeError(f"the benchmark sweep runs from a checkout of the evox-merge repository (its "
+                             f"benchmarks/ folder) with the bench extra installed: {error}") from None
     path = run_sweep(args.config, progress=not args.quiet)
     print(f"sweep results in {path}")
+
+
+def _algorithms(args: argparse.Namespace) -> None:
+    from evox_merge.run.registry import ALGORITHMS
+
+    for entry in ALGORITHMS.values():
+        print(f"{entry.name:<24}{entry.description}")
+    print(f"{'<module.Class>':<24}any EvoX Algorithm by import path, e.g. evox.algorithms.DE")
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
@@ -142,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="sweep config (YAML)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(handler=_bench)
+
+    algorithms = commands.add_parser("algorithms", help="list the search algorithms algorithm.name accepts")
+    algorithms.set_defaults(handler=_algorithms)
 
     zoo = commands.add_parser("zoo", help="the offline model zoo")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evox_merge.experts import ExpertSet
-from evox_merge.tiny import TinySetup, build_tiny_setup
+from tiny_models import TinySetup, build_tiny_setup
 
 
 @pytest.fixture(scope="session", autouse=True)

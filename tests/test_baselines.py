@@ -2,7 +2,8 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from evox_merge import baselines
+from evox_merge.experts.kernel import dense_task_vectors
+from evox_merge.problems import static_merges as baselines
 from evox_merge.problems.merge_problem import MergeProblem
 
 
@@ -25,7 +26,7 @@ def test_linear_baselines_pick_the_best_candidate(problem):
 def test_ties_equals_peft_merge_utils_and_scores_through_the_problem(problem):
     merge = baselines.dense_merge(problem, "ties", density=0.3, scalings=(0.4,))
     layer = "model.layers.0.self_attn.q_proj"
-    task_vectors = list(problem.experts.layers[layer].dense_task_vectors(4))
+    task_vectors = list(dense_task_vectors(problem.experts.layers[layer], 4))
     expected = merge_utils.ties(task_vectors, torch.full((4,), 0.4), 0.3)
     torch.testing.assert_close(merge.deltas[layer], expected)
     torch.testing.assert_close(merge.score(problem), merge.validation_scores)
@@ -42,6 +43,11 @@ def test_dare_is_seeded_and_leaves_global_rng_alone(problem):
     assert not torch.equal(first.deltas[layer], other.deltas[layer])
 
 
-def test_static_baselines_cover_every_method(problem):
-    names = [merge.name for merge in baselines.static_baselines(problem, scalings=(0.5,))]
-    assert names == ["base", "best_single", "model_soup", "task_arithmetic", "ties", "dare_ties"]
+def test_every_static_merge_is_tuned_on_the_problem_and_rescores_to_its_fitness(problem):
+    for name in baselines.STATIC_MERGES:
+        merge = baselines.tune_static_merge(name, problem, seed=1)
+        assert merge.name in (name, "dare_ties")
+        rescored = float(problem.aggregate(merge.score(problem).unsqueeze(0))[0])
+        assert rescored == pytest.approx(merge.fitness, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown static merge"):
+        baselines.tune_static_merge("soup", problem)

@@ -4,9 +4,9 @@ import json
 
 import yaml
 
-from evox_merge.bench.config import load_sweep_config
-from evox_merge.bench.report import welch_p
-from evox_merge.bench.runner import run_sweep
+from benchmarks.sweep.config import load_sweep_config
+from benchmarks.sweep.report import welch_p
+from benchmarks.sweep.runner import run_sweep
 
 
 def sweep_config(setup, tmp_path, methods, seeds=(0, 1)):
@@ -57,7 +57,7 @@ def test_sweep_runs_every_cell_with_equal_budgets_and_resumes(tiny_setup, tmp_pa
 def test_bad_sweep_config_names_the_key(tmp_path):
     import pytest
 
-    from evox_merge.errors import MergeInputError
+    from evox_merge.util.errors import MergeInputError
 
     (tmp_path / "bad.yaml").write_text("methods: [evogm, hillclimb]\nseedz: [1]\n")
     with pytest.raises(MergeInputError, match=r"seedz: unknown key.*|.*hillclimb.*"):
@@ -72,9 +72,9 @@ def test_welch_p_value():
 def test_grid_restricts_single_task_searches_and_large_budget_methods(tiny_setup, tmp_path):
     import pytest
 
-    from evox_merge.bench.cells import grid
-    from evox_merge.bench.setup import load_setup
-    from evox_merge.errors import MergeInputError
+    from benchmarks.sweep.cells import grid
+    from benchmarks.sweep.setup import load_setup
+    from evox_merge.util.errors import MergeInputError
 
     path = sweep_config(tiny_setup, tmp_path, ["base", "random", "evogm"])
     config = load_sweep_config(path).model_copy(update={

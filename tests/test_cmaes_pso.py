@@ -55,7 +55,7 @@ def test_wrappers_drive_a_10d_sphere_below_1e_8_within_300_generations(algorithm
 
 
 def test_upstream_pso_velocity_cannot_go_negative_when_lb_is_zero():
-    # The bug the wrapper fixes (EVOX_NOTES.md); if this starts failing, upstream fixed it.
+    # The bug the wrapper fixes (docs/evox.md); if this starts failing, upstream fixed it.
     torch.manual_seed(0)
     upstream = PSO(20, torch.zeros(4), torch.ones(4))
     sphere = SmoothLandscape(4, condition_number=1.0, optimum=torch.full((4,), 0.5))

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from evox_merge.records import read_records
-from evox_merge.search import run_search
-from evox_merge.workflow import _gather_rows
+from evox_merge.run.monitor import read_records
+from evox_merge.run.search import run_search
+from evox_merge.run.workflow import _gather_rows
 
 FAST_EVOGM = {"train_steps": 10, "hidden_sizes": [16, 16, 16, 16, 16], "num_rounds": 2, "iterations_per_round": 1}
 

@@ -6,10 +6,11 @@ import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import Qwen2ForCausalLM
 
-from evox_merge.char_tokenizer import build_char_tokenizer
-from evox_merge.errors import MergeInputError
+from evox_merge.experts.kernel import dense_task_vectors, merged_delta
+from evox_merge.zoo.char_tokenizer import build_char_tokenizer
+from evox_merge.util.errors import MergeInputError
 from evox_merge.experts import ExpertSet
-from evox_merge.tiny import tiny_config
+from tiny_models import tiny_config
 
 
 def copy_adapter(source, target):
@@ -26,9 +27,9 @@ def test_stacked_factors_match_each_expert(tiny_setup, tiny_experts):
     adapter = tiny_experts.adapters[2]
     scaling = 4 / 2**0.5  # rsLoRA: alpha / sqrt(r)
     expected = scaling * adapter.lora_B[layer] @ adapter.lora_A[layer]
-    delta = factors.delta(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    delta = merged_delta(factors, torch.tensor([0.0, 0.0, 1.0, 0.0]))
     torch.testing.assert_close(delta, expected)
-    dense = factors.dense_task_vectors(4)
+    dense = dense_task_vectors(factors, 4)
     assert dense.shape == (4, 64, 64) and torch.count_nonzero(dense[3]) == 0
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from evox_merge.scoring import MultipleChoiceScorer
+from evox_merge.tasks.scoring import MultipleChoiceScorer, build_scorer
 from evox_merge.tasks import TaskSpec, read_task
 
 
@@ -54,3 +54,22 @@ def test_accuracy_is_argmax_of_the_real_choices(tiny_experts, ragged_task):
         scores = [full_sequence_logprob(model, tokenizer, record["prompt"], c) for c in record["choices"]]
         hits += max(range(len(scores)), key=scores.__getitem__) == record["answer"]
     assert scorer.score(model) == pytest.approx(hits / len(ragged_task.records))
+
+
+def test_language_modelling_score_is_minus_the_mean_token_nll_of_unpadded_texts(tiny_experts, tmp_path):
+    texts = ["a short line", "a somewhat longer line of text to score", "xy", "merge the experts, then score"]
+    path = tmp_path / "lm.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    task = read_task(TaskSpec(name="lm", type="language_modeling", path=str(path)))
+    model, tokenizer = tiny_experts.model, tiny_experts.tokenizer
+    total, count = 0.0, 0
+    for text in texts:  # reference: one unpadded forward pass per text, every token after the first scored
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        total += sum(logprobs[j - 1, ids[j]].item() for j in range(1, len(ids)))
+        count += len(ids) - 1
+    for batch_size in (1, 3):
+        score = build_scorer(task, tokenizer, batch_size, "cpu").score(model)
+        assert score == pytest.approx(total / count, abs=1e-5)
+    assert score < 0

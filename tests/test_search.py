@@ -14,11 +14,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from evox_merge.cli import main
-from evox_merge.config import load_config
-from evox_merge.errors import MergeInputError
-from evox_merge.evaluate import evaluate_model
-from evox_merge.records import read_records
-from evox_merge.search import run_search
+from evox_merge.run.config import load_config
+from evox_merge.util.errors import MergeInputError
+from evox_merge.run.evaluate import evaluate_model
+from evox_merge.run.monitor import read_records
+from evox_merge.run.search import run_search
 
 FAST_EVOGM = {"train_steps": 10, "hidden_sizes": [16, 16, 16, 16, 16], "num_rounds": 2, "iterations_per_round": 2}
 
@@ -71,7 +71,7 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["best"]["coefficients"] == result.best_coefficients
     assert len(recipe["experts"]) == 4 and all(len(e["sha256"]) == 64 for e in recipe["experts"])
-    assert recipe["search"]["evaluations"] == 24 and len(recipe["search"]["round_bases"]) == 2
+    assert recipe["search"]["evaluations"] == 24 and len(recipe["search"]["algorithm_facts"]["round_bases"]) == 2
     assert {"release", "base", "best_single", "task_arithmetic"} <= set(recipe["evaluation"]["scores"])
     kinds = {node["kind"] for node in recipe["lineage"]["nodes"]}
     assert kinds == {"expert", "basis vector", "release"}

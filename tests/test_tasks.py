@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from evox_merge.errors import TaskFormatError
+from evox_merge.util.errors import TaskFormatError
 from evox_merge.tasks import TaskSpec, load_task_specs, read_task
 
 

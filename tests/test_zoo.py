@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import evox_merge.zoo.build as zoo_build
-from evox_merge.errors import ZooError
+from evox_merge.util.errors import ZooError
 from evox_merge.experts import ExpertSet
 from evox_merge.tasks import load_task_specs, read_task
 from evox_merge.zoo import PRESETS, build_zoo, default_zoo_dir, load_zoo

@@ -28,8 +28,8 @@ import tokenizers
 import torch
 import transformers
 
-from evox_merge.char_tokenizer import build_char_tokenizer
-from evox_merge.errors import ZooError
+from evox_merge.zoo.char_tokenizer import build_char_tokenizer
+from evox_merge.util.errors import ZooError
 from evox_merge.tasks import TaskSpec
 from evox_merge.zoo.base_training import train_base
 from evox_merge.zoo.expert_training import train_expert

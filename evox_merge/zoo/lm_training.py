@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evox_merge.batching import IGNORE
+from evox_merge.tasks.batching import IGNORE
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evox_merge.errors import TaskFormatError, ZooError
+from evox_merge.util.errors import TaskFormatError, ZooError
 from evox_merge.tasks import TaskSpec, load_task_specs
 from evox_merge.zoo.manifest import read_manifest, rebuild_command, verify_files
 

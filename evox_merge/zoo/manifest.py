@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evox_merge.errors import ZooError
-from evox_merge.hashing import file_sha256
+from evox_merge.util.errors import ZooError
+from evox_merge.util.hashing import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "evox-merge-zoo"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from evox_merge.errors import ZooError
+from evox_merge.util.errors import ZooError
 
 STANDARD_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
 

@@ -1,0 +1,108 @@
+"""The sweep config: which merging setup, settings, methods, seeds and budgets a benchmark sweep runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from evox_merge.problems.static_merges import STATIC_MERGES
+from evox_merge.run.registry import algorithm_names
+from evox_merge.util.errors import MergeInputError
+from evox_merge.util.strict import StrictModel as _Strict
+from evox_merge.util.strict import format_validation_errors
+
+SETTINGS = ("single_task_unseen", "multi_task_unseen", "multi_task_seen")
+STATIC_METHODS = tuple(STATIC_MERGES)  # every static merge the library knows
+SEARCH_METHODS = tuple(algorithm_names())  # every registered search algorithm
+
+
+class SetupConfig(_Strict):
+    """Where the base, experts and tasks come from: the offline zoo (``zoo_preset``) or explicit paths."""
+
+    zoo_preset: str | None = "tiny"
+    zoo_seed: int = 0
+    zoo_dir: str | None = None
+    base: str | None = None
+    experts: list[str] | None = None
+    seen_tasks: str | None = None
+    unseen_tasks: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SetupConfig":
+        explicit = [self.base, self.experts, self.seen_tasks, self.unseen_tasks]
+        if any(value is not None for value in explicit):
+            if any(value is None for value in explicit):
+                raise ValueError("explicit setups need all of base, experts, seen_tasks and unseen_tasks")
+        return self
+
+
+class BudgetSpec(_Strict):
+    """A budget relative to the paper's: P = pop_per_expert * N, EvoGM's R rounds of T iterations, and
+    (R * (T + 1)) generations of P evaluations for every search method."""
+
+    pop_per_expert: int = Field(default=2, ge=1)
+    rounds: int = Field(default=2, ge=1)
+    iterations: int = Field(default=3, ge=1)
+
+    @property
+    def generations(self) -> int:
+        """Generations every search method gets: EvoGM's R rounds of 1 initial + T generated populations."""
+        return self.rounds * (self.iterations + 1)
+
+
+class SweepConfig(_Strict):
+    """A grid of settings x methods x seeds x budgets, all searches of a budget getting the same evaluations.
+
+    ``evogm_params`` go to EvoGM and its ablations (e.g. ``train_steps``); the budget fixes P, R and T.
+    Budgets other than ``paper`` run in ``large_budget_settings`` for ``large_budget_methods`` (default: every
+    search method); ``single_task_unseen`` searches each of ``single_task_tasks`` (default: every unseen task).
+    """
+
+    setup: SetupConfig = Field(default_factory=SetupConfig)
+    settings: list[Literal["single_task_unseen", "multi_task_unseen", "multi_task_seen"]] = list(SETTINGS)
+    methods: list[str] = Field(default_factory=lambda: [*STATIC_METHODS, *SEARCH_METHODS])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    budgets: dict[str, BudgetSpec] = Field(default_factory=lambda: {"paper": BudgetSpec()})
+    large_budget_settings: list[str] = Field(default_factory=lambda: ["multi_task_unseen"])
+    large_budget_methods: list[str] | None = None
+    single_task_tasks: list[str] | None = None
+    evogm_params: dict = Field(default_factory=dict)
+    max_validation_examples: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    workers: int = Field(default=2, ge=1)
+    output_dir: str = "benchmarks/results/sweep"
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> "SweepConfig":
+        unknown = sorted(set(self.methods) - set(STATIC_METHODS) - set(SEARCH_METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {[*STATIC_METHODS, *SEARCH_METHODS]}")
+        misplaced = sorted(set(self.large_budget_methods or []) - set(SEARCH_METHODS))
+        if misplaced:
+            raise ValueError(f"large_budget_methods must be search methods {list(SEARCH_METHODS)}; got {misplaced}")
+        if "paper" not in self.budgets:
+            raise ValueError("budgets must define 'paper' (the budget every setting runs)")
+        return self
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep config (YAML); relative paths are resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeInputError(f"sweep config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = SweepConfig.model_validate(data)
+    except ValidationError as error:
+        raise MergeInputError(f"invalid sweep config {path}: {format_validation_errors(error)}") from None
+    setup = config.setup
+    if setup.base is not None:
+        resolve = lambda value: str((path.parent / value).resolve())  # noqa: E731
+        setup = setup.model_copy(update={
+            "base": resolve(setup.base), "experts": [resolve(e) for e in setup.experts],
+            "seen_tasks": resolve(setup.seen_tasks), "unseen_tasks": resolve(setup.unseen_tasks),
+        })
+    return config.model_copy(update={"setup": setup, "output_dir": str(Path(config.output_dir))})

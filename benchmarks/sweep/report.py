@@ -1,0 +1,141 @@
+"""Sweep results as a person reads them: Markdown tables (test mean +- std, Welch's t-test of EvoGM against each
+other search method), convergence plots (best-so-far validation fitness vs evaluations) and a cost table."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.sweep.config import SEARCH_METHODS  # noqa: E402
+
+Row = dict[str, Any]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def per_seed_average(rows: list[Row], key: str = "test") -> dict[str, dict[int, float]]:
+    """method -> seed -> `key` averaged over the setting's task groups (one group in multi-task settings)."""
+    grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        grouped[row["method"]][row["seed"]].append(row[key])
+    return {method: {seed: statistics.mean(v) for seed, v in seeds.items()} for method, seeds in grouped.items()}
+
+
+def welch_p(first: list[float], second: list[float]) -> float:
+    """Two-sided Welch's t-test p-value (NaN when either sample is too small or both are constant)."""
+    if len(first) < 2 or len(second) < 2:
+        return math.nan
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ImportError("the sweep's p-values need scipy: pip install -e '.[bench]'") from None
+    return float(stats.ttest_ind(first, second, equal_var=False).pvalue)
+
+
+def setting_table(rows: list[Row], methods: list[str]) -> str:
+    """Methods x task groups: test mean ± std over seeds, the average, validation, and EvoGM's Welch p-values."""
+    groups = sorted({"+".join(row["tasks"]) for row in rows})
+    by_cell: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        by_cell[(row["method"], "+".join(row["tasks"]))].append(row["test"])
+    averages = per_seed_average(rows)
+    validation = per_seed_average(rows, "validation")
+    evogm = list(averages.get("evogm", {}).values())
+    header = ["method", *(g if len(groups) > 1 else "test" for g in groups)]
+    header += ["average test", "validation", "p (EvoGM vs this)"] if len(groups) > 1 else [
+        "validation", "p (EvoGM vs this)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for method in methods:
+        if method not in averages:
+            continue
+        cells = [_mean_std(by_cell[(method, group)]) for group in groups]
+        if len(groups) > 1:
+            cells.append(_mean_std(list(averages[method].values())))
+        cells.append(_mean_std(list(validation[method].values())))
+        p = welch_p(evogm, list(averages[method].values())) if method in SEARCH_METHODS and method != "evogm" else None
+        cells.append("" if p is None else ("n/a" if math.isnan(p) else f"{p:.3g}"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def convergence_plot(rows: list[Row], methods: list[str], path: str | Path, title: str) -> None:
+    """Best-so-far validation fitness vs evaluations: mean over seeds (curves averaged over task groups first)
+    with a ±1 std band, one line per search method."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        per_seed: dict[int, list[list[float]]] = defaultdict(list)
+        for row in rows:
+            if row["method"] == method and row["curve"]:
+                per_seed[row["seed"]].append(row["curve"])
+        if not per_seed:
+            continue
+        curves = [[statistics.mean(values) for values in zip(*group)] for group in per_seed.values()]
+        mean = [statistics.mean(values) for values in zip(*curves)]
+        spread = [statistics.pstdev(values) for values in zip(*curves)]
+        x = range(1, len(mean) + 1)
+        axis.plot(x, mean, label=method, linewidth=2 if method == "evogm" else 1.2)
+        axis.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.15)
+    axis.set_xlabel("evaluations")
+    axis.set_ylabel("best validation fitness so far")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def cost_table(rows: list[Row], methods: list[str]) -> str:
+    """Per method: runs, mean evaluations, wall seconds, and seconds inside the algorithm vs inside evaluation."""
+    lines = ["| method | runs | evaluations | wall s | algorithm s | evaluation s | algorithm share |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method in methods:
+        chosen = [row for row in rows if row["method"] == method]
+        if not chosen:
+            continue
+        wall = statistics.mean(row["wall_seconds"] for row in chosen)
+        if chosen[0]["evaluations"] is None:
+            lines.append(f"| {method} | {len(chosen)} | static | {wall:.1f} | | | |")
+            continue
+        algorithm = statistics.mean(row["algorithm_seconds"] for row in chosen)
+        evaluation = statistics.mean(row["evaluation_seconds"] for row in chosen)
+        evaluations = statistics.mean(row["evaluations"] for row in chosen)
+        share = algorithm / (algorithm + evaluation) if algorithm + evaluation > 0 else 0.0
+        lines.append(f"| {method} | {len(chosen)} | {evaluations:.0f} | {wall:.1f} | {algorithm:.2f} | "
+                     f"{evaluation:.1f} | {share:.1%} |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[Row], methods: list[str], out_dir: str | Path, preamble: str) -> Path:
+    """Write results.md (per setting and budget: scores, convergence PNG, cost) under `out_dir`; return its path."""
+    out_dir = Path(out_dir)
+    sections = [preamble]
+    keys = sorted({(row["setting"], row["budget"]) for row in rows}, key=lambda k: (k[0], k[1] != "paper", k[1]))
+    for setting, budget in keys:
+        chosen = [r for r in rows if r["setting"] == setting and (r["budget"] == budget or r["evaluations"] is None)]
+        if budget != "paper":
+            chosen = [r for r in chosen if r["evaluations"] is not None]
+        plot_name = f"convergence_{setting}_{budget}.png"
+        convergence_plot(chosen, [m for m in methods if m in SEARCH_METHODS], out_dir / plot_name,
+                         f"{setting}, budget {budget}")
+        sections.append(f"## {setting}, budget `{budget}`\n\nTest scores of each method's choice (chosen on "
+                        f"validation); mean ± std over seeds.\n\n{setting_table(chosen, methods)}\n\n"
+                        f"![convergence]({plot_name})\n\nCost per run (mean over its runs):\n\n"
+                        f"{cost_table(chosen, methods)}\n")
+    path = out_dir / "results.md"
+    path.write_text("\n".join(sections))
+    return path

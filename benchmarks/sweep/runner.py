@@ -1,0 +1,125 @@
+"""Run a sweep: every cell of the grid, in parallel worker processes, resumable (finished cells are skipped)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import time
+from datetime import datetime, timezone
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from benchmarks.sweep.cells import Cell, grid, run_cell
+from benchmarks.sweep.config import STATIC_METHODS, SweepConfig, load_sweep_config
+from benchmarks.sweep.report import write_report
+from benchmarks.sweep.setup import load_setup
+from evox_merge.util.machine import machine_markdown
+
+logger = logging.getLogger(__name__)
+ROWS_NAME = "rows.jsonl"
+TIMING_NAME = "timing.jsonl"
+
+
+def _finished(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[Cell(row["setting"], tuple(row["tasks"]), row["method"], row["seed"], row["budget"]).key] = row
+    return rows
+
+
+def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Path:
+    """Run (or finish) a sweep and write rows.jsonl, results.md, the convergence plots and the exact config.
+
+    Returns:
+        the path of results.md.
+    """
+    if not isinstance(config, SweepConfig):
+        config = load_sweep_config(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    setup = load_setup(config.setup)
+    cells = grid(config, setup)
+    rows_path = out / ROWS_NAME
+    done = _finished(rows_path)
+    todo = [cell for cell in cells if cell.key not in done]
+    logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
+    started = time.perf_counter()
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="run", disable=not progress)
+    with open(rows_path, "a") as handle:
+        if config.workers == 1:
+            for cell in todo:
+                _append(handle, run_cell(cell, config), bar)
+        else:
+            context = multiprocessing.get_context("spawn")
+            longest_first = sorted(todo, key=lambda cell: _relative_cost(cell, config), reverse=True)
+            with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+                futures = [pool.submit(run_cell, cell, config) for cell in longest_first]
+                for future in as_completed(futures):
+                    _append(handle, future.result(), bar)
+    bar.close()
+    if todo:
+        with open(out / TIMING_NAME, "a") as handle:
+            handle.write(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     "cells": len(todo), "seconds": time.perf_counter() - started,
+                                     "workers": config.workers}) + "\n")
+    wanted = {cell.key for cell in cells}
+    rows = [row for key, row in _finished(rows_path).items() if key in wanted]
+    return write_report(rows, config.methods, out, _preamble(config, setup, _invocations(out / TIMING_NAME)))
+
+
+def _relative_cost(cell: Cell, config: SweepConfig) -> int:
+    """Tasks x evaluations of a cell (static merges count as one population), to hand out long cells first so
+    that workers finish together."""
+    budget = config.budgets[cell.budget]
+    generations = 1 if cell.method in STATIC_METHODS else budget.generations
+    return len(cell.tasks) * generations
+
+
+def _timing_summary(invocations: list[dict]) -> str:
+    if not invocations:
+        return "no recorded time (timing.jsonl is missing)"
+    minutes = sum(entry["seconds"] for entry in invocations) / 60
+    parts = ", ".join(f"{e['cells']} cells in {e['seconds'] / 60:.1f} min with {e['workers']} worker processes on "
+                      f"{e['date'][:10]}" for e in invocations)
+    return f"{minutes:.1f} minutes in all ({parts}; from timing.jsonl)"
+
+
+def _append(handle, row: dict, bar) -> None:
+    handle.write(json.dumps(row) + "\n")
+    handle.flush()
+    bar.update(1)
+
+
+def _invocations(path: Path) -> list[dict]:
+    """The timing.jsonl entries: one per invocation of the sweep that ran cells."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _preamble(config: SweepConfig, setup, invocations: list[dict]) -> str:
+    budgets = ", ".join(
+        f"`{name}`: P = {b.pop_per_expert}N = {b.pop_per_expert * setup.experts.num_experts}, "
+        f"{b.generations} generations = "
+        f"{b.pop_per_expert * setup.experts.num_experts * b.generations} evaluations "
+        f"(EvoGM: {b.rounds} rounds x {b.iterations} iterations)"
+        for name, b in config.budgets.items()
+    )
+    return f"""# Benchmark sweep
+
+{setup.experts.num_experts} experts; seen tasks {setup.seen}; unseen tasks {setup.unseen}.
+Budgets per search: {budgets}. Seeds {config.seeds}. Validation examples per task:
+{config.max_validation_examples or "all"}. Static merges are tuned on validation too (best single expert, task
+arithmetic / TIES / DARE scaling from a grid). Running the cells took {_timing_summary(invocations)}.
+Exact config: `config.yaml`.
+
+Machine:
+{machine_markdown()}
+"""

@@ -1,0 +1,126 @@
+"""Helpers every evox-merge algorithm shares: the coefficient box, EvoGM's hybrid initial population, ranking
+that puts failed evaluations last, winner/loser splits, and the protocol through which an algorithm tells the run
+layer about its candidates and its search (for records.jsonl and recipe.json).
+
+The protocol (both methods optional; the run layer checks with ``isinstance``):
+
+- ``candidate_annotations() -> dict``: called by the run loop after every step, per-candidate annotations of the
+  population evaluated in that step (a list with one entry per candidate, or one value for all), copied into each
+  record of records.jsonl (e.g. EvoGM's round, iteration and basis). `CandidateAnnotations` is its protocol.
+- ``recipe_facts() -> dict``: JSON-serialisable facts about the finished search for recipe.json (e.g. EvoGM's
+  round bases). `RecipeFacts` is its protocol.
+
+EvoX's own ``record_step`` hook is left to EvoX monitors (it must return tensors only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from evox_merge.util.errors import MergeInputError
+
+
+@runtime_checkable
+class CandidateAnnotations(Protocol):
+    """An algorithm that annotates the candidates it just had evaluated."""
+
+    def candidate_annotations(self) -> dict[str, Any]:
+        """Per-candidate annotations (lists of length P) or shared values, JSON-serialisable."""
+        ...
+
+
+@runtime_checkable
+class RecipeFacts(Protocol):
+    """An algorithm that reports facts about its finished search for recipe.json."""
+
+    def recipe_facts(self) -> dict[str, Any]:
+        """JSON-serialisable facts (lists, numbers, strings) about the search so far."""
+        ...
+
+
+def coefficient_bounds(
+    num_experts: int, lb: float | torch.Tensor, ub: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coefficient box as two (N,) float32 CPU tensors, from scalars or (N,) tensors.
+
+    Raises:
+        MergeInputError: a bound of the wrong shape, or lb >= ub in some coordinate.
+    """
+    bounds = []
+    for name, value in (("lb", lb), ("ub", ub)):
+        tensor = torch.as_tensor(value, dtype=torch.float32, device="cpu").detach()
+        if tensor.ndim == 0:
+            tensor = tensor.expand(num_experts)
+        if tensor.shape != (num_experts,):
+            raise MergeInputError(
+                f"{name}: expected a float or a tensor of shape ({num_experts},), got {tuple(tensor.shape)}"
+            )
+        bounds.append(tensor.clone())
+    lower, upper = bounds
+    if not bool((lower < upper).all()):
+        raise MergeInputError(
+            f"lb/ub: expected lb < ub in every coordinate, got lb={lower.tolist()} ub={upper.tolist()}"
+        )
+    return lower, upper
+
+
+def hybrid_population(
+    num_experts: int,
+    pop_size: int,
+    lb: torch.Tensor,
+    ub: torch.Tensor,
+    rng: torch.Generator,
+    task_arithmetic_scales: tuple[float, ...] = (),
+) -> torch.Tensor:
+    """EvoGM's initial population (arXiv 2605.29295, "Population Initialization"), (P, N) float32 on CPU.
+
+    Rows: the uniform average (1/N each), the N one-hot vectors, then uniform random draws in [lb, ub]; truncated to P
+    rows and clipped into the box. The average comes first *(ours; the authors' code puts the one-hots first)*, so a
+    population smaller than N + 1 keeps the average merge, the strongest static baseline, and drops a one-hot.
+    `task_arithmetic_scales` *(ours)* adds a row s * ones (task arithmetic with scale s) per scale after the average.
+    """
+    average = torch.full((1, num_experts), 1.0 / num_experts, device="cpu")
+    scaled = torch.tensor([[float(s)] * num_experts for s in task_arithmetic_scales], device="cpu")
+    one_hot = torch.eye(num_experts, device="cpu")
+    num_random = max(pop_size - num_experts - 1 - len(task_arithmetic_scales), 0)
+    random = lb + (ub - lb) * torch.rand(num_random, num_experts, generator=rng, device="cpu")
+    rows = [average, scaled.reshape(-1, num_experts), one_hot, random]
+    return torch.clamp(torch.cat(rows)[:pop_size], lb, ub)
+
+
+def rank_key(fitness: torch.Tensor) -> torch.Tensor:
+    """Fitness for ranking under minimisation: NaN and +-inf become +inf, so a failed evaluation always ranks last."""
+    return torch.where(torch.isfinite(fitness), fitness, torch.inf)
+
+
+def rank_order(fitness: torch.Tensor, newer_first: bool = False) -> torch.Tensor:
+    """Indices sorting (H,) `fitness` best first under minimisation, NaN/inf last. Ties keep the older (earlier)
+    entry first, or with `newer_first` *(ours, EvoGM's ``newer_ties`` switch)* the newer one."""
+    if not newer_first:
+        return torch.argsort(rank_key(fitness), stable=True)
+    return len(fitness) - 1 - torch.argsort(rank_key(fitness.flip(0)), stable=True)
+
+
+def split_winners_losers(
+    fitness: torch.Tensor, winner_ratio: float, newer_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the winner set H+ and loser set H- of a history (arXiv 2605.29295, "Winner-Loser Pairing").
+
+    H+ is the best floor(rho * |H|) entries (at least one, as in the authors' code) among those with finite fitness;
+    a NaN or infinite fitness never becomes a winner. H- is everything else. Ties keep evaluation order, or prefer
+    the newer entry with `newer_first`.
+
+    Args:
+        fitness: (H,) fitness under minimisation, in evaluation order.
+        winner_ratio: rho in (0, 1).
+        newer_first: break ties towards later entries *(ours)*.
+
+    Returns:
+        (winner_idx, loser_idx), int64 tensors; winner_idx is empty when no fitness is finite.
+    """
+    order = rank_order(fitness, newer_first)
+    num_finite = int(torch.isfinite(fitness).sum())
+    num_winners = min(max(1, int(len(fitness) * winner_ratio)), num_finite)
+    return order[:num_winners], order[num_winners:]

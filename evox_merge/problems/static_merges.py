@@ -1,0 +1,143 @@
+"""Static merges that need no search: base, best single expert, model soup, task arithmetic, TIES, DARE.
+
+Linear merges are coefficient vectors in the expert basis (scored by `MergeProblem.evaluate`); TIES and DARE
+prune and sign-elect the dense task vectors layer by layer with `peft.utils.merge_utils`, so they produce merged
+deltas per target layer (scored by `MergeProblem.evaluate_deltas`). Every tuned hyperparameter (a scaling from a
+small grid, the best expert) is chosen on the problem's tasks, i.e. on validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from peft.utils import merge_utils
+
+from evox_merge.experts.kernel import dense_task_vectors
+from evox_merge.problems.merge_problem import MergeProblem
+
+DEFAULT_SCALINGS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class StaticMerge:
+    """One static merge and its validation scores.
+
+    Attributes:
+        name: ``base``, ``best_single``, ``model_soup``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+        settings: the hyperparameters used (the chosen ones where tuned).
+        validation_scores: ``(K,)`` per-task scores on the problem it was chosen on.
+        fitness: their weighted mean.
+        coefficients: ``(N,)`` for linear merges, else None.
+        deltas: merged weight delta per target layer for TIES/DARE, else None.
+    """
+
+    name: str
+    settings: dict
+    validation_scores: torch.Tensor
+    fitness: float
+    coefficients: torch.Tensor | None = None
+    deltas: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def score(self, problem: MergeProblem) -> torch.Tensor:
+        """Per-task scores ``(K,)`` of this merge on another problem over the same experts (e.g. the test split)."""
+        if self.coefficients is not None:
+            return problem.evaluate_per_task(self.coefficients.unsqueeze(0))[0]
+        return problem.evaluate_deltas(self.deltas)
+
+
+def _best_of(problem: MergeProblem, name: str, candidates: torch.Tensor, settings: list[dict]) -> StaticMerge:
+    """Score linear candidates ``(C, N)`` and keep the best one on the problem's fitness."""
+    scores = problem.evaluate_per_task(candidates)
+    fitness = problem.aggregate(scores)
+    best = int(torch.argmax(fitness))
+    return StaticMerge(name, settings[best], scores[best], float(fitness[best]), coefficients=candidates[best])
+
+
+def base_model(problem: MergeProblem) -> StaticMerge:
+    """The base model itself (all coefficients zero)."""
+    return _best_of(problem, "base", torch.zeros(1, problem.num_experts), [{}])
+
+
+def best_single_expert(problem: MergeProblem) -> StaticMerge:
+    """The single expert (coefficient 1, others 0) that scores best."""
+    candidates = torch.eye(problem.num_experts)
+    names = problem.experts.expert_names
+    return _best_of(problem, "best_single", candidates, [{"expert": name} for name in names])
+
+
+def model_soup(problem: MergeProblem) -> StaticMerge:
+    """The uniform average of the experts (every coefficient 1/N)."""
+    n = problem.num_experts
+    return _best_of(problem, "model_soup", torch.full((1, n), 1.0 / n), [{"coefficient": 1.0 / n}])
+
+
+def task_arithmetic(problem: MergeProblem, scalings: Sequence[float] = DEFAULT_SCALINGS) -> StaticMerge:
+    """Task arithmetic: every coefficient equal to one scaling, chosen from `scalings`."""
+    candidates = torch.tensor(scalings, dtype=torch.float32).unsqueeze(1).repeat(1, problem.num_experts)
+    return _best_of(problem, "task_arithmetic", candidates, [{"scaling": s} for s in scalings])
+
+
+def _dense_merge(problem: MergeProblem, method: str, scaling: float, density: float) -> dict[str, torch.Tensor]:
+    """Merged delta per target layer by a `peft.utils.merge_utils` method, all experts weighted `scaling`."""
+    n = problem.num_experts
+    weights = torch.full((n,), scaling)
+    deltas = {}
+    for name, factors in problem.experts.layers.items():
+        task_vectors = list(dense_task_vectors(factors, n))
+        if method == "ties":
+            deltas[name] = merge_utils.ties(task_vectors, weights, density)
+        elif method == "dare_linear":
+            deltas[name] = merge_utils.dare_linear(task_vectors, weights, density)
+        else:
+            deltas[name] = merge_utils.dare_ties(task_vectors, weights, density)
+    return deltas
+
+
+def dense_merge(
+    problem: MergeProblem,
+    method: str = "ties",
+    density: float = 0.2,
+    scalings: Sequence[float] = DEFAULT_SCALINGS,
+    seed: int = 0,
+) -> StaticMerge:
+    """TIES (`method="ties"`), DARE (`"dare_linear"`) or DARE-TIES (`"dare_ties"`) over the experts' dense task
+    vectors, keeping a `density` fraction of each, with the scaling chosen from `scalings`.
+
+    DARE drops entries at random: the drop masks come from `seed` (the same masks for every scaling), and the
+    global RNG is left untouched.
+    """
+    if method not in ("ties", "dare_linear", "dare_ties"):
+        raise ValueError(f"method must be 'ties', 'dare_linear' or 'dare_ties', got {method!r}")
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    best: StaticMerge | None = None
+    for scaling in scalings:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            deltas = _dense_merge(problem, method, scaling, density)
+        scores = problem.evaluate_deltas(deltas)
+        fitness = float(problem.aggregate(scores.unsqueeze(0))[0])
+        if best is None or fitness > best.fitness:
+            settings = {"scaling": scaling, "density": density, "seed": seed}
+            best = StaticMerge(method, settings, scores, fitness, deltas=deltas)
+    return best
+
+
+def tune_static_merge(name: str, problem: MergeProblem, seed: int = 0) -> StaticMerge:
+    """The static merge `name` (one of `STATIC_MERGES`) tuned on `problem`; `seed` picks DARE's drop masks."""
+    if name not in STATIC_MERGES:
+        raise ValueError(f"unknown static merge {name!r}; known: {list(STATIC_MERGES)}")
+    return STATIC_MERGES[name](problem, seed)
+
+
+# Every static merge evox-merge compares a search with, by name (the release, the sweep and the tests use this).
+STATIC_MERGES: dict[str, Callable[[MergeProblem, int], StaticMerge]] = {
+    "base": lambda problem, seed: base_model(problem),
+    "best_single": lambda problem, seed: best_single_expert(problem),
+    "model_soup": lambda problem, seed: model_soup(problem),
+    "task_arithmetic": lambda problem, seed: task_arithmetic(problem),
+    "ties": lambda problem, seed: dense_merge(problem, "ties", density=0.2),
+    "dare": lambda problem, seed: dense_merge(problem, "dare_ties", density=0.5, seed=seed),
+}

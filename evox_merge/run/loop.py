@@ -1,0 +1,46 @@
+"""The one generation loop: how every search in evox-merge (a CLI run, a Python run, a sweep cell) advances.
+
+Generation 0 is the workflow's ``init_step`` and every later one a ``step``; each evaluates one population. After
+each step the monitor's records are flushed with the algorithm's candidate annotations (the
+`evox_merge.algorithms.common.CandidateAnnotations` protocol) and `after_generation` runs (the CLI run saves its
+checkpoint there).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from evox.core import Algorithm, Problem
+
+from evox_merge.algorithms.common import CandidateAnnotations
+from evox_merge.run.monitor import RunMonitor
+from evox_merge.run.workflow import MergeWorkflow, build_workflow
+
+
+def run_generations(
+    workflow: MergeWorkflow,
+    monitor: RunMonitor,
+    start: int,
+    stop: int,
+    after_generation: Callable[[int], None] | None = None,
+) -> None:
+    """Run generations ``start .. stop - 1`` of `workflow` (whose monitor is `monitor`).
+
+    Args:
+        after_generation: called with the number of generations done after each one.
+    """
+    for generation in range(start, stop):
+        workflow.init_step() if generation == 0 else workflow.step()
+        algorithm = workflow.algorithm
+        monitor.flush(algorithm.candidate_annotations() if isinstance(algorithm, CandidateAnnotations) else None)
+        if after_generation is not None:
+            after_generation(generation + 1)
+
+
+def search(algorithm: Algorithm, problem: Problem, generations: int) -> RunMonitor:
+    """Search in memory, no files: `generations` generations of `algorithm` on `problem`; returns the monitor
+    with every record (with per-task scores when `problem` is a `MergeProblem`)."""
+    monitor = RunMonitor(getattr(problem, "task_names", []), getattr(problem, "aggregate", None),
+                         getattr(getattr(problem, "experts", None), "expert_names", []))
+    run_generations(build_workflow(algorithm, problem, monitor), monitor, 0, generations)
+    return monitor

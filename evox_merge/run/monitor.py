@@ -1,0 +1,160 @@
+"""The run's monitor and records: every evaluated candidate as a record, in memory and in records.jsonl.
+
+`RunMonitor` is an EvoX `Monitor`. Under `MergeWorkflow` a `MergeProblem` in per-task mode hands it the
+``(P, K)`` per-task scores directly in ``post_eval`` (the workflow aggregates them into the fitness the algorithm
+sees); a problem that returns one fitness per candidate works too (records then have no task scores). The run
+loop (`evox_merge.run.loop`) calls `RunMonitor.flush` after each step with the algorithm's candidate annotations
+(`evox_merge.algorithms.common`), which writes the step's records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from evox.core import Monitor
+
+from evox_merge.run.progress import SearchProgress
+from evox_merge.util.atomic import write_text_atomic
+
+RECORDS_NAME = "records.jsonl"
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a run, in evaluation order."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def truncate_records(path: str | Path, keep: int) -> None:
+    """Keep the first `keep` records (those a checkpoint covers); drop any later or half-written line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if line.endswith("\n")][:keep]
+    if len(lines) < keep:
+        raise RuntimeError(f"{path} holds {len(lines)} records but the checkpoint covers {keep}")
+    write_text_atomic(path, "".join(lines))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class RunMonitor(Monitor):
+    """Collects one record per evaluated candidate and reports progress per generation.
+
+    Args:
+        task_names: the K tasks whose scores a per-task problem returns (empty for a scalar problem).
+        aggregate: ``(P, K)`` per-task scores -> ``(P,)`` fitness (the problem's weighted mean), higher is better.
+        expert_names: the experts, the parents of every candidate in the original basis.
+        records_path: the JSONL file to append each step's records to (None: keep them in memory only).
+        progress: the live display (None: none).
+        write: False on every distributed rank but 0: count and track, write nothing.
+
+    Attributes:
+        records: the records of this process's run so far (after `restart`, only the new ones).
+        count: candidates evaluated in the whole run; generation: steps done; best: best fitness so far.
+        evaluation_seconds: wall time spent inside the problem's evaluations.
+    """
+
+    accepts_task_scores = True  # MergeWorkflow hands post_eval the (P, K) per-task scores
+
+    def __init__(
+        self,
+        task_names: list[str],
+        aggregate: Callable[[torch.Tensor], torch.Tensor] | None,
+        expert_names: list[str],
+        records_path: str | Path | None = None,
+        progress: SearchProgress | None = None,
+        write: bool = True,
+    ) -> None:
+        super().__init__()
+        self.task_names = list(task_names)
+        self.aggregate = aggregate
+        self.expert_names = list(expert_names)
+        self.records_path = Path(records_path) if records_path is not None else None
+        self.progress = progress
+        self.write = write
+        self.records: list[dict[str, Any]] = []
+        self.count = 0
+        self.generation = 0
+        self.best = -math.inf
+        self.evaluation_seconds = 0.0
+        self._pending: list[dict[str, Any]] = []
+        self._population: torch.Tensor | None = None
+        self._started = 0.0
+
+    def restart(self, count: int, generation: int, best: float) -> None:
+        """Continue after `count` records and `generation` generations with best fitness `best` (on resume)."""
+        self.count, self.generation, self.best = count, generation, best
+
+    def post_ask(self, candidate_solution: torch.Tensor) -> None:
+        self._population = candidate_solution.detach().cpu().float()
+        self._started = time.perf_counter()
+
+    def post_eval(self, fitness: torch.Tensor) -> None:
+        seconds = time.perf_counter() - self._started
+        self.evaluation_seconds += seconds
+        fitness = fitness.detach().cpu().double()
+        task_scores = None
+        if fitness.ndim == 2:
+            task_scores, fitness = fitness, self.aggregate(fitness).detach().cpu().double()
+        per_candidate = seconds / max(len(fitness), 1)
+        for p, value in enumerate(fitness.tolist()):
+            record = {
+                "id": self.count + len(self._pending),
+                "generation": self.generation,
+                "coefficients": self._population[p].tolist(),
+                "fitness": _finite_or_none(value),
+                "task_scores": {} if task_scores is None else {
+                    name: _finite_or_none(float(s)) for name, s in zip(self.task_names, task_scores[p])},
+                "operator": "linear",
+                "parents": self.expert_names,
+                "seconds": round(per_candidate, 6),
+            }
+            self._pending.append(record)
+
+    def flush(self, annotations: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """End a step: annotate its records (lists of one entry per candidate, or shared values), keep them,
+        append them to records.jsonl, update the progress display. Returns the step's records."""
+        records, self._pending = self._pending, []
+        for key, values in (annotations or {}).items():
+            if isinstance(values, list) and len(values) != len(records):
+                continue  # annotations of another population size (an algorithm that evaluated twice)
+            for p, record in enumerate(records):
+                record[key] = values[p] if isinstance(values, list) else values
+        if self.write and self.records_path is not None and records:
+            with open(self.records_path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+                handle.flush()
+        self.records += records
+        self.count += len(records)
+        finite = [r["fitness"] for r in records if r["fitness"] is not None]
+        self.best = max([self.best, *finite])
+        if self.progress is not None and records:
+            median = float(torch.tensor(finite).median()) if finite else math.nan
+            self.progress.update(self.generation, len(records), self.best, median, records[0]["seconds"])
+        self.generation += 1
+        return records
+
+    def best_record(self) -> dict[str, Any]:
+        """The record with the highest finite fitness among `records` (the first one on ties)."""
+        finite = [r for r in self.records if r["fitness"] is not None]
+        if not finite:
+            raise ValueError("no candidate has a finite fitness")
+        return max(finite, key=lambda r: r["fitness"])
+
+    def best_so_far(self) -> list[float]:
+        """Best fitness after each evaluation of `records` (-inf until the first finite one)."""
+        curve, best = [], -math.inf
+        for record in self.records:
+            if record["fitness"] is not None:
+                best = max(best, record["fitness"])
+            curve.append(best)
+        return curve

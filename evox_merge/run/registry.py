@@ -1,0 +1,143 @@
+"""The algorithm registry: every search method evox-merge knows by name, in one place.
+
+The search config (``algorithm.name``), the CLI (``evox-merge algorithms``) and the benchmark sweep (its
+``methods``) all resolve names here. A name is either a registered entry (an algorithm class plus fixed
+constructor arguments, so ablations are names too) or an import path to any EvoX `Algorithm` class
+(``evox.algorithms.DE``). Classes are imported only when an algorithm is built, so validating a config stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from evox_merge.util.errors import MergeInputError
+
+
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    """A registered search method.
+
+    Attributes:
+        name: the name configs and sweeps use.
+        target: ``module:Class`` of an evox-merge algorithm (constructor ``Class(num_experts, pop_size=, lb=, ub=,
+            seed=, ...)``).
+        fixed: constructor arguments this entry always passes (e.g. an ablation switch).
+        family: ``evogm`` for EvoGM and its variants (they take ``num_rounds`` and ``iterations_per_round``).
+        description: one line for ``evox-merge algorithms``.
+    """
+
+    name: str
+    target: str
+    description: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    family: str = ""
+
+    def load(self) -> type:
+        """The algorithm class (imported now)."""
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+_EVOGM = "evox_merge.algorithms.evogm:EvoGM"
+ALGORITHMS: dict[str, AlgorithmEntry] = {
+    entry.name: entry
+    for entry in (
+        AlgorithmEntry("evogm", _EVOGM, "EvoGM (arXiv 2605.29295): dual MLP generators, multi-round basis shift",
+                       family="evogm"),
+        AlgorithmEntry("evogm_single_generator", _EVOGM, "EvoGM ablation: one generator, no cycle loss",
+                       {"single_generator": True}, "evogm"),
+        AlgorithmEntry("evogm_no_rounds", _EVOGM, "EvoGM ablation: one round of R*(T+1)-1 iterations",
+                       {"multi_round": False}, "evogm"),
+        AlgorithmEntry("evogm_no_cycle", _EVOGM, "EvoGM ablation: cycle-consistency weight 0",
+                       {"cycle_weight": 0.0}, "evogm"),
+        AlgorithmEntry("cmaes", "evox_merge.algorithms.cmaes:BoundedCMAES", "CMA-ES (EvoX) kept inside the box"),
+        AlgorithmEntry("pso", "evox_merge.algorithms.pso:BoundedPSO", "PSO (EvoX) with clamped velocity, resumable"),
+        AlgorithmEntry("random", "evox_merge.algorithms.random_search:RandomSearch", "uniform random search"),
+    )
+}
+
+
+def algorithm_names() -> list[str]:
+    """Every registered name, in registry order."""
+    return list(ALGORITHMS)
+
+
+def _foreign_class(name: str) -> type:
+    """An EvoX Algorithm class by import path; MergeInputError naming the key when it is not one."""
+    from evox.core import Algorithm
+
+    module, _, attribute = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError):
+        raise MergeInputError(
+            f"algorithm.name: unknown algorithm {name!r}: use one of {algorithm_names()} or an import path such as "
+            "'evox.algorithms.DE'"
+        ) from None
+    if not (inspect.isclass(cls) and issubclass(cls, Algorithm)):
+        raise MergeInputError(f"algorithm.name: {name!r} is not an evox.core.Algorithm subclass")
+    return cls
+
+
+def algorithm_class(name: str) -> type:
+    """The class behind a registered name or an EvoX import path (MergeInputError naming the key otherwise)."""
+    return ALGORITHMS[name].load() if name in ALGORITHMS else _foreign_class(name)
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Check `params` against the constructor of algorithm `name`, before any model loads.
+
+    Raises:
+        MergeInputError: a param the constructor does not take (named, with the ones it does take), or one the
+            search sets itself.
+    """
+    cls = algorithm_class(name)
+    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *ALGORITHMS[name].fixed} if name in ALGORITHMS else {
+        "pop_size", "lb", "ub"}
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    known = sorted(set(accepted) - {"self", "args", "kwargs"} - reserved)
+    for key in params:
+        if key in reserved and name in ALGORITHMS:
+            raise MergeInputError(f"algorithm.params.{key}: set by the search itself (or fixed by {name!r}); "
+                                  "use the algorithm's own config key (pop_size, lb, ub, seed)")
+        if key not in accepted and not takes_kwargs:
+            raise MergeInputError(f"algorithm.params.{key}: {cls.__name__} takes no such argument; it takes {known}")
+
+
+def build_algorithm(
+    name: str, num_experts: int, *, pop_size: int, lb: float = -1.0, ub: float = 1.0, seed: int = 0,
+    params: dict[str, Any] | None = None,
+):
+    """Construct the algorithm `name` for `num_experts` coefficients.
+
+    Registered algorithms get ``num_experts``, ``pop_size``, ``lb``, ``ub``, ``seed``, their fixed arguments and
+    `params`. A foreign EvoX algorithm gets ``pop_size``, ``lb`` and ``ub`` (as ``(N,)`` tensors) where its
+    constructor takes them, plus `params`; torch's global RNG is seeded with `seed` first, since EvoX algorithms
+    draw their initial population from it.
+    """
+    import torch
+
+    params = dict(params or {})
+    check_params(name, params)
+    if name in ALGORITHMS:
+        entry = ALGORITHMS[name]
+        return entry.load()(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
+    cls = _foreign_class(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    offered = {"pop_size": pop_size, "lb": torch.full((num_experts,), lb), "ub": torch.full((num_experts,), ub)}
+    kwargs = {key: value for key, value in offered.items() if key in accepted and key not in params}
+    torch.manual_seed(seed)
+    try:
+        return cls(**kwargs, **params)
+    except (TypeError, ValueError) as error:
+        raise MergeInputError(f"algorithm.params: cannot build {name} with {sorted({**kwargs, **params})}: "
+                              f"{error}") from error
+
+
+def is_evogm(name: str) -> bool:
+    """Whether `name` is EvoGM or one of its registered variants (they take rounds and iterations)."""
+    return name in ALGORITHMS and ALGORITHMS[name].family == "evogm"

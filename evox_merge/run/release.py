@@ -1,0 +1,86 @@
+"""Write a merge as files others can load: a PEFT LoRA adapter and, on request, a full merged model.
+
+The merged delta of LoRA experts is low-rank: in each target layer it is ``B_cat diag(c * s) A_cat``, so the
+exact merge is itself a LoRA adapter of rank ``sum_r`` (the experts' factors concatenated, the coefficients
+folded into B). `write_lora_adapter` writes that, or compresses each layer with a truncated SVD to a stated rank
+and reports the relative error it made.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from evox_merge.util.atomic import atomic_path
+from evox_merge.experts import ExpertSet
+from evox_merge.experts.kernel import merged_factors
+from evox_merge.experts.merger import shared_merger
+
+
+def _truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of ``b @ a`` (through QR of each factor, so no dense SVD) and the relative error."""
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, len(s))
+    root = s[:k].sqrt()
+    new_b = (q_b @ u[:, :k]) * root
+    new_a = root.unsqueeze(1) * (vh[:k] @ q_a.T)
+    total = s.square().sum()
+    error = float((s[k:].square().sum() / total).sqrt()) if total > 0 else 0.0
+    return new_a.float(), new_b.float(), error
+
+
+def write_lora_adapter(
+    experts: ExpertSet, coefficients: torch.Tensor, out_dir: str | Path, rank: int | None = None
+) -> dict:
+    """Write the merge for ``coefficients (N,)`` as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads.
+
+    Args:
+        rank: None writes the exact merge (per layer rank sum_r); an int compresses every layer to at most
+            that rank with a truncated SVD.
+
+    Returns:
+        ``{"exact": bool, "ranks": {layer: r}, "max_relative_error": float, "relative_errors": {layer: e}}``
+        (errors are Frobenius-norm ratios of the dropped part of each layer's delta; 0 when exact).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, ranks, errors = {}, {}, {}
+    for name, layer in experts.layers.items():
+        a, b = (factor.float().cpu() for factor in merged_factors(layer, coefficients))
+        if rank is not None:
+            a, b, errors[name] = _truncate(a, b, rank)
+        ranks[name] = a.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    patterns = {re.escape(name): r for name, r in ranks.items()}
+    config = LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        target_modules=sorted(ranks),
+        rank_pattern=patterns,
+        alpha_pattern=patterns,  # alpha = r in every layer: scaling 1, the coefficients live in B
+        base_model_name_or_path=experts.base_path,
+    )
+    config.save_pretrained(str(out_dir))
+    with atomic_path(out_dir / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return {
+        "exact": rank is None,
+        "ranks": ranks,
+        "relative_errors": errors,
+        "max_relative_error": max(errors.values(), default=0.0),
+    }
+
+
+def write_full_model(experts: ExpertSet, coefficients: torch.Tensor, out_dir: str | Path) -> None:
+    """Write the merged model (weights and tokenizer) that `AutoModelForCausalLM.from_pretrained` loads."""
+    out_dir = Path(out_dir)
+    with shared_merger(experts).merged(coefficients):
+        experts.model.save_pretrained(out_dir)
+    experts.tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,159 @@
+"""What a person reads after a search: history.csv, PNG plots and the model card (README.md)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from evox_merge.util.atomic import atomic_path, write_text_atomic  # noqa: E402
+
+
+def write_history_csv(records: list[dict[str, Any]], expert_names: list[str], path: str | Path) -> None:
+    """One row per evaluated candidate: id, generation, fitness, per-task scores, coefficients."""
+    task_names = list(records[0]["task_scores"]) if records else []
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "generation", "round", "fitness", *task_names, *[f"c_{n}" for n in expert_names]])
+        for record in records:
+            writer.writerow([
+                record["id"], record["generation"], record.get("round", ""), record["fitness"],
+                *[record["task_scores"][name] for name in task_names], *record["coefficients"],
+            ])
+
+
+def _fitness(record: dict[str, Any]) -> float:
+    return record["fitness"] if record["fitness"] is not None else -math.inf
+
+
+def plot_fitness(records: list[dict[str, Any]], path: str | Path) -> None:
+    """Best-so-far and per-generation median fitness against evaluations."""
+    best, best_curve = -math.inf, []
+    for record in records:
+        best = max(best, _fitness(record))
+        best_curve.append(best)
+    generations: dict[int, list[float]] = {}
+    for record in records:
+        if record["fitness"] is not None:
+            generations.setdefault(record["generation"], []).append(record["fitness"])
+    ends, medians, count = [], [], 0
+    for generation in sorted(generations):
+        count = max(r["id"] for r in records if r["generation"] == generation) + 1
+        values = sorted(generations[generation])
+        ends.append(count)
+        medians.append(values[len(values) // 2])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(range(1, len(best_curve) + 1), best_curve, label="best so far")
+    axis.plot(ends, medians, marker="o", linestyle="--", label="generation median")
+    axis.set_xlabel("evaluations")
+    axis.set_ylabel("validation fitness (higher is better)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_coefficients(records: list[dict[str, Any]], expert_names: list[str], path: str | Path) -> None:
+    """The coefficients of the best-so-far candidate against evaluations, one line per expert."""
+    best, trajectory = -math.inf, []
+    current = None
+    for record in records:
+        if _fitness(record) > best or current is None:
+            best, current = _fitness(record), record["coefficients"]
+        trajectory.append(current)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for index, name in enumerate(expert_names):
+        axis.plot(range(1, len(trajectory) + 1), [row[index] for row in trajectory], label=name)
+    axis.set_xlabel("evaluations")
+    axis.set_ylabel("coefficient of the best candidate so far")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_task_scores(scores: dict[str, dict[str, float]], path: str | Path, title: str) -> None:
+    """Grouped bars: per task, the score of each merge (``scores[merge][task]``)."""
+    merges = list(scores)
+    tasks = list(next(iter(scores.values())))
+    width = 0.8 / len(merges)
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(tasks) + 2), 4))
+    for index, merge in enumerate(merges):
+        positions = [t + index * width for t in range(len(tasks))]
+        axis.bar(positions, [scores[merge][task] for task in tasks], width, label=merge)
+    axis.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=30, ha="right")
+    axis.set_ylabel("score")
+    axis.set_title(title)
+    axis.legend(fontsize=7)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def model_card(recipe: dict[str, Any]) -> str:
+    """A Markdown model card generated from the recipe."""
+    best = recipe["best"]
+    suite = recipe["evaluation"]
+    experts = recipe["experts"]
+    rows = []
+    for merge, splits in suite["scores"].items():
+        for split, tasks in splits.items():
+            mean = splits.get(split, {}).get("mean")
+            rows.append(f"| {merge} | {split} | " + " | ".join(
+                "" if tasks.get(t) is None else f"{tasks[t]:.4f}" for t in suite["tasks"]
+            ) + f" | {'' if mean is None else f'{mean:.4f}'} |")
+    coefficient_rows = "\n".join(
+        f"| {expert['name']} | {c:+.4f} | `{expert['sha256'][:12]}` |" for expert, c in zip(experts, best["coefficients"])
+    )
+    return f"""# Merged model: {recipe['name']}
+
+Made by evox-merge {recipe['versions']['evox_merge']} with `{recipe['search']['algorithm']}` from the base
+`{recipe['base_model']['path']}` (sha256 `{recipe['base_model']['sha256'][:12]}`) and {len(experts)} LoRA experts.
+
+**Intended use:** {recipe['intended_use']}
+
+## How to load it
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained("{recipe['base_model']['path']}")
+model = PeftModel.from_pretrained(base, "best/adapter")
+```
+
+## Merge
+Operator: {recipe['operator']}. Coefficients in the original expert basis:
+
+| expert | coefficient | sha256 |
+| --- | --- | --- |
+{coefficient_rows}
+
+## Evaluation
+Validation scores chose the merge; test scores were never seen by the search.
+
+| merge | split | {' | '.join(suite['tasks'])} | mean |
+| --- | --- | {' | '.join('---' for _ in suite['tasks'])} | --- |
+{chr(10).join(rows)}
+
+## Search
+{recipe['search']['evaluations']} evaluations in {recipe['resources']['wall_seconds']:.1f} s on {recipe['resources']['device']}
+(peak memory {recipe['resources']['peak_memory_mb']:.0f} MB). Every candidate is in `records.jsonl` and `history.csv`;
+the full provenance is in `recipe.json`.
+
+![fitness](fitness.png)
+![coefficients](coefficients.png)
+![task scores](task_scores.png)
+"""
+
+
+def write_model_card(recipe: dict[str, Any], path: str | Path) -> None:
+    """Write `model_card(recipe)` atomically."""
+    write_text_atomic(path, model_card(recipe))

@@ -1,0 +1,229 @@
+"""A search run: validate the config, search with records and checkpoints, then write the release packet.
+
+Output directory::
+
+    run.json          config, task-file hashes and start time (checked on --resume)
+    records.jsonl     every evaluated candidate, appended as it is evaluated
+    checkpoint.pt     workflow + algorithm + RNG state, rewritten atomically after every generation
+    best/adapter/     the best merge as a PEFT LoRA adapter (best/model/ with release.full_model)
+    recipe.json       provenance: base, experts, hashes, operator, coefficients, scores, resources, lineage
+    README.md         model card; history.csv; fitness.png, coefficients.png, task_scores.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from evox_merge.run.loop import run_generations
+from evox_merge.run.registry import build_algorithm
+from evox_merge.util.atomic import write_text_atomic
+from evox_merge.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from evox_merge.run.config import SearchConfig, load_config
+from evox_merge.run.distributed import DistributedRunError, init_distributed, single_process
+from evox_merge.util.errors import MergeInputError
+from evox_merge.experts import ExpertSet
+from evox_merge.util.machine import describe_machine
+from evox_merge.problems.merge_problem import MergeProblem
+from evox_merge.run.progress import ProgressMode, SearchProgress
+from evox_merge.run.recipe import build_recipe
+from evox_merge.run.monitor import RECORDS_NAME, RunMonitor, read_records, truncate_records
+from evox_merge.run.release import write_full_model, write_lora_adapter
+from evox_merge.run.report import plot_coefficients, plot_fitness, plot_task_scores, write_history_csv, write_model_card
+from evox_merge.run.selection import evaluate_release
+from evox_merge.tasks import read_task
+from evox_merge.run.workflow import build_workflow
+
+logger = logging.getLogger(__name__)
+RUN_NAME = "run.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SearchResult:
+    """Where a finished run's files are and what it found."""
+
+    output_dir: Path
+    best_coefficients: list[float]
+    best_fitness: float
+    scores: dict[str, dict[str, dict[str, float]]]
+    recipe: dict[str, Any]
+
+
+def task_file_hashes(config: SearchConfig) -> dict[str, str]:
+    """SHA-256 of every task file the config names (validation and test), by path."""
+    hashes = {}
+    for spec in config.task_specs():
+        digests = spec.file_hashes()
+        hashes[spec.path] = digests["sha256"]
+        if spec.test_path is not None:
+            hashes[spec.test_path] = digests["test_sha256"]
+    return hashes
+
+
+def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Create, clear or check the output directory; return the run's metadata (saved or new)."""
+    out = Path(config.output_dir)
+    hashes = task_file_hashes(config)
+    if resume:
+        if not (out / RUN_NAME).is_file():
+            raise MergeInputError(f"--resume: {out} holds no run to resume ({RUN_NAME} missing)")
+        run = json.loads((out / RUN_NAME).read_text())
+        if run["config"] != config.model_dump(mode="json"):
+            changed = sorted(k for k in run["config"] if run["config"][k] != config.model_dump(mode="json").get(k))
+            raise MergeInputError(f"--resume: the config differs from the run's in {changed}")
+        changed_files = sorted(path for path, digest in run["task_hashes"].items() if hashes.get(path) != digest)
+        if changed_files:
+            raise MergeInputError(
+                f"--resume refused: task file(s) changed since the run started: {changed_files}; "
+                "start a new run (--overwrite) to search on the new data"
+            )
+        return run
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise MergeInputError(
+                f"output directory {out} is not empty: pass --resume to continue its run or --overwrite to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time()}
+    write_text_atomic(out / RUN_NAME, json.dumps(run, indent=2))
+    return run
+
+
+def run_search(
+    config: SearchConfig | dict | str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressMode = "bar",
+) -> SearchResult | None:
+    """Run one search end to end and write its release packet (see the module docstring for the files).
+
+    Args:
+        config: a `SearchConfig`, a dict, or a YAML path (validated before anything loads).
+        resume: continue the run in ``output_dir`` from its last checkpoint (same config, unchanged task files).
+        overwrite: replace a non-empty ``output_dir``.
+        progress: ``bar`` (tqdm), ``json`` (one JSON line per generation on stdout) or ``quiet``.
+
+    With ``distributed: true`` under torchrun, every rank evaluates its share of each population; rank 0 writes
+    every file and returns the result, the other ranks return None.
+    """
+    if not isinstance(config, SearchConfig):
+        config = load_config(config)
+    if resume and overwrite:
+        raise MergeInputError("--resume and --overwrite exclude each other")
+    context = init_distributed(config.device, config.collective_timeout_s) if config.distributed else (
+        single_process(config.device))
+    try:
+        return _run(config, context, resume, overwrite, progress)
+    finally:
+        if config.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress: ProgressMode) -> SearchResult | None:
+    if context.is_main:
+        _prepare_output(config, resume, overwrite)
+    if context.world_size > 1:
+        dist.barrier()
+    out = Path(config.output_dir)
+    start_time = time.perf_counter()
+
+    specs = config.task_specs()
+    experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
+                             dtype=DTYPES[config.dtype])
+    search_tasks = [read_task(spec, config.max_validation_examples) for spec in specs]
+    problem = MergeProblem(experts, search_tasks, batch_size=config.batch_size)
+    algorithm = build_algorithm(config.algorithm.name, experts.num_experts, pop_size=config.algorithm.pop_size,
+                                lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
+                                params=config.algorithm.params)
+    generations = config.budget.generations_for(config.algorithm.pop_size)
+    budget = generations * config.algorithm.pop_size
+
+    counters = {"generation": 0, "records": 0, "best": -math.inf, "elapsed": 0.0}
+    checkpoint_path = out / CHECKPOINT_NAME
+    monitor = RunMonitor(problem.task_names, problem.aggregate, experts.expert_names, out / RECORDS_NAME,
+                         write=context.is_main)
+    workflow = build_workflow(algorithm, problem, monitor, device=context.device,
+                              enable_distributed=context.world_size > 1)
+    if resume and checkpoint_path.exists():
+        counters = load_checkpoint(checkpoint_path, workflow)
+        monitor.restart(counters["records"], counters["generation"], counters["best"])
+    if context.is_main:
+        truncate_records(out / RECORDS_NAME, counters["records"])
+        monitor.progress = SearchProgress(budget, progress, done=counters["records"])
+    elapsed_before = counters["elapsed"]
+
+    def checkpoint(done: int) -> None:
+        if context.is_main:
+            save_checkpoint(checkpoint_path, workflow, {
+                "generation": done, "records": monitor.count, "best": monitor.best,
+                "elapsed": elapsed_before + time.perf_counter() - start_time})
+
+    try:
+        run_generations(workflow, monitor, counters["generation"], generations, after_generation=checkpoint)
+    except (RuntimeError, dist.DistBackendError) as error:
+        if context.world_size == 1 or isinstance(error, torch.OutOfMemoryError):
+            raise
+        raise DistributedRunError(
+            f"rank {context.rank}: a collective failed in generation {monitor.generation} (a rank died or timed "
+            f"out: {str(error).splitlines()[0]}). The last checkpoint covers {monitor.generation} generation(s) "
+            f"in {out}; relaunch with --resume"
+        ) from error
+    finally:
+        if monitor.progress is not None:
+            monitor.progress.close()
+    if not context.is_main:
+        return None
+
+    records = read_records(out / RECORDS_NAME)
+    finite = [r for r in records if r["fitness"] is not None]
+    if not finite:
+        raise MergeInputError("every candidate scored NaN: nothing to release (see records.jsonl)")
+    best = max(finite, key=lambda r: r["fitness"])
+    coefficients = torch.tensor(best["coefficients"])
+
+    scores, settings = evaluate_release(problem, specs, coefficients, config, progress=progress == "bar")
+    (out / "best").mkdir(exist_ok=True)
+    adapter_info = write_lora_adapter(experts, coefficients, out / "best" / "adapter", config.release.adapter_rank)
+    if config.release.full_model:
+        write_full_model(experts, coefficients, out / "best" / "model")
+
+    wall_seconds = elapsed_before + time.perf_counter() - start_time
+    recipe = build_recipe(
+        config=config, experts=experts, specs=specs, records=records, best=best, scores=scores,
+        settings=settings, adapter_info=adapter_info, algorithm=algorithm,
+        resources={
+            "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else describe_machine()["cpu"],
+            "wall_seconds": wall_seconds,
+            "evaluations": len(records),
+            "peak_memory_mb": _peak_memory_mb(config.device),
+            "seconds_per_candidate": sum(r["seconds"] for r in records) / len(records),
+        },
+    )
+    write_text_atomic(out / "recipe.json", json.dumps(recipe, indent=2))
+    write_model_card(recipe, out / "README.md")
+    write_history_csv(records, experts.expert_names, out / "history.csv")
+    plot_fitness(records, out / "fitness.png")
+    plot_coefficients(records, experts.expert_names, out / "coefficients.png")
+    split = "test" if any(spec.test_path for spec in specs) else "validation"
+    plot_task_scores({merge: s[split] for merge, s in scores.items()}, out / "task_scores.png",
+                     f"{split} scores: the release against the baselines")
+    return SearchResult(out, best["coefficients"], best["fitness"], scores, recipe)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,213 @@
+"""Task specs and task files: what a validation set is, read and checked before any compute.
+
+A task is a JSONL file plus a small spec. One JSON object per line:
+
+* ``multiple_choice``: ``{"prompt": str, "choices": [str, ...], "answer": int | str}``; scored by the
+  log-likelihood of each choice after the prompt (metric ``accuracy``, or ``accuracy_norm`` to divide each
+  choice's log-likelihood by its length in characters).
+* ``generation``: ``{"prompt": str, "answer": str}``; greedy decoding cut at the first stop string, scored by exact
+  match after normalisation: ends stripped, inner whitespace collapsed, case kept (metric ``exact_match``).
+* ``language_modeling``: ``{"text": str}``; scored by minus the mean per-token NLL (metric ``neg_nll``,
+  higher is better like every fitness here).
+
+The prompt shown to the model is ``prompt_template.format(**record)``, so a template may use any field of the
+record (default ``"{prompt}"``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evox_merge.util.hashing import file_sha256
+from evox_merge.util.errors import TaskFormatError
+
+TASK_TYPES = {
+    "multiple_choice": ("accuracy", "accuracy_norm"),
+    "generation": ("exact_match",),
+    "language_modeling": ("neg_nll",),
+}
+# The fields the prompt template uses are required as well (checked when the template is filled).
+REQUIRED_FIELDS = {
+    "multiple_choice": ("choices", "answer"),
+    "generation": ("answer",),
+    "language_modeling": ("text",),
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to score one task.
+
+    Attributes:
+        name: short unique name used in records and tables.
+        type: one of ``multiple_choice``, ``generation``, ``language_modeling``.
+        path: the JSONL file (validation split when searching).
+        metric: defaults to the type's first metric (``accuracy``, ``exact_match``, ``neg_nll``).
+        prompt_template: ``str.format`` template over the record's fields.
+        weight: weight of this task in the mean fitness.
+        max_new_tokens: generation only: decoding stops after this many tokens.
+        stop: generation only: the completion is cut at the first of these strings.
+        test_path: optional held-out split, scored only for reports, never for search.
+    """
+
+    name: str
+    type: str
+    path: str
+    metric: str = ""
+    prompt_template: str = "{prompt}"
+    weight: float = 1.0
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ("\n",)
+    test_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise TaskFormatError(
+                f"task {self.name!r}: field 'type' is {self.type!r}; expected one of {sorted(TASK_TYPES)}"
+            )
+        if not self.metric:
+            object.__setattr__(self, "metric", TASK_TYPES[self.type][0])
+        if self.metric not in TASK_TYPES[self.type]:
+            raise TaskFormatError(
+                f"task {self.name!r}: metric {self.metric!r} does not apply to type {self.type!r}; "
+                f"expected one of {TASK_TYPES[self.type]}"
+            )
+        if not self.weight >= 0:
+            raise TaskFormatError(f"task {self.name!r}: field 'weight' must be >= 0, got {self.weight}")
+        if self.max_new_tokens < 1:
+            raise TaskFormatError(f"task {self.name!r}: field 'max_new_tokens' must be >= 1")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def with_split(self, split: str) -> "TaskSpec":
+        """The same spec pointing at its ``validation`` (``path``) or ``test`` (``test_path``) file."""
+        if split == "validation":
+            return self
+        if split == "test":
+            if self.test_path is None:
+                raise TaskFormatError(f"task {self.name!r} has no 'test_path'")
+            return TaskSpec(**{**asdict(self), "path": self.test_path})
+        raise TaskFormatError(f"split must be 'validation' or 'test', got {split!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``stop`` as a list)."""
+        return {**asdict(self), "stop": list(self.stop)}
+
+    def file_hashes(self) -> dict[str, str]:
+        """SHA-256 of the task's files: ``{"sha256": validation}`` plus ``"test_sha256"`` where a test file is set."""
+        hashes = {"sha256": file_sha256(self.path)}
+        if self.test_path is not None:
+            hashes["test_sha256"] = file_sha256(self.test_path)
+        return hashes
+
+
+@dataclass(frozen=True)
+class Task:
+    """A spec with its records read and checked."""
+
+    spec: TaskSpec
+    records: list[dict[str, Any]] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
+    """Build a `TaskSpec` from a mapping; relative paths are resolved against `base_dir`."""
+    known = {f.name for f in fields(TaskSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TaskFormatError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    missing = [key for key in ("name", "type", "path") if key not in data]
+    if missing:
+        raise TaskFormatError(f"{where}: missing field(s) {missing}")
+    data = dict(data)
+    for key in ("path", "test_path"):
+        if data.get(key) is not None and base_dir is not None:
+            data[key] = str(Path(base_dir, data[key]))
+    return TaskSpec(**data)
+
+
+def load_task_specs(path: str | Path) -> list[TaskSpec]:
+    """Read a YAML or JSON file holding a list of task specs (or ``{"tasks": [...]}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFormatError(f"task spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TaskFormatError(f"{path}: not valid YAML/JSON: {error}") from error
+    if isinstance(data, dict):
+        data = data.get("tasks")
+    if not isinstance(data, list) or not data:
+        raise TaskFormatError(f"{path}: expected a non-empty list of task specs (or a 'tasks' key holding one)")
+    specs = [task_spec_from_dict(item, path.parent, f"{path} task #{i}") for i, item in enumerate(data)]
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise TaskFormatError(f"{path}: duplicate task name(s) {duplicates}")
+    return specs
+
+
+def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
+    """Read and check every line of ``spec.path``; errors name the file, the line and the field.
+
+    Args:
+        limit: keep only the first `limit` examples (every line is still checked).
+    """
+    path = Path(spec.path)
+    if not path.is_file():
+        raise TaskFormatError(f"task {spec.name!r}: file {path} does not exist")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TaskFormatError(f"{where}: malformed JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise TaskFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            records.append(_checked_record(record, spec, where))
+    if not records:
+        raise TaskFormatError(f"task {spec.name!r}: file {path} holds no examples")
+    return Task(spec, records[:limit])
+
+
+def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, Any]:
+    """Check one record's fields for its task type; normalise a multiple-choice answer to an index."""
+    for key in REQUIRED_FIELDS[spec.type]:
+        if key not in record:
+            raise TaskFormatError(f"{where}: missing field {key!r} (type {spec.type} needs {REQUIRED_FIELDS[spec.type]})")
+    try:
+        prompt = spec.prompt_template.format(**record) if spec.type != "language_modeling" else ""
+    except (KeyError, IndexError) as error:
+        raise TaskFormatError(f"{where}: prompt_template {spec.prompt_template!r} needs field {error}") from error
+    if spec.type == "language_modeling":
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise TaskFormatError(f"{where}: field 'text' must be a non-empty string")
+        return {"text": record["text"]}
+    if spec.type == "generation":
+        if not isinstance(record["answer"], str):
+            raise TaskFormatError(f"{where}: field 'answer' must be a string")
+        return {"prompt": prompt, "answer": record["answer"]}
+    choices = record["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise TaskFormatError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
+    answer = record["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        raise TaskFormatError(f"{where}: field 'answer' must be a choice index or one of the choices")
+    if isinstance(answer, str):
+        if answer not in choices:
+            raise TaskFormatError(f"{where}: answer {answer!r} is not one of the choices {choices}")
+        answer = choices.index(answer)
+    elif not 0 <= answer < len(choices):
+        raise TaskFormatError(f"{where}: answer index {answer} is outside the {len(choices)} choices")
+    return {"prompt": prompt, "choices": choices, "answer": answer}
