@@ -1,8 +1,10 @@
-"""EvoGM, Evolutionary Generative Merging (seeds/001, Algorithm 1), as an EvoX algorithm.
+"""EvoGM, Evolutionary Generative Merging (arXiv 2605.29295, Algorithm 1), as an EvoX algorithm.
 
 A learned operator replaces mutation: two MLP generators are fitted on the round's history of evaluated coefficient
 vectors, split into winners and losers, and the loser-to-winner generator maps the population to the next
-candidates. Every few generations the best N vectors become a new expert basis. See /work/shared/EVOGM.md.
+candidates. Every few generations the best N vectors become a new expert basis. `variant="paper"` is the faithful
+algorithm; the default variant adds switches beyond the paper (evogm_variants.py), each listed, marked *ours*, in the
+docstring of `EvoGM`.
 """
 
 from __future__ import annotations
@@ -15,154 +17,27 @@ from typing import Any
 import torch
 from evox.core import Algorithm, Mutable, Parameter
 
-from evox_merge.errors import MergeInputError
+from evox_merge.util.errors import MergeInputError
 
+from .common import coefficient_bounds, hybrid_population, rank_key, rank_order, split_winners_losers
+from .evogm_history import EvoGMHistory
+from .evogm_variants import (
+    EvoGMSwitches,
+    diverse_basis,
+    extrapolate_and_mutate,
+    replace_cached,
+    resolve_switches,
+    success_rule,
+)
 from .generators import GeneratorPair
 
-__all__ = [
-    "EvoGM",
-    "EvoGMHistory",
-    "coefficient_bounds",
-    "hybrid_population",
-    "rank_key",
-    "split_winners_losers",
-]
+__all__ = ["EvoGM", "EvoGMHistory", "EvoGMSwitches"]
 
 log = logging.getLogger(__name__)
 
 
-def coefficient_bounds(
-    num_experts: int, lb: float | torch.Tensor, ub: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coefficient box as two (N,) float32 CPU tensors, from scalars or (N,) tensors.
-
-    Raises:
-        MergeInputError: a bound of the wrong shape, or lb >= ub in some coordinate.
-    """
-    bounds = []
-    for name, value in (("lb", lb), ("ub", ub)):
-        tensor = torch.as_tensor(value, dtype=torch.float32, device="cpu").detach()
-        if tensor.ndim == 0:
-            tensor = tensor.expand(num_experts)
-        if tensor.shape != (num_experts,):
-            raise MergeInputError(
-                f"{name}: expected a float or a tensor of shape ({num_experts},), got {tuple(tensor.shape)}"
-            )
-        bounds.append(tensor.clone())
-    lower, upper = bounds
-    if not bool((lower < upper).all()):
-        raise MergeInputError(
-            f"lb/ub: expected lb < ub in every coordinate, got lb={lower.tolist()} ub={upper.tolist()}"
-        )
-    return lower, upper
-
-
-def hybrid_population(
-    num_experts: int, pop_size: int, lb: torch.Tensor, ub: torch.Tensor, rng: torch.Generator
-) -> torch.Tensor:
-    """EvoGM's initial population (seeds/001, "Population Initialization"), (P, N) float32 on CPU.
-
-    Rows: the uniform average (1/N each), the N one-hot vectors, then uniform random draws in [lb, ub]; truncated to P
-    rows and clipped into the box. The average comes first *(ours; the authors' code puts the one-hots first)*, so a
-    population smaller than N + 1 keeps the average merge, the strongest static baseline, and drops a one-hot.
-    """
-    average = torch.full((1, num_experts), 1.0 / num_experts, device="cpu")
-    one_hot = torch.eye(num_experts, device="cpu")
-    num_random = max(pop_size - num_experts - 1, 0)
-    random = lb + (ub - lb) * torch.rand(num_random, num_experts, generator=rng, device="cpu")
-    return torch.clamp(torch.cat([average, one_hot, random])[:pop_size], lb, ub)
-
-
-def rank_key(fitness: torch.Tensor) -> torch.Tensor:
-    """Fitness for ranking under minimisation: NaN and +-inf become +inf, so a failed evaluation always ranks last."""
-    return torch.where(torch.isfinite(fitness), fitness, torch.inf)
-
-
-def split_winners_losers(fitness: torch.Tensor, winner_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the winner set H+ and loser set H- of a history (seeds/001, "Winner-Loser Pairing").
-
-    H+ is the best floor(rho * |H|) entries (at least one, as in the authors' code) among those with finite fitness;
-    a NaN or infinite fitness never becomes a winner. H- is everything else. Ties keep evaluation order.
-
-    Args:
-        fitness: (H,) fitness under minimisation.
-        winner_ratio: rho in (0, 1).
-
-    Returns:
-        (winner_idx, loser_idx), int64 tensors; winner_idx is empty when no fitness is finite.
-    """
-    order = torch.argsort(rank_key(fitness), stable=True)
-    num_finite = int(torch.isfinite(fitness).sum())
-    num_winners = min(max(1, int(len(fitness) * winner_ratio)), num_finite)
-    return order[:num_winners], order[num_winners:]
-
-
-class EvoGMHistory:
-    """Every candidate EvoGM evaluated, in evaluation order; CPU tensors that grow by one population per step.
-
-    Attributes:
-        coefficients: (E, N) lambda, in the expert basis of the candidate's round.
-        original_coefficients: (E, N) c = M^T lambda in the original expert basis: exactly what the problem received.
-        fitness: (E,) fitness as the algorithm saw it. EvoX algorithms minimise, so under
-            `StdWorkflow(opt_direction="max")` (evox-merge's convention) this is minus the problem's score.
-            NaN and inf are kept as returned.
-        round: (E,) int64, 0-based round index.
-        iteration: (E,) int64, 0 for a round's initial population, t >= 1 for its t-th generated population.
-        generation: (E,) int64, the workflow step that evaluated it (0 is `init_step`).
-    """
-
-    _FIELDS = ("coefficients", "original_coefficients", "fitness", "round", "iteration", "generation")
-
-    def __init__(self, num_experts: int) -> None:
-        self.coefficients = torch.empty(0, num_experts, device="cpu")
-        self.original_coefficients = torch.empty(0, num_experts, device="cpu")
-        self.fitness = torch.empty(0, device="cpu")
-        self.round = torch.empty(0, dtype=torch.int64, device="cpu")
-        self.iteration = torch.empty(0, dtype=torch.int64, device="cpu")
-        self.generation = torch.empty(0, dtype=torch.int64, device="cpu")
-
-    def __len__(self) -> int:
-        return len(self.fitness)
-
-    def append(
-        self,
-        coefficients: torch.Tensor,
-        original_coefficients: torch.Tensor,
-        fitness: torch.Tensor,
-        round: int,
-        iteration: int,
-        generation: int,
-    ) -> None:
-        """Add one evaluated population: (P, N), (P, N), (P,) tensors and its labels."""
-        labels = {"round": round, "iteration": iteration, "generation": generation}
-        new = {"coefficients": coefficients, "original_coefficients": original_coefficients, "fitness": fitness}
-        for name, value in labels.items():
-            new[name] = torch.full((len(fitness),), value, dtype=torch.int64, device="cpu")
-        for name in self._FIELDS:
-            setattr(self, name, torch.cat([getattr(self, name), new[name].detach().cpu()]))
-
-    def of_round(self, round: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The archive H of one round: its coefficients (H, N) in that round's basis and their fitness (H,)."""
-        mask = self.round == round
-        return self.coefficients[mask], self.fitness[mask]
-
-    def records(self) -> list[dict[str, Any]]:
-        """One plain dict per evaluation (JSON-serialisable), with the same keys as the attributes."""
-        columns = [getattr(self, name).tolist() for name in self._FIELDS]
-        return [dict(zip(self._FIELDS, row)) for row in zip(*columns)]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The history as a dict of tensors (checkpointable with `torch.save`, loadable with `weights_only=True`)."""
-        return {name: getattr(self, name).clone() for name in self._FIELDS}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the history, in place, with one from `state_dict`."""
-        for name in self._FIELDS:
-            setattr(self, name, state[name].clone())
-
-
 class EvoGM(Algorithm):
-    """Evolutionary Generative Merging (Jiang et al., seeds/001, Algorithm 1) over N merge coefficients.
+    """Evolutionary Generative Merging (Jiang et al., arXiv 2605.29295, Algorithm 1) over N merge coefficients.
 
     One `step` is one generation of `pop_size` evaluations, so budgets compare with any EvoX algorithm by evaluations:
 
@@ -176,8 +51,30 @@ class EvoGM(Algorithm):
 
     A run of R rounds takes `generations_per_run = R * (T + 1)` steps (`init_step` included), that is
     `evaluations_per_run = P * R * (T + 1)` evaluations: 160 with the defaults, the count of the paper's Table 7.
-    Steps past that budget keep iterating in the last round (its history keeps growing), so a workflow with a
-    bigger budget does not fail.
+    Every step evaluates exactly P candidates, in every variant. Steps past that budget keep iterating in the last
+    round (its history keeps growing), so a workflow with a bigger budget does not fail.
+
+    **Variants.** `variant="paper"` is the algorithm above, exactly (a test pins it to a saved trajectory of the
+    code before the switches existed). `variant="default"` turns on the switches below, chosen by the measurements
+    in benchmarks/results/landscapes.md; any switch given to the constructor overrides the variant's value. Every
+    departure from the paper (*ours*):
+
+    * *ours* `extrapolation`: candidate x + beta (G_f(x) - x), beta ~ U(1, beta_max), not G_f(x). L_opt's minimiser
+      maps every loser to the winners' mean, so the paper's step contracts the population onto it (spread 0.45 ->
+      0.02 in one round, issue 12); overshooting keeps moving along the learned direction.
+    * *ours* `mutation`: plus sigma * L z, L L^T the winners' covariance (shape only), sigma by the 1/5 success rule
+      (success: a candidate beats its parent), reset to `initial_sigma` every round.
+    * *ours* `archive`: a candidate within `duplicate_tolerance` (original basis) of an evaluated vector is replaced
+      by a fresh one, never re-evaluated; at a basis shift the round's best P vectors are carried into the next
+      round with their scores (they join its history and population unevaluated), and the initial rows that repeat
+      them (the new one-hots are the old elites) are replaced by uniform draws.
+    * *ours* `task_arithmetic_scales`: round 0's initial population also holds s * ones for each scale s.
+    * *ours* `newer_ties`: equal fitness ranks the newer candidate first (split, selection, best, basis).
+    * *ours* `guarded_shift`: the next basis is built greedily from the round's ranked vectors, skipping those that
+      push its condition number over `max_condition` (the paper's top-N basis measured 7e3 to 5.6e5); with fewer
+      than N such vectors the basis is kept and the round restarts in it (`skipped_shifts`).
+    * *ours*, every variant: the average comes first in the initial population (`hybrid_population`), NaN/inf
+      fitness ranks last, the generators train on CPU on one thread.
 
     **Basis shift as a change of coordinates.** The algorithm keeps M_r, the (N, N) matrix whose rows are round r's
     experts written in the original experts (M_0 = I, M_{r+1} = Lambda_r M_r with Lambda_r the round's top-N
@@ -191,9 +88,10 @@ class EvoGM(Algorithm):
     vector while N finite ones exist. A round whose history has no finite fitness samples uniformly instead of
     training.
 
-    **Randomness.** Every random draw (random initial rows, generator weights, mini-batches) comes from one
-    `torch.Generator` seeded with `seed`, never from torch's global RNG, and the generators train single-threaded
-    on CPU, so a seed gives a bit-identical history on every run, whatever the problem does with the global RNG.
+    **Randomness.** Every random draw (initial rows, generator weights, mini-batches, extrapolation and mutation)
+    comes from one `torch.Generator` seeded with `seed`, never from torch's global RNG, and the generators train
+    single-threaded on CPU, so a seed gives a bit-identical history on every run, whatever the problem does with
+    the global RNG.
 
     **Inspecting a run** (read it from `workflow.algorithm`; the objects are shared with the instance passed in):
 
@@ -201,17 +99,18 @@ class EvoGM(Algorithm):
     * `bases`: list of the (N, N) basis matrices M_r, one per round begun, and `basis_records`: for each round,
       the history indices of the vectors that became its basis (empty for round 0);
     * `generator_log`: one dict per generated population: round, iteration, generation, `winners`/`losers` sizes,
-      `losses` ((train_steps, 3): total, cycle, optimisation-guided per Adam step) and `seconds` (training plus
-      generation wall time);
+      `losses` ((train_steps, 3): total, cycle, optimisation-guided per Adam step), `seconds` (training plus
+      generation wall time), `sigma` (mutation step used) and `replaced` (cached candidates replaced);
     * `pop`/`fit`: the current population (P, N) in the round's basis and its fitness; `record_step()` reports the
       population in the original basis;
-    * `best_coefficients`/`best_fitness`: the best evaluation so far, in the original basis.
+    * `best_coefficients`/`best_fitness`: the best evaluation so far, in the original basis;
+    * `switches`: the active `EvoGMSwitches`, `variant` its preset's name.
 
     **Checkpoints.** `state_dict()` carries the whole search state: `pop`/`fit` and the hyperparameters as buffers and
     parameters, and, through `get_extra_state`, the history, bases, generator log, generator weights with their Adam
-    state, and the RNG state. `torch.save(workflow.state_dict(), path)` during a run, then build the same algorithm
-    and workflow, `workflow.load_state_dict(torch.load(path, weights_only=True))` and keep stepping: the continuation
-    is identical to an uninterrupted run.
+    state, the carried elites, sigma and the RNG state. `torch.save(workflow.state_dict(), path)` during a run, then
+    build the same algorithm and workflow, `workflow.load_state_dict(torch.load(path, weights_only=True))` and keep
+    stepping: the continuation is identical to an uninterrupted run.
     """
 
     def __init__(
@@ -232,8 +131,19 @@ class EvoGM(Algorithm):
         ub: float | torch.Tensor = 1.0,
         seed: int = 0,
         device: torch.device | None = None,
+        variant: str = "default",
+        extrapolation: float | None = None,
+        mutation: bool | None = None,
+        initial_sigma: float | None = None,
+        archive: bool | None = None,
+        duplicate_tolerance: float | None = None,
+        task_arithmetic_scales: Sequence[float] | None = None,
+        newer_ties: bool | None = None,
+        guarded_shift: bool | None = None,
+        max_condition: float | None = None,
     ):
-        """Defaults are the authors' public settings (JiangTao97/evogm, config/method/evogm.yaml).
+        """Defaults are the authors' public settings (JiangTao97/evogm, config/method/evogm.yaml) plus the default
+        variant's switches; `variant="paper"` turns every switch off.
 
         Args:
             num_experts: N, the length of a coefficient vector.
@@ -256,6 +166,9 @@ class EvoGM(Algorithm):
             seed: seed of the algorithm's private `torch.Generator`.
             device: device of `pop`/`fit` and of the populations handed to the problem (default: torch's default).
                 The generators always train on CPU.
+            variant: "paper" (the faithful algorithm) or "default" (switches on); see `EvoGMSwitches`.
+            extrapolation, mutation, initial_sigma, archive, duplicate_tolerance, task_arithmetic_scales, newer_ties,
+                guarded_shift, max_condition: override the variant's switch (None keeps it); see `EvoGMSwitches`.
 
         Raises:
             MergeInputError: an argument outside its valid range.
@@ -265,6 +178,21 @@ class EvoGM(Algorithm):
         if not multi_round:
             num_rounds, iterations_per_round = 1, num_rounds * (iterations_per_round + 1) - 1
         _validate(num_experts, pop_size, num_rounds, iterations_per_round, winner_ratio, hidden_sizes, train_steps)
+        self.variant = variant
+        self.switches = resolve_switches(
+            variant,
+            {
+                "extrapolation": extrapolation,
+                "mutation": mutation,
+                "initial_sigma": initial_sigma,
+                "archive": archive,
+                "duplicate_tolerance": duplicate_tolerance,
+                "task_arithmetic_scales": task_arithmetic_scales,
+                "newer_ties": newer_ties,
+                "guarded_shift": guarded_shift,
+                "max_condition": max_condition,
+            },
+        )
         self.num_experts = num_experts
         self.pop_size = pop_size
         self.num_rounds = num_rounds
@@ -284,8 +212,13 @@ class EvoGM(Algorithm):
         self.history = EvoGMHistory(num_experts)
         self.bases: list[torch.Tensor] = [torch.eye(num_experts, device="cpu")]
         self.basis_records: list[list[int]] = [[]]
+        self.skipped_shifts: list[int] = []
         self.generator_log: list[dict[str, Any]] = []
         self._evaluating: tuple[torch.Tensor, int] = (torch.empty(0, num_experts, device="cpu"), 0)
+        # Archive switch: the elites carried into the current round (history indices, lambda in its basis).
+        self._carried_index = torch.empty(0, dtype=torch.int64, device="cpu")
+        self._carried_coefficients = torch.empty(0, num_experts, device="cpu")
+        self._sigma = self.switches.initial_sigma
         self.pop = Mutable(torch.zeros(pop_size, num_experts, device=device))
         self.fit = Mutable(torch.full((pop_size,), torch.inf, device=device))
 
@@ -312,12 +245,17 @@ class EvoGM(Algorithm):
     @property
     def best_coefficients(self) -> torch.Tensor:
         """(N,) original-basis coefficients of the best evaluation so far (NaN/inf fitness ranked last)."""
-        return self.history.original_coefficients[int(torch.argmin(rank_key(self.history.fitness)))]
+        return self.history.original_coefficients[self._best_index()]
 
     @property
     def best_fitness(self) -> torch.Tensor:
         """Scalar fitness of `best_coefficients`, under minimisation (minus the score with opt_direction="max")."""
-        return self.history.fitness[int(torch.argmin(rank_key(self.history.fitness)))]
+        return self.history.fitness[self._best_index()]
+
+    def _best_index(self) -> int:
+        if self.switches.newer_ties:
+            return int(rank_order(self.history.fitness, newer_first=True)[0])
+        return int(torch.argmin(rank_key(self.history.fitness)))
 
     def init_step(self) -> None:
         """Evaluate round 0's initial population (P evaluations) and start its generators."""
@@ -340,27 +278,48 @@ class EvoGM(Algorithm):
         """The current population in the original expert basis (P, N) and its fitness (P,), for EvoX monitors."""
         return {"pop": self.pop @ self.bases[-1].to(self.pop.device), "fit": self.fit}
 
-    def candidate_context(self) -> dict[str, Any]:
-        """Annotations of the population being evaluated, one list entry per candidate where they differ.
+    def candidate_annotations(self) -> dict[str, Any]:
+        """Annotations of the population evaluated in the last step (`evox_merge.algorithms.common` protocol).
 
-        Called by evox-merge's `SearchMonitor` while the population is evaluated, for records.jsonl: the round,
-        the iteration, each candidate's coefficients in the round's basis, and (from round 1 on) `basis_records`,
-        the evaluation indices (record ids) of the N vectors that form the round's basis.
+        The round, the iteration, each candidate's coefficients in the round's basis and (from round 1 on)
+        ``basis_records``, the evaluation indices (record ids) of the N vectors that form the round's basis.
         """
         coefficients, iteration = self._evaluating
-        context: dict[str, Any] = {
+        annotations: dict[str, Any] = {
             "round": self.current_round,
             "iteration": iteration,
             "coefficients_round_basis": coefficients.tolist(),
         }
         if self.current_round > 0:
-            context["basis_records"] = [self.basis_records[-1]] * len(coefficients)
-        return context
+            annotations["basis_records"] = [self.basis_records[-1]] * len(coefficients)
+        return annotations
+
+    def recipe_facts(self) -> dict[str, Any]:
+        """For recipe.json: every round's basis (rows in the original expert basis), the records behind it, the
+        variant and its switches, and the rounds whose guarded basis shift kept the old basis."""
+        return {
+            "round_bases": [basis.tolist() for basis in self.bases],
+            "basis_records": self.basis_records,
+            "variant": self.variant,
+            "switches": self.switches.as_dict(),
+            "skipped_shifts": list(self.skipped_shifts),
+        }
+
+    # --- rounds -----------------------------------------------------------------------------------------------
 
     def _begin_round(self) -> None:
-        population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng)
+        scales = self.switches.task_arithmetic_scales if self.current_round == 0 else ()
+        population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng, scales)
+        if self.switches.archive:
+            population = self._replace_cached(population, around=False)
         fitness = self._evaluate_and_record(population, iteration=0)
+        if len(self._carried_index):
+            population = torch.cat([self._carried_coefficients, population])
+            fitness = torch.cat([self.history.fitness[self._carried_index], fitness])
+            keep = rank_order(fitness, self.switches.newer_ties)[: self.pop_size]
+            population, fitness = population[keep], fitness[keep]
         self._set_population(population, fitness)
+        self._sigma = self.switches.initial_sigma
         self._generators.reset(float(self.lr), self._rng)
         log.info(
             "EvoGM round %d/%d: initial population evaluated, best fitness %.6g (minimised)",
@@ -369,28 +328,88 @@ class EvoGM(Algorithm):
             float(rank_key(fitness).min()),
         )
 
-    def _shift_basis(self) -> None:
+    def _round_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The round's archive H: history indices (H,), lambda in the round's basis (H, N), fitness (H,); the carried
+        elites first (older), then the round's evaluations in order."""
         in_round = torch.nonzero(self.history.round == self.current_round).squeeze(1)
-        elite = in_round[torch.argsort(rank_key(self.history.fitness[in_round]), stable=True)[: self.num_experts]]
-        self.bases.append(self.history.coefficients[elite] @ self.bases[-1])  # rows: the round's top-N vectors
-        self.basis_records.append(elite.tolist())
+        index = torch.cat([self._carried_index, in_round])
+        coefficients = torch.cat([self._carried_coefficients, self.history.coefficients[in_round]])
+        return index, coefficients, self.history.fitness[index]
+
+    def _shift_basis(self) -> None:
+        index, coefficients, fitness = self._round_data()
+        order = rank_order(fitness, self.switches.newer_ties)
+        if self.switches.guarded_shift:
+            chosen = diverse_basis(
+                self.history.original_coefficients[index], order, self.num_experts, self.switches.max_condition
+            )
+        else:
+            chosen = order[: self.num_experts].tolist()
+        if chosen is None:
+            log.info("EvoGM round %d: no well-conditioned basis among its vectors, basis kept", self.current_round + 1)
+            self.skipped_shifts.append(self.current_round + 1)
+            self.bases.append(self.bases[-1].clone())
+            self.basis_records.append(list(self.basis_records[-1]))
+        else:
+            # Rows: the chosen vectors (round-basis lambda) written in the original experts.
+            self.bases.append(coefficients[chosen] @ self.bases[-1])
+            self.basis_records.append(index[chosen].tolist())
+        if self.switches.archive:
+            carried = index[order[: self.pop_size]]
+            carried = carried[torch.isfinite(self.history.fitness[carried])]
+            self._carried_index = carried
+            self._carried_coefficients = torch.linalg.lstsq(
+                self.bases[-1].double().T, self.history.original_coefficients[carried].double().T
+            ).solution.T.float()
+
+    # --- generation -------------------------------------------------------------------------------------------
 
     def _generate(self) -> None:
         iteration = self.current_iteration + 1
-        coefficients, fitness = self.history.of_round(self.current_round)
-        winners, losers = split_winners_losers(fitness, float(self.winner_ratio))
+        _, coefficients, fitness = self._round_data()
+        winners, losers = split_winners_losers(fitness, float(self.winner_ratio), self.switches.newer_ties)
+        replaced = 0
         if len(winners) == 0:
             log.warning("EvoGM round %d: no finite fitness yet, sampling uniformly", self.current_round + 1)
             draws = torch.rand(self.pop_size, self.num_experts, generator=self._rng, device="cpu")
             candidates = self.lb + (self.ub - self.lb) * draws
         else:
             candidates = self._train_and_generate(coefficients[winners], coefficients[losers], iteration)
+            candidates = self._perturb(candidates, coefficients[winners])
         candidates = torch.clamp(candidates, self.lb, self.ub)
+        if self.switches.archive:
+            fresh = self._replace_cached(candidates, around=True)
+            replaced = int((fresh != candidates).any(-1).sum())
+            candidates = fresh
         new_fitness = self._evaluate_and_record(candidates, iteration)
+        if len(winners) > 0 and self.generator_log:
+            self.generator_log[-1].update(sigma=self._sigma, replaced=replaced)
+        if self.switches.mutation and len(winners) > 0:
+            success = (rank_key(new_fitness) < rank_key(self.fit.cpu())).float().mean()
+            self._sigma = success_rule(self._sigma, float(success))
         pool = torch.cat([self.pop.cpu(), candidates])
         pool_fitness = torch.cat([self.fit.cpu(), new_fitness])
-        keep = torch.argsort(rank_key(pool_fitness), stable=True)[: self.pop_size]
+        keep = rank_order(pool_fitness, self.switches.newer_ties)[: self.pop_size]
         self._set_population(pool[keep], pool_fitness[keep])
+
+    def _perturb(self, generated: torch.Tensor, winners: torch.Tensor) -> torch.Tensor:
+        """Extrapolation and mutation switches, in the generators' [-1, 1] coordinates; the identity when off."""
+        if not (self.switches.extrapolation or self.switches.mutation):
+            return generated
+        parents, winners = self._to_generator_space(self.pop.cpu()), self._to_generator_space(winners)
+        targets = self._to_generator_space(generated)
+        sigma = self._sigma if self.switches.mutation else 0.0
+        return self._from_generator_space(
+            extrapolate_and_mutate(parents, targets, winners, self.switches.extrapolation, sigma, self._rng)
+        )
+
+    def _replace_cached(self, candidates: torch.Tensor, around: bool) -> torch.Tensor:
+        """Archive switch: rows already evaluated (original basis) become fresh candidates; see `replace_cached`."""
+        step = max(self._sigma, 0.05) * self._half_width if around else None
+        return replace_cached(
+            candidates, self.bases[-1], self.history.original_coefficients, self.switches.duplicate_tolerance,
+            self.lb, self.ub, step, self._rng,
+        )
 
     def _train_and_generate(self, winners: torch.Tensor, losers: torch.Tensor, iteration: int) -> torch.Tensor:
         start = time.perf_counter()
@@ -457,8 +476,12 @@ class EvoGM(Algorithm):
             "history": self.history.state_dict(),
             "bases": [basis.clone() for basis in self.bases],
             "basis_records": [list(records) for records in self.basis_records],
+            "skipped_shifts": list(self.skipped_shifts),
             "generator_log": [dict(entry) for entry in self.generator_log],
             "generators": self._generators.state_dict(),
+            "carried_index": self._carried_index.clone(),
+            "carried_coefficients": self._carried_coefficients.clone(),
+            "sigma": self._sigma,
             "rng": self._rng.get_state(),
         }
 
@@ -467,8 +490,12 @@ class EvoGM(Algorithm):
         self.history.load_state_dict(state["history"])
         self.bases[:] = [basis.clone() for basis in state["bases"]]
         self.basis_records[:] = [list(records) for records in state["basis_records"]]
+        self.skipped_shifts[:] = list(state["skipped_shifts"])
         self.generator_log[:] = [dict(entry) for entry in state["generator_log"]]
         self._generators.load_state_dict(state["generators"])
+        self._carried_index = state["carried_index"].clone()
+        self._carried_coefficients = state["carried_coefficients"].clone()
+        self._sigma = float(state["sigma"])
         self._rng.set_state(state["rng"])
 
 
