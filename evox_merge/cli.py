@@ -41,7 +41,9 @@ def _search(args: argparse.Namespace) -> None:
 def _summary_table(result) -> str:
     """The release beside the baselines, mean score per split, and where the files are."""
     splits = list(next(iter(result.scores.values())))
-    lines = [f"Results in {result.output_dir} (model card: README.md, provenance: recipe.json)", ""]
+    won = "a static merge won the selection" if not result.release.startswith("record:") else "a searched candidate"
+    lines = [f"Results in {result.output_dir} (model card: README.md, provenance: recipe.json)",
+             f"Released: {result.release} ({won}); raw mean score per split:", ""]
     lines.append(f"{'merge':<18}" + "".join(f"{split + ' mean':>18}" for split in splits))
     for merge, by_split in result.scores.items():
         cells = "".join(
@@ -55,12 +57,16 @@ def _apply(args: argparse.Namespace) -> None:
     import torch
 
     from evox_merge.experts import ExpertSet
-    from evox_merge.run.release import write_full_model, write_lora_adapter
+    from evox_merge.problems.static_merges import StaticMerge
+    from evox_merge.run.release import write_merge
 
     if args.run is not None:
         recipe = json.loads(Path(args.run, "recipe.json").read_text())
         base, experts = recipe["base_model"]["path"], [expert["path"] for expert in recipe["experts"]]
-        coefficients = recipe["best"]["coefficients"]
+        coefficients = recipe["release"]["coefficients"]
+        if coefficients is None:
+            raise EvoxMergeError(f"{args.run}: the release is the static merge {recipe['release']['name']!r} (dense "
+                                 f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
     else:
         if not (args.base and args.experts and args.coefficients):
             raise EvoxMergeError("apply needs --run DIR, or --base, --experts and --coefficients")
@@ -69,10 +75,8 @@ def _apply(args: argparse.Namespace) -> None:
     expert_set = ExpertSet.load(base, experts)
     if len(coefficients) != expert_set.num_experts:
         raise EvoxMergeError(f"--coefficients has {len(coefficients)} values for {expert_set.num_experts} experts")
-    tensor = torch.tensor(coefficients)
-    info = write_lora_adapter(expert_set, tensor, Path(args.out) / "adapter", args.rank)
-    if args.full_model:
-        write_full_model(expert_set, tensor, Path(args.out) / "model")
+    merge = StaticMerge("apply", {"coefficients": coefficients}, coefficients=torch.tensor(coefficients))
+    info = write_merge(expert_set, merge, Path(args.out), args.rank, full_model=args.full_model)
     print(f"wrote {args.out}/adapter (max relative error {info['max_relative_error']:.3g})"
           + (f" and {args.out}/model" if args.full_model else ""))
 

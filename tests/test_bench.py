@@ -45,6 +45,8 @@ def test_sweep_runs_every_cell_with_equal_budgets_and_resumes(tiny_setup, tmp_pa
     assert all(r["algorithm_seconds"] >= 0 and r["evaluation_seconds"] > 0 for r in searches)
     text = results.read_text()
     assert "## multi_task_unseen, budget `large`" in text and "p (EvoGM vs this)" in text
+    assert "| evogm (product) |" in text and "| random (product) |" in text
+    assert all(r["selection"] is not None and r["pick"].startswith("record:") for r in searches)
     assert (tmp_path / "out" / "convergence_single_task_unseen_paper.png").stat().st_size > 0
     before = (tmp_path / "out" / "rows.jsonl").read_text()
     run_sweep(path, progress=False)
@@ -62,6 +64,21 @@ def test_bad_sweep_config_names_the_key(tmp_path):
     (tmp_path / "bad.yaml").write_text("methods: [evogm, hillclimb]\nseedz: [1]\n")
     with pytest.raises(MergeInputError, match=r"seedz: unknown key.*|.*hillclimb.*"):
         load_sweep_config(tmp_path / "bad.yaml")
+
+
+def test_product_takes_whichever_wins_the_selection_part():
+    from benchmarks.sweep.report import product_rows
+
+    def row(method, seed, selection, test, evaluations=None):
+        return {"setting": "s", "tasks": ["a", "b"], "method": method, "seed": seed, "evaluations": evaluations,
+                "selection": selection, "test": test, "test_normalised": test}
+
+    rows = [row("evogm", 0, 0.70, 0.60, 16), row("evogm", 1, 0.50, 0.55, 16), row("task_arithmetic", 0, 0.60, 0.58),
+            row("dare", 0, 0.90, 0.40), row("dare", 1, 0.10, 0.10), row("ties", 0, 0.65, 0.99)]
+    products = {r["seed"]: r for r in product_rows(rows, ["task_arithmetic", "dare"])}
+    assert products[0]["winner"] == "dare" and products[0]["test"] == 0.40  # dare of seed 0 beats the pick
+    assert products[1]["winner"] == "task_arithmetic" and products[1]["test"] == 0.58  # ties is not a rival
+    assert {r["method"] for r in products.values()} == {"evogm (product)"}
 
 
 def test_welch_p_value():

@@ -26,8 +26,9 @@ def test_search_zoo_runs_end_to_end_and_prints_the_comparison(micro_cache, tmp_p
     assert main(["search", "--zoo", "--preset", "micro", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert f"Results in {tmp_path / 'run'}" in printed
-    for merge in ("release", "base", "best_single", "task_arithmetic"):
-        assert re.search(rf"^{merge}\s+\d\.\d{{4}}\s+\d\.\d{{4}}$", printed, re.MULTILINE), merge
+    assert re.search(r"^Released: (record:\d+|[a-z_]+) \(", printed, re.MULTILINE)
+    for merge in ("release", "best_searched", "base", "best_single", "task_arithmetic", "ties"):  # search, selection, test
+        assert re.search(rf"^{merge}\s+\d\.\d{{4}}\s+\d\.\d{{4}}\s+\d\.\d{{4}}$", printed, re.MULTILINE), merge
     recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert recipe["search"]["evaluations"] == 16 * 8  # P = 2N = 16, 2 rounds x (1 + 3) generations
 

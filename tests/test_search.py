@@ -72,7 +72,11 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert recipe["best"]["coefficients"] == result.best_coefficients
     assert len(recipe["experts"]) == 4 and all(len(e["sha256"]) == 64 for e in recipe["experts"])
     assert recipe["search"]["evaluations"] == 24 and len(recipe["search"]["algorithm_facts"]["round_bases"]) == 2
-    assert {"release", "base", "best_single", "task_arithmetic"} <= set(recipe["evaluation"]["scores"])
+    scores = recipe["evaluation"]["scores"]
+    assert {"release", "best_searched", "base", "best_single", "task_arithmetic", "ties", "dare"} <= set(scores)
+    assert set(scores["release"]) == {"search", "selection", "test"}
+    assert recipe["release"]["name"] in [c["name"] for c in recipe["selection"]["candidates"]]
+    assert recipe["normalisation"]["mode"] == "base_best_single"
     kinds = {node["kind"] for node in recipe["lineage"]["nodes"]}
     assert kinds == {"expert", "basis vector", "release"}
     assert "Intended use:** tests" in (out / "README.md").read_text()
@@ -82,9 +86,10 @@ def test_released_adapter_and_model_reproduce_the_recorded_scores(finished_run, 
     result, _ = finished_run
     spec_file = tmp_path / "tasks.yaml"
     spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
-    recorded = result.scores["release"]["validation"]
-    adapter_scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=result.output_dir / "best" / "adapter")
-    model_scores = evaluate_model(result.output_dir / "best" / "model", spec_file)
+    recorded = result.scores["release"]["test"]
+    adapter_scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=result.output_dir / "best" / "adapter",
+                                    split="test")
+    model_scores = evaluate_model(result.output_dir / "best" / "model", spec_file, split="test")
     for name in ("choice", "copy", "text"):
         assert adapter_scores[name] == pytest.approx(recorded[name], abs=1e-5)
         assert model_scores[name] == pytest.approx(recorded[name], abs=1e-5)

@@ -5,25 +5,9 @@
 Resumable: rerun the same command and finished cells are skipped. Needs the ``bench`` extra (scipy).
 """
 
-import argparse
 import sys
 
-from benchmarks.sweep.runner import run_sweep
-from evox_merge.util.errors import EvoxMergeError
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="sweep config (YAML)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        print(f"sweep results in {run_sweep(args.config, progress=not args.quiet)}")
-    except EvoxMergeError as error:
-        print(f"sweep: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
+from evox_merge.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

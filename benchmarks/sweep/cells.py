@@ -13,10 +13,11 @@ from evox.core import Algorithm
 from benchmarks.sweep.config import STATIC_METHODS, BudgetSpec, SetupConfig, SweepConfig
 from benchmarks.sweep.setup import BenchSetup, load_setup
 from evox_merge.problems.merge_problem import MergeProblem
-from evox_merge.problems.static_merges import tune_static_merge
+from evox_merge.problems.normalisation import TaskNormalisation, anchor_normalisation
 from evox_merge.run.loop import search
 from evox_merge.run.registry import build_algorithm, is_evogm
-from evox_merge.tasks import Task, read_task
+from evox_merge.run.selection import searched_candidates, select_release, static_candidates
+from evox_merge.tasks import read_task, split_task
 from evox_merge.util.errors import MergeInputError
 
 
@@ -83,39 +84,64 @@ def _cached_setup(setup_json: str) -> BenchSetup:
     return load_setup(SetupConfig.model_validate_json(setup_json))
 
 
-def _tasks(setup: BenchSetup, names: tuple[str, ...], split: str, limit: int | None) -> list[Task]:
-    return [read_task(setup.specs[name].with_split(split), limit if split == "validation" else None)
-            for name in names]
+def _problems(setup: BenchSetup, config: SweepConfig, names: tuple[str, ...]):
+    """Search part, selection part (None without one) and test problems of a task group, sharing one
+    normalisation anchored on the search part (measured once per worker process and task group)."""
+    parts = [split_task(read_task(setup.specs[name]), config.selection_fraction, config.max_validation_examples)
+             for name in names]
+    search_problem = MergeProblem(setup.experts, [search for search, _ in parts], batch_size=config.batch_size)
+    selection = None
+    if config.selection_fraction > 0:
+        selection = MergeProblem(setup.experts, [sel for _, sel in parts], batch_size=config.batch_size)
+    test = MergeProblem(setup.experts, [read_task(setup.specs[name].with_split("test")) for name in names],
+                        batch_size=config.batch_size)
+    if config.normalise != "none":
+        if names not in _NORMALISATIONS:
+            _NORMALISATIONS[names] = anchor_normalisation(search_problem)
+        for problem in (search_problem, selection, test):
+            if problem is not None:
+                problem.normalise(_NORMALISATIONS[names])
+    return search_problem, selection, test
+
+
+_NORMALISATIONS: dict[tuple[str, ...], TaskNormalisation] = {}
 
 
 def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
-    """Run one cell and return its row: validation and test score of its choice, curve, cost."""
+    """Run one cell and return its row.
+
+    A static merge is tuned on the search part. A search runs on the search part; its pick is the best of its
+    ``selection_top_k`` candidates on the selection part (the algorithm alone; the report adds the product, the
+    pick against the static merges). Rows hold ``validation`` (search-part fitness), ``selection`` (selection-part
+    fitness of the pick), ``test`` (raw weighted mean of test scores) and ``test_normalised``.
+    """
     torch.set_num_threads(1)
     started = time.perf_counter()
     setup = _cached_setup(config.setup.model_dump_json())
-    validation = MergeProblem(setup.experts, _tasks(setup, cell.tasks, "validation", config.max_validation_examples),
-                              batch_size=config.batch_size)
-    test = MergeProblem(setup.experts, _tasks(setup, cell.tasks, "test", None), batch_size=config.batch_size)
+    search_problem, selection, test = _problems(setup, config, cell.tasks)
     torch.manual_seed(cell.seed)
     row: dict[str, Any] = asdict(cell)
     if cell.method in STATIC_METHODS:
-        merge = tune_static_merge(cell.method, validation, cell.seed)
-        test_scores = merge.score(test)
-        row.update(validation=merge.fitness, evaluations=None, curve=None, evaluation_seconds=None,
-                   settings=merge.settings)
+        candidate = static_candidates(search_problem, [cell.method], seed=cell.seed)[0]
+        select_release([candidate], selection)
+        row.update(validation=candidate.search_fitness, evaluations=None, curve=None, evaluation_seconds=None,
+                   settings=candidate.merge.settings)
     else:
         algorithm, generations = build_search_algorithm(cell.method, setup.experts.num_experts,
                                                         config.budgets[cell.budget], cell.seed, config.evogm_params)
         search_started = time.perf_counter()
-        monitor = search(algorithm, validation, generations)
+        monitor = search(algorithm, search_problem, generations)
         search_seconds = time.perf_counter() - search_started
-        best = torch.tensor(monitor.best_record()["coefficients"])
-        test_scores = test.evaluate_per_task(best.unsqueeze(0))[0]
+        candidate = select_release(searched_candidates(monitor.records, config.selection_top_k), selection)
         curve = monitor.best_so_far()
         row.update(validation=curve[-1], evaluations=len(curve), curve=curve, search_seconds=search_seconds,
                    evaluation_seconds=monitor.evaluation_seconds,
-                   algorithm_seconds=search_seconds - monitor.evaluation_seconds, coefficients=best.tolist())
-    row["test"] = float(test.aggregate(test_scores.unsqueeze(0))[0])
+                   algorithm_seconds=search_seconds - monitor.evaluation_seconds,
+                   coefficients=candidate.merge.coefficients.tolist(), pick=candidate.name)
+    test_scores = candidate.merge.score(test)
+    row["selection"] = candidate.selection_fitness
+    row["test"] = float(test_scores.double() @ test.task_weights)
+    row["test_normalised"] = float(test.aggregate(test_scores.unsqueeze(0))[0])
     row["test_tasks"] = dict(zip(test.task_names, test_scores.tolist()))
     row["wall_seconds"] = time.perf_counter() - started
     return row

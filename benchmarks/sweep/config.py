@@ -57,6 +57,9 @@ class SweepConfig(_Strict):
     """A grid of settings x methods x seeds x budgets, all searches of a budget getting the same evaluations.
 
     ``evogm_params`` go to EvoGM and its ablations (e.g. ``train_steps``); the budget fixes P, R and T.
+    Validation files are split as in a search run (``selection_fraction``, the search part capped at
+    ``max_validation_examples``, ``normalise``: `evox_merge.run.config.SearchConfig`); the report's product rows
+    pit each search's pick against those of ``product_statics`` that are in ``methods``, on the selection part.
     Budgets other than ``paper`` run in ``large_budget_settings`` for ``large_budget_methods`` (default: every
     search method); ``single_task_unseen`` searches each of ``single_task_tasks`` (default: every unseen task).
     """
@@ -71,6 +74,10 @@ class SweepConfig(_Strict):
     single_task_tasks: list[str] | None = None
     evogm_params: dict = Field(default_factory=dict)
     max_validation_examples: int | None = Field(default=None, ge=1)
+    selection_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
+    selection_top_k: int = Field(default=5, ge=1)
+    normalise: Literal["base_best_single", "none"] = "base_best_single"
+    product_statics: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "model_soup", "best_single"])
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=2, ge=1)
     output_dir: str = "benchmarks/results/sweep"

@@ -73,7 +73,8 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Pat
                                      "workers": config.workers}) + "\n")
     wanted = {cell.key for cell in cells}
     rows = [row for key, row in _finished(rows_path).items() if key in wanted]
-    return write_report(rows, config.methods, out, _preamble(config, setup, _invocations(out / TIMING_NAME)))
+    return write_report(rows, config.methods, out, _preamble(config, setup, _invocations(out / TIMING_NAME)),
+                        config.product_statics)
 
 
 def _relative_cost(cell: Cell, config: SweepConfig) -> int:
@@ -115,9 +116,12 @@ def _preamble(config: SweepConfig, setup, invocations: list[dict]) -> str:
     return f"""# Benchmark sweep
 
 {setup.experts.num_experts} experts; seen tasks {setup.seen}; unseen tasks {setup.unseen}.
-Budgets per search: {budgets}. Seeds {config.seeds}. Validation examples per task:
-{config.max_validation_examples or "all"}. Static merges are tuned on validation too (best single expert, task
-arithmetic / TIES / DARE scaling from a grid). Running the cells took {_timing_summary(invocations)}.
+Budgets per search: {budgets}. Seeds {config.seeds}. Each validation file is split into a selection part
+({config.selection_fraction:.0%} of it) and a search part (at most {config.max_validation_examples or "all"} examples
+per task); fitness is the {config.normalise} normalised mean. Static merges are tuned on the search part too (best
+single expert, task arithmetic / TIES / DARE scaling from a grid); each search's pick is the best of its
+{config.selection_top_k} best candidates on the selection part. Test scores are raw means over every test example.
+Running the cells took {_timing_summary(invocations)}.
 Exact config: `config.yaml`.
 
 Machine:

@@ -12,6 +12,7 @@ from evox.core import Problem
 from evox_merge.util.errors import MergeInputError
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.merger import shared_merger
+from evox_merge.problems.normalisation import TaskNormalisation, identity_normalisation
 from evox_merge.tasks.scoring import build_scorer
 from evox_merge.tasks import Task, TaskSpec, read_task
 
@@ -64,6 +65,15 @@ class MergeProblem(Problem):
         device = next(experts.model.parameters()).device
         self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device) for task in self.tasks]
         self.merger = shared_merger(experts)
+        self.normalisation = identity_normalisation(self.task_names)
+
+    def normalise(self, normalisation: TaskNormalisation) -> "MergeProblem":
+        """Use `normalisation` in the fitness from now on (its tasks must be this problem's); returns self."""
+        if list(normalisation.task_names) != self.task_names:
+            raise MergeInputError(f"normalisation is for tasks {list(normalisation.task_names)}, "
+                                  f"this problem scores {self.task_names}")
+        self.normalisation = normalisation
+        return self
 
     @property
     def num_experts(self) -> int:
@@ -107,8 +117,10 @@ class MergeProblem(Problem):
             self.merger.restore()
 
     def aggregate(self, task_scores: torch.Tensor) -> torch.Tensor:
-        """Weighted mean over tasks, ``(P, K)`` -> ``(P,)``; NaN rows become `invalid_fitness` with a warning."""
-        fitness = task_scores @ self.task_weights
+        """Weighted mean of the normalised task scores, ``(P, K)`` raw -> ``(P,)`` (see
+        `evox_merge.problems.normalisation`; raw scores unless `normalise` was called); NaN rows become
+        `invalid_fitness` with a warning."""
+        fitness = self.normalisation.apply(task_scores) @ self.task_weights
         invalid = torch.isnan(fitness)
         if invalid.any():
             logger.warning(
@@ -122,7 +134,7 @@ class MergeProblem(Problem):
         """The fitness `evaluate` returns for per-task scores ``(P, K)``: the weighted mean ``(P,)`` (or, with
         ``per_task_fitness``, the scores with NaN as `invalid_fitness`), on `like`'s device and float dtype."""
         if self.per_task_fitness:
-            fitness = task_scores.nan_to_num(nan=self.invalid_fitness)
+            fitness = self.normalisation.apply(task_scores).nan_to_num(nan=self.invalid_fitness)
         else:
             fitness = self.aggregate(task_scores)
         if like is None:

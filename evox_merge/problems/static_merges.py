@@ -8,6 +8,7 @@ small grid, the best expert) is chosen on the problem's tasks, i.e. on validatio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -35,8 +36,8 @@ class StaticMerge:
 
     name: str
     settings: dict
-    validation_scores: torch.Tensor
-    fitness: float
+    validation_scores: torch.Tensor | None = field(default=None, repr=False)
+    fitness: float = math.nan
     coefficients: torch.Tensor | None = None
     deltas: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 

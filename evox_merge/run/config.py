@@ -84,7 +84,11 @@ class BudgetConfig(_Strict):
 
 
 class ReleaseConfig(_Strict):
-    """What the release packet holds besides the recipe and the merged LoRA adapter."""
+    """What the release packet holds besides the recipe and the merged LoRA adapter.
+
+    ``baselines``: the static merges (`evox_merge.problems.static_merges.STATIC_MERGES`) compete with the searched
+    candidates on the selection part and are reported beside the release.
+    """
 
     full_model: bool = False
     adapter_rank: int | None = Field(default=None, ge=1)
@@ -94,8 +98,11 @@ class ReleaseConfig(_Strict):
 class SearchConfig(_Strict):
     """Everything one search needs; paths are resolved against the config file's folder.
 
-    ``max_validation_examples`` searches on the first k examples of each validation file (faster candidates);
-    the release is still scored on whole validation and test files.
+    Each validation file is split into a search part and a selection part (``selection_fraction`` of its
+    examples, shuffled by the task's name: `evox_merge.tasks.split_task`). The search sees only the search part
+    (at most ``max_validation_examples`` of it); the release is the best of the search's ``selection_top_k``
+    candidates and the static merges on the selection part (`evox_merge.run.selection`). ``normalise`` puts every
+    task on one scale before the weighted mean (`evox_merge.problems.normalisation`).
     """
 
     base: str
@@ -109,6 +116,9 @@ class SearchConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=32, ge=1)
     max_validation_examples: int | None = Field(default=None, ge=1)
+    selection_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
+    selection_top_k: int = Field(default=5, ge=1)
+    normalise: Literal["base_best_single", "none"] = "base_best_single"
     output_dir: str = "runs/search"
     intended_use: str = "Not stated in the search config."
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)

@@ -11,6 +11,7 @@ from evox.core import Algorithm
 from evox_merge.algorithms.common import RecipeFacts
 from evox_merge.run.config import SearchConfig
 from evox_merge.experts import ExpertSet
+from evox_merge.problems.normalisation import TaskNormalisation
 from evox_merge.tasks import TaskSpec
 
 OPERATOR = "linear task arithmetic in LoRA factor space: W = W0 + sum_i c_i * s_i * B_i A_i per target layer"
@@ -40,8 +41,18 @@ def tokenizer_check(experts: ExpertSet) -> dict[str, Any]:
     }
 
 
-def lineage(records: list[dict[str, Any]], best: dict[str, Any], expert_names: list[str]) -> dict[str, Any]:
-    """A DAG from the experts through each round's basis (records that became basis vectors) to the best record."""
+def operator(merge_settings: dict[str, Any], name: str) -> str:
+    """How the released merge combines the experts, in words."""
+    if name in ("ties", "dare"):
+        method = "TIES" if name == "ties" else "DARE-TIES"
+        return (f"{method} (peft.utils.merge_utils) on the experts' dense task vectors s_i B_i A_i per target layer, "
+                f"density {merge_settings.get('density')}, scaling {merge_settings.get('scaling')}")
+    return OPERATOR
+
+
+def lineage(records: list[dict[str, Any]], release: dict[str, Any], expert_names: list[str]) -> dict[str, Any]:
+    """A DAG from the experts (through each round's basis, records that became basis vectors) to the release: a
+    searched record, or a static merge made from the experts directly."""
     nodes = [{"id": f"expert:{name}", "kind": "expert"} for name in expert_names]
     edges = []
     bases: dict[int, list[int]] = {}
@@ -57,14 +68,14 @@ def lineage(records: list[dict[str, Any]], best: dict[str, Any], expert_names: l
                 f"expert:{name}" for name in expert_names
             ]
             edges += [{"from": source, "to": node} for source in sources]
-    best_round = best.get("round", 0)
-    parents = (
-        [f"round{best_round}:basis{i}" for i in range(len(bases[best_round]))]
-        if best_round in bases
-        else [f"expert:{name}" for name in expert_names]
-    )
-    nodes.append({"id": f"record:{best['id']}", "kind": "release"})
-    edges += [{"from": parent, "to": f"record:{best['id']}"} for parent in parents]
+    parents = [f"expert:{name}" for name in expert_names]
+    if release["kind"] == "searched":
+        record = next(r for r in records if r["id"] == release["settings"]["record"])
+        if record.get("round", 0) in bases:
+            parents = [f"round{record['round']}:basis{i}" for i in range(len(bases[record["round"]]))]
+    node = f"{'record' if release['kind'] == 'searched' else 'static'}:{release['name'].removeprefix('record:')}"
+    nodes.append({"id": node, "kind": "release"})
+    edges += [{"from": parent, "to": node} for parent in parents]
     return {"nodes": nodes, "edges": edges}
 
 
@@ -74,33 +85,49 @@ def build_recipe(
     experts: ExpertSet,
     specs: Sequence[TaskSpec],
     records: list[dict[str, Any]],
-    best: dict[str, Any],
-    scores: dict,
-    settings: dict,
+    selection: dict[str, Any],
+    normalisation: TaskNormalisation,
     adapter_info: dict,
     algorithm: Algorithm,
     resources: dict[str, Any],
 ) -> dict[str, Any]:
     """The recipe of a released merge (see the search module for where it is written)."""
     tasks = [{**spec.to_dict(), **spec.file_hashes()} for spec in specs]
-    basis = [row for row in best.get("coefficients_round_basis", [])] or None
+    best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
+    winner = selection["winner"]
+    release = winner.to_dict()
+    release["coefficients"] = winner.merge.coefficients.tolist() if winner.merge.coefficients is not None else None
+    release["chosen_on"] = "selection part" if config.selection_fraction > 0 else "search part (no selection part)"
+    release["static_merge_won"] = winner.kind == "static"
     return {
-        "name": f"{config.algorithm.name}-seed{config.seed}-record{best['id']}",
+        "name": f"{config.algorithm.name}-seed{config.seed}-{winner.name.replace(':', '')}",
         "base_model": {"path": experts.base_path, "sha256": experts.base_hash},
         "experts": experts.metadata,
         "tokenizer": tokenizer_check(experts),
-        "operator": OPERATOR,
+        "operator": operator(winner.merge.settings, winner.name),
+        "release": release,
         "best": {
             "record": best["id"],
             "coefficients": best["coefficients"],
-            "coefficients_round_basis": basis,
+            "coefficients_round_basis": best.get("coefficients_round_basis"),
             "round": best.get("round"),
-            "validation_fitness": best["fitness"],
+            "search_fitness": best["fitness"],
         },
+        "selection": {
+            "selection_fraction": config.selection_fraction,
+            "top_k": config.selection_top_k,
+            "rule": "the release is the candidate with the best normalised mean on the selection part; searched "
+                    "candidates enter by their search-part rank, static merges are tuned on the search part",
+            "candidates": [candidate.to_dict() for candidate in selection["candidates"]],
+            "best_searched": selection["best_searched"].name,
+        },
+        "normalisation": normalisation.to_dict(),
         "release_files": {"adapter": "best/adapter", "full_model": "best/model" if config.release.full_model else None,
                           "adapter_compression": adapter_info},
-        "evaluation": {"tasks": [spec.name for spec in specs], "task_files": tasks, "scores": scores,
-                       "baseline_settings": settings},
+        "evaluation": {"tasks": [spec.name for spec in specs], "task_files": tasks, "scores": selection["scores"],
+                       "splits": {"search": "the examples the search scored candidates on",
+                                  "selection": "held out from the search; chose the release",
+                                  "test": "the tasks' test files, never used to choose anything"}},
         "search": {
             "algorithm": config.algorithm.name,
             "algorithm_class": type(algorithm).__name__,
@@ -110,7 +137,7 @@ def build_recipe(
             "algorithm_facts": algorithm.recipe_facts() if isinstance(algorithm, RecipeFacts) else {},
         },
         "resources": resources,
-        "lineage": lineage(records, best, experts.expert_names),
+        "lineage": lineage(records, release, experts.expert_names),
         "intended_use": config.intended_use,
         "versions": library_versions(),
     }

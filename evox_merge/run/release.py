@@ -3,7 +3,8 @@
 The merged delta of LoRA experts is low-rank: in each target layer it is ``B_cat diag(c * s) A_cat``, so the
 exact merge is itself a LoRA adapter of rank ``sum_r`` (the experts' factors concatenated, the coefficients
 folded into B). `write_lora_adapter` writes that, or compresses each layer with a truncated SVD to a stated rank
-and reports the relative error it made.
+and reports the relative error it made. A dense merge (TIES, DARE) is not low-rank: `write_merge` writes its
+per-layer deltas as full-rank LoRA factors (exact) unless a rank is stated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from evox_merge.util.atomic import atomic_path
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.kernel import merged_factors
 from evox_merge.experts.merger import shared_merger
+from evox_merge.problems.static_merges import StaticMerge
 
 
 def _truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -48,11 +50,37 @@ def write_lora_adapter(
         ``{"exact": bool, "ranks": {layer: r}, "max_relative_error": float, "relative_errors": {layer: e}}``
         (errors are Frobenius-norm ratios of the dropped part of each layer's delta; 0 when exact).
     """
+    factors = {name: tuple(f.float().cpu() for f in merged_factors(layer, coefficients))
+               for name, layer in experts.layers.items()}
+    return _write_factors(experts, factors, out_dir, rank)
+
+
+def write_merge(experts: ExpertSet, merge: StaticMerge, out_dir: str | Path, rank: int | None = None,
+                full_model: bool = False) -> dict:
+    """Write a selected merge (coefficients, or dense deltas for TIES/DARE) as ``adapter/`` (and ``model/``)."""
+    out_dir = Path(out_dir)
+    if merge.coefficients is not None:
+        info = write_lora_adapter(experts, merge.coefficients, out_dir / "adapter", rank)
+    else:
+        factors = {}
+        for name, delta in merge.deltas.items():  # (out, in): B = delta, A = identity, then SVD in _write_factors
+            delta = delta.float().cpu()
+            factors[name] = (torch.eye(delta.shape[1]), delta)
+        full = {name: min(delta.shape) for name, delta in merge.deltas.items()}
+        info = _write_factors(experts, factors, out_dir / "adapter", rank if rank is not None else max(full.values()))
+        info["exact"] = rank is None
+    if full_model:
+        _write_full_model(experts, merge, out_dir / "model")
+    return info
+
+
+def _write_factors(experts: ExpertSet, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out_dir: str | Path,
+                   rank: int | None) -> dict:
+    """Write per-layer ``(A (r, in), B (out, r))`` as a PEFT adapter, SVD-truncated to `rank` when given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, ranks, errors = {}, {}, {}
-    for name, layer in experts.layers.items():
-        a, b = (factor.float().cpu() for factor in merged_factors(layer, coefficients))
+    for name, (a, b) in factors.items():
         if rank is not None:
             a, b, errors[name] = _truncate(a, b, rank)
         ranks[name] = a.shape[0]
@@ -78,9 +106,14 @@ def write_lora_adapter(
     }
 
 
-def write_full_model(experts: ExpertSet, coefficients: torch.Tensor, out_dir: str | Path) -> None:
-    """Write the merged model (weights and tokenizer) that `AutoModelForCausalLM.from_pretrained` loads."""
-    out_dir = Path(out_dir)
-    with shared_merger(experts).merged(coefficients):
+def _write_full_model(experts: ExpertSet, merge: StaticMerge, out_dir: Path) -> None:
+    merger = shared_merger(experts)
+    try:
+        if merge.coefficients is not None:
+            merger.apply(merge.coefficients)
+        else:
+            merger.apply_deltas(merge.deltas)
         experts.model.save_pretrained(out_dir)
+    finally:
+        merger.restore()
     experts.tokenizer.save_pretrained(out_dir)

@@ -99,25 +99,41 @@ def plot_task_scores(scores: dict[str, dict[str, float]], path: str | Path, titl
     plt.close(figure)
 
 
+def _verdict(recipe: dict[str, Any]) -> str:
+    """One plain sentence on what was released and why."""
+    release, selection = recipe["release"], recipe["selection"]
+    if release["static_merge_won"]:
+        return (f"**A static merge won: this release is `{release['name']}`, not a searched candidate.** On the "
+                f"selection part (examples the search never saw) it beat the search's {selection['top_k']} best "
+                f"candidates (best of them: `{selection['best_searched']}`); see the table below.")
+    return (f"The release is the searched candidate `{release['name']}`, chosen on the {release['chosen_on']} "
+            "against the static merges in the table below.")
+
+
 def model_card(recipe: dict[str, Any]) -> str:
     """A Markdown model card generated from the recipe."""
-    best = recipe["best"]
+    release = recipe["release"]
     suite = recipe["evaluation"]
     experts = recipe["experts"]
     rows = []
     for merge, splits in suite["scores"].items():
         for split, tasks in splits.items():
-            mean = splits.get(split, {}).get("mean")
-            rows.append(f"| {merge} | {split} | " + " | ".join(
-                "" if tasks.get(t) is None else f"{tasks[t]:.4f}" for t in suite["tasks"]
-            ) + f" | {'' if mean is None else f'{mean:.4f}'} |")
-    coefficient_rows = "\n".join(
-        f"| {expert['name']} | {c:+.4f} | `{expert['sha256'][:12]}` |" for expert, c in zip(experts, best["coefficients"])
-    )
+            cells = ["" if tasks.get(t) is None else f"{tasks[t]:.4f}" for t in [*suite["tasks"], "mean", "normalised"]]
+            rows.append(f"| {merge} | {split} | " + " | ".join(cells) + " |")
+    if release["coefficients"] is not None:
+        merge_text = "Coefficients in the original expert basis:\n\n| expert | coefficient | sha256 |\n| --- | --- | --- |\n"
+        merge_text += "\n".join(f"| {expert['name']} | {c:+.4f} | `{expert['sha256'][:12]}` |"
+                                for expert, c in zip(experts, release["coefficients"]))
+    else:
+        merge_text = f"Settings: `{release['settings']}`; experts: " + ", ".join(
+            f"{expert['name']} (`{expert['sha256'][:12]}`)" for expert in experts)
+    columns = [*suite["tasks"], "mean", "normalised"]
     return f"""# Merged model: {recipe['name']}
 
 Made by evox-merge {recipe['versions']['evox_merge']} with `{recipe['search']['algorithm']}` from the base
 `{recipe['base_model']['path']}` (sha256 `{recipe['base_model']['sha256'][:12]}`) and {len(experts)} LoRA experts.
+
+{_verdict(recipe)}
 
 **Intended use:** {recipe['intended_use']}
 
@@ -130,17 +146,16 @@ model = PeftModel.from_pretrained(base, "best/adapter")
 ```
 
 ## Merge
-Operator: {recipe['operator']}. Coefficients in the original expert basis:
-
-| expert | coefficient | sha256 |
-| --- | --- | --- |
-{coefficient_rows}
+Operator: {recipe['operator']}. {merge_text}
 
 ## Evaluation
-Validation scores chose the merge; test scores were never seen by the search.
+Splits: `search` = the examples the search scored candidates on; `selection` = held out from the search, chose the
+release; `test` = never used to choose anything. `mean` is the weighted mean of raw scores; `normalised` the
+fitness the search used ({recipe['normalisation']['mode']}: 0 = base model, 1 = best single expert per task).
+`best_searched` is the search's best candidate on the selection part (the algorithm alone).
 
-| merge | split | {' | '.join(suite['tasks'])} | mean |
-| --- | --- | {' | '.join('---' for _ in suite['tasks'])} | --- |
+| merge | split | {' | '.join(columns)} |
+| --- | --- | {' | '.join('---' for _ in columns)} |
 {chr(10).join(rows)}
 
 ## Search

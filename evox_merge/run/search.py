@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from evox_merge.run.loop import run_generations
 from evox_merge.run.registry import build_algorithm
@@ -35,13 +36,15 @@ from evox_merge.util.errors import MergeInputError
 from evox_merge.experts import ExpertSet
 from evox_merge.util.machine import describe_machine
 from evox_merge.problems.merge_problem import MergeProblem
+from evox_merge.problems.normalisation import anchor_normalisation
+from evox_merge.problems.static_merges import STATIC_MERGES
 from evox_merge.run.progress import ProgressMode, SearchProgress
 from evox_merge.run.recipe import build_recipe
 from evox_merge.run.monitor import RECORDS_NAME, RunMonitor, read_records, truncate_records
-from evox_merge.run.release import write_full_model, write_lora_adapter
+from evox_merge.run.release import write_merge
 from evox_merge.run.report import plot_coefficients, plot_fitness, plot_task_scores, write_history_csv, write_model_card
-from evox_merge.run.selection import evaluate_release
-from evox_merge.tasks import read_task
+from evox_merge.run.selection import score_table, searched_candidates, select_release, static_candidates
+from evox_merge.tasks import read_task, split_task
 from evox_merge.run.workflow import build_workflow
 
 logger = logging.getLogger(__name__)
@@ -51,11 +54,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class SearchResult:
-    """Where a finished run's files are and what it found."""
+    """Where a finished run's files are and what it found.
+
+    Attributes:
+        best_coefficients, best_fitness: the search's best candidate on the search part (its records).
+        release: what was released: ``record:<id>`` (a searched candidate) or a static merge's name.
+        release_coefficients: the released merge's coefficients (None for TIES/DARE, which are dense deltas).
+        scores: ``scores[merge][split][task | "mean" | "normalised"]`` (merges: release, best_searched and the
+            static merges; splits: search, selection, test).
+    """
 
     output_dir: Path
     best_coefficients: list[float]
     best_fitness: float
+    release: str
+    release_coefficients: list[float] | None
     scores: dict[str, dict[str, dict[str, float]]]
     recipe: dict[str, Any]
 
@@ -143,8 +156,11 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     specs = config.task_specs()
     experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
                              dtype=DTYPES[config.dtype])
-    search_tasks = [read_task(spec, config.max_validation_examples) for spec in specs]
-    problem = MergeProblem(experts, search_tasks, batch_size=config.batch_size)
+    parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
+             for spec in specs]
+    problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size)
+    if config.normalise != "none":
+        problem.normalise(anchor_normalisation(problem))
     algorithm = build_algorithm(config.algorithm.name, experts.num_experts, pop_size=config.algorithm.pop_size,
                                 lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
                                 params=config.algorithm.params)
@@ -188,22 +204,17 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         return None
 
     records = read_records(out / RECORDS_NAME)
-    finite = [r for r in records if r["fitness"] is not None]
-    if not finite:
+    if not any(r["fitness"] is not None for r in records):
         raise MergeInputError("every candidate scored NaN: nothing to release (see records.jsonl)")
-    best = max(finite, key=lambda r: r["fitness"])
-    coefficients = torch.tensor(best["coefficients"])
-
-    scores, settings = evaluate_release(problem, specs, coefficients, config, progress=progress == "bar")
-    (out / "best").mkdir(exist_ok=True)
-    adapter_info = write_lora_adapter(experts, coefficients, out / "best" / "adapter", config.release.adapter_rank)
-    if config.release.full_model:
-        write_full_model(experts, coefficients, out / "best" / "model")
+    selection = _select_and_score(config, problem, parts, specs, records, progress == "bar")
+    winner = selection["winner"]
+    adapter_info = write_merge(experts, winner.merge, out / "best", config.release.adapter_rank,
+                               full_model=config.release.full_model)
 
     wall_seconds = elapsed_before + time.perf_counter() - start_time
     recipe = build_recipe(
-        config=config, experts=experts, specs=specs, records=records, best=best, scores=scores,
-        settings=settings, adapter_info=adapter_info, algorithm=algorithm,
+        config=config, experts=experts, specs=specs, records=records, selection=selection,
+        normalisation=problem.normalisation, adapter_info=adapter_info, algorithm=algorithm,
         resources={
             "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else describe_machine()["cpu"],
             "wall_seconds": wall_seconds,
@@ -212,15 +223,45 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
             "seconds_per_candidate": sum(r["seconds"] for r in records) / len(records),
         },
     )
+    scores = selection["scores"]
     write_text_atomic(out / "recipe.json", json.dumps(recipe, indent=2))
     write_model_card(recipe, out / "README.md")
     write_history_csv(records, experts.expert_names, out / "history.csv")
     plot_fitness(records, out / "fitness.png")
     plot_coefficients(records, experts.expert_names, out / "coefficients.png")
-    split = "test" if any(spec.test_path for spec in specs) else "validation"
+    split = next(s for s in ("test", "selection", "search") if s in scores["release"])
     plot_task_scores({merge: s[split] for merge, s in scores.items()}, out / "task_scores.png",
-                     f"{split} scores: the release against the baselines")
-    return SearchResult(out, best["coefficients"], best["fitness"], scores, recipe)
+                     f"{split} scores: the release against the static merges")
+    coefficients = winner.merge.coefficients.tolist() if winner.merge.coefficients is not None else None
+    best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
+    return SearchResult(out, best["coefficients"], best["fitness"], winner.name, coefficients, scores, recipe)
+
+
+def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs, records, show: bool) -> dict:
+    """Choose the release on the selection part (`evox_merge.run.selection`) and score it, the best searched
+    candidate and the static merges on the search part, the selection part and the test files."""
+    splits = {"search": problem}
+    if config.selection_fraction > 0:
+        splits["selection"] = MergeProblem(problem.experts, [sel for _, sel in parts],
+                                           batch_size=config.batch_size).normalise(problem.normalisation)
+    tested = [spec.with_split("test") for spec in specs if spec.test_path]
+    if len(tested) == len(specs):
+        splits["test"] = MergeProblem(problem.experts, tested,
+                                      batch_size=config.batch_size).normalise(problem.normalisation)
+    searched = searched_candidates(records, config.selection_top_k)
+    static_names = list(STATIC_MERGES) if config.release.baselines else []
+    steps = len(static_names) + (len(searched) + len(static_names)) * ("selection" in splits)
+    steps += len(splits) * (2 + len(static_names))
+    bar = tqdm(total=steps, desc="selecting and scoring the release", unit="step", disable=not show, leave=False)
+    statics = static_candidates(problem, static_names, seed=config.seed, progress=bar)
+    selection_problem = splits.get("selection")
+    winner = select_release(searched + statics, selection_problem, progress=bar)
+    best_searched = select_release(searched, selection_problem)
+    merges = {"release": winner.merge, "best_searched": best_searched.merge,
+              **{candidate.name: candidate.merge for candidate in statics}}
+    scores = score_table(merges, splits, progress=bar)
+    bar.close()
+    return {"winner": winner, "best_searched": best_searched, "candidates": searched + statics, "scores": scores}
 
 
 def _peak_memory_mb(device: str) -> float:

@@ -1,63 +1,129 @@
-"""Score the release beside the baselines a user compares it with, on validation and (where given) test."""
+"""Release selection: which merge a run releases, chosen on examples the search never saw, and the score table.
+
+Each validation file is split into a *search part* (the search's fitness) and a *selection part*
+(`evox_merge.tasks.split_task`). The release is the best, on the selection part, of the search's top-k distinct
+candidates (ranked on the search part) and the static merges (`evox_merge.problems.static_merges`, each tuned on
+the search part). Search-part scores only decide which searched candidates enter the contest, never the winner, so a
+search that overfits its examples loses to a static merge rather than being released. Without a selection part
+(``selection_fraction: 0``) the best searched candidate is released, as the paper does.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from evox_merge.run.config import SearchConfig
 from evox_merge.problems.merge_problem import MergeProblem
-from evox_merge.problems.static_merges import STATIC_MERGES, StaticMerge, tune_static_merge
-from evox_merge.tasks import TaskSpec
+from evox_merge.problems.static_merges import StaticMerge, tune_static_merge
 
 Scores = dict[str, dict[str, dict[str, float | None]]]
 
 
-def _named(problem: MergeProblem, task_scores: torch.Tensor) -> dict[str, float | None]:
-    values = {name: float(s) for name, s in zip(problem.task_names, task_scores)}
-    values["mean"] = float(problem.aggregate(task_scores.unsqueeze(0))[0])
-    return {key: (value if value == value and abs(value) != float("inf") else None) for key, value in values.items()}
+@dataclass
+class Candidate:
+    """A merge that may be released.
 
-
-def evaluate_release(
-    search_problem: MergeProblem,
-    specs: Sequence[TaskSpec],
-    coefficients: torch.Tensor,
-    config: SearchConfig,
-    progress: bool = False,
-) -> tuple[Scores, dict[str, dict]]:
-    """Per merge (``release``, and with ``release.baselines`` every static merge of
-    `evox_merge.problems.static_merges.STATIC_MERGES`, each tuned on the search's own validation examples) and per
-    split (whole validation files, and test files where given), every task's score and their weighted mean.
-
-    With `progress`, a progress bar counts the static merges tuned and the merges scored per split.
-
-    Returns:
-        ``(scores[merge][split][task or "mean"], settings[merge])``.
+    Attributes:
+        name: ``record:<id>`` for a searched candidate, else the static merge's name.
+        kind: ``searched`` or ``static``.
+        merge: its coefficients (or dense deltas for TIES/DARE) and settings.
+        search_fitness: its fitness on the search part.
+        selection_fitness: its fitness on the selection part (None until scored, or without a selection part).
     """
-    experts = search_problem.experts
-    splits = {"validation": MergeProblem(experts, specs, batch_size=config.batch_size)}
-    tested = [spec.with_split("test") for spec in specs if spec.test_path]
-    if tested:
-        splits["test"] = MergeProblem(experts, tested, batch_size=config.batch_size)
-    names = list(STATIC_MERGES) if config.release.baselines else []
-    bar = tqdm(total=len(names) + len(splits) * (1 + len(names)), desc="scoring release and baselines",
-               unit="step", disable=not progress, leave=False)
-    release = StaticMerge("release", {"coefficients": coefficients.tolist()}, torch.empty(0), math.nan,
-                          coefficients=coefficients)
-    merges: dict[str, StaticMerge] = {"release": release}
+
+    name: str
+    kind: str
+    merge: StaticMerge
+    search_fitness: float
+    selection_fitness: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """For recipe.json."""
+        return {"name": self.name, "kind": self.kind, "settings": self.merge.settings,
+                "search_fitness": _finite(self.search_fitness), "selection_fitness": _finite(self.selection_fitness)}
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def searched_candidates(records: list[dict[str, Any]], top_k: int) -> list[Candidate]:
+    """The `top_k` records with the best finite search fitness, distinct coefficient vectors only, best first
+    (the earlier record first on ties)."""
+    finite = sorted((r for r in records if r["fitness"] is not None), key=lambda r: -r["fitness"])
+    chosen, seen = [], set()
+    for record in finite:
+        key = tuple(record["coefficients"])
+        if key in seen:
+            continue
+        seen.add(key)
+        merge = StaticMerge(f"record:{record['id']}", {"record": record["id"], "coefficients": record["coefficients"]},
+                            fitness=record["fitness"], coefficients=torch.tensor(record["coefficients"]))
+        chosen.append(Candidate(merge.name, "searched", merge, record["fitness"]))
+        if len(chosen) == top_k:
+            break
+    return chosen
+
+
+def static_candidates(search_problem: MergeProblem, names: Sequence[str], seed: int = 0,
+                      progress: tqdm | None = None) -> list[Candidate]:
+    """The static merges `names`, each tuned on the search part."""
+    candidates = []
     for name in names:
-        bar.set_postfix_str(f"tuning {name} on the search's validation examples")
-        merges[name] = tune_static_merge(name, search_problem, seed=config.seed)
-        bar.update()
+        if progress is not None:
+            progress.set_postfix_str(f"tuning {name} on the search part")
+        merge = tune_static_merge(name, search_problem, seed=seed)
+        candidates.append(Candidate(name, "static", merge, merge.fitness))
+        if progress is not None:
+            progress.update()
+    return candidates
+
+
+def select_release(candidates: list[Candidate], selection_problem: MergeProblem | None,
+                   progress: tqdm | None = None) -> Candidate:
+    """Score every candidate on the selection part and return the best (the first listed on ties).
+
+    Without a selection problem the best searched candidate (by search fitness) is returned.
+    """
+    if selection_problem is None:
+        searched = [c for c in candidates if c.kind == "searched"]
+        return max(searched or candidates, key=lambda c: c.search_fitness)
+    for candidate in candidates:
+        if progress is not None:
+            progress.set_postfix_str(f"selection part: {candidate.name}")
+        scores = candidate.merge.score(selection_problem)
+        candidate.selection_fitness = float(selection_problem.aggregate(scores.unsqueeze(0))[0])
+        if progress is not None:
+            progress.update()
+    best = -math.inf
+    winner = candidates[0]
+    for candidate in candidates:
+        if candidate.selection_fitness > best:
+            best, winner = candidate.selection_fitness, candidate
+    return winner
+
+
+def named_scores(problem: MergeProblem, task_scores: torch.Tensor) -> dict[str, float | None]:
+    """Per task its raw score, ``mean`` (raw weighted mean) and ``normalised`` (the fitness the search uses)."""
+    values = {name: float(s) for name, s in zip(problem.task_names, task_scores)}
+    values["mean"] = float(task_scores.double() @ problem.task_weights)
+    values["normalised"] = float(problem.aggregate(task_scores.unsqueeze(0))[0])
+    return {key: _finite(value) for key, value in values.items()}
+
+
+def score_table(merges: dict[str, StaticMerge], problems: dict[str, MergeProblem],
+                progress: tqdm | None = None) -> Scores:
+    """``scores[merge][split][task | "mean" | "normalised"]`` of every merge on every split's problem."""
     scores: Scores = {name: {} for name in merges}
-    for split, problem in splits.items():
+    for split, problem in problems.items():
         for name, merge in merges.items():
-            bar.set_postfix_str(f"{split}: {name}")
-            scores[name][split] = _named(problem, merge.score(problem))
-            bar.update()
-    bar.close()
-    return scores, {name: merge.settings for name, merge in merges.items()}
+            if progress is not None:
+                progress.set_postfix_str(f"{split}: {name}")
+            scores[name][split] = named_scores(problem, merge.score(problem))
+            if progress is not None:
+                progress.update()
+    return scores

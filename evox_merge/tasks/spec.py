@@ -17,6 +17,7 @@ record (default ``"{prompt}"``).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,33 @@ def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
     if not records:
         raise TaskFormatError(f"task {spec.name!r}: file {path} holds no examples")
     return Task(spec, records[:limit])
+
+
+def split_task(task: Task, selection_fraction: float, search_limit: int | None = None) -> tuple[Task, Task | None]:
+    """Split a validation task into a search part and a selection part.
+
+    The examples are shuffled by a generator seeded with the task's name (the same split for every search seed and
+    every run on the same file); the first ``round(selection_fraction * n)`` shuffled examples (at least one when
+    the fraction is positive, and never all of them) form the selection part, the rest the search part, of which
+    `search_limit` are kept. Each part keeps the file's order.
+
+    Returns:
+        ``(search, selection)``; `selection` is None when `selection_fraction` is 0.
+    """
+    if not 0 <= selection_fraction < 1:
+        raise TaskFormatError(f"selection_fraction must be in [0, 1), got {selection_fraction}")
+    n = len(task.records)
+    if selection_fraction == 0:
+        return Task(task.spec, task.records[:search_limit]), None
+    if n < 2:
+        raise TaskFormatError(f"task {task.name!r}: {task.spec.path} holds {n} example(s); a search part and a "
+                              "selection part need at least 2 (or set selection_fraction: 0)")
+    order = list(range(n))
+    random.Random(task.name).shuffle(order)
+    size = min(max(1, round(selection_fraction * n)), n - 1)
+    selection, search = sorted(order[:size]), sorted(order[size:])
+    search = search[:search_limit]
+    return Task(task.spec, [task.records[i] for i in search]), Task(task.spec, [task.records[i] for i in selection])
 
 
 def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, Any]:

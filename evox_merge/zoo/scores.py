@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from evox_merge.experts import ExpertSet
+from evox_merge.problems import MergeProblem
 from evox_merge.tasks import TaskSpec
 
 
@@ -15,9 +17,6 @@ def base_and_expert_scores(
 ) -> dict[str, dict[str, float]]:
     """Validation scores of the base (all coefficients 0) and of each expert alone (coefficient 1), scored by
     `MergeProblem` exactly as a search would: ``{"base": {task: score}, expert_name: {task: score}, ...}``."""
-    from evox_merge.experts import ExpertSet
-    from evox_merge.problems import MergeProblem
-
     experts = ExpertSet.load(base_dir, adapter_dirs)
     problem = MergeProblem(experts, list(tasks), batch_size=64)
     n = len(adapter_dirs)

@@ -1,0 +1,89 @@
+"""Release selection on held-out examples, the search/selection split, and per-task normalisation."""
+
+import math
+
+import pytest
+import torch
+
+from evox_merge.problems.merge_problem import MergeProblem
+from evox_merge.problems.normalisation import anchor_normalisation, normalisation_from_anchors
+from evox_merge.run.selection import searched_candidates, select_release, static_candidates
+from evox_merge.tasks import read_task, split_task
+
+
+def _records(coefficients, fitness):
+    return [{"id": i, "coefficients": c, "fitness": f} for i, (c, f) in enumerate(zip(coefficients, fitness))]
+
+
+def test_selection_ignores_search_part_scores(tiny_setup, tiny_experts):
+    selection = MergeProblem(tiny_experts, tiny_setup.tasks)
+    vectors = [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.8, 0.0, -0.6], [0.5, 0.5, 0.5, 0.5],
+               [-0.9, 0.3, 0.9, 0.0]]
+    truth = selection.evaluate(torch.tensor(vectors)).tolist()
+    assert len(set(truth)) == len(truth), "the fixture must tell the candidates apart"
+    # search-part fitness in the opposite order of the selection part's: the search's favourite is the worst here
+    order = sorted(range(len(vectors)), key=lambda i: truth[i])
+    search_fitness = [0.0] * len(vectors)
+    for rank, index in enumerate(order):
+        search_fitness[index] = float(len(vectors) - rank)
+    candidates = searched_candidates(_records(vectors, search_fitness), top_k=5)
+    assert torch.equal(candidates[0].merge.coefficients, torch.tensor(vectors[order[0]]))  # entered first by search rank
+    winner = select_release(candidates, selection)
+    assert torch.equal(winner.merge.coefficients, torch.tensor(vectors[max(range(len(truth)), key=truth.__getitem__)]))
+    assert winner.selection_fitness == pytest.approx(max(truth), abs=1e-6)
+    assert winner.name != candidates[0].name
+
+
+def test_a_static_merge_can_win_and_without_a_selection_part_the_best_searched_does(tiny_setup, tiny_experts):
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks)
+    statics = static_candidates(problem, ["best_single", "task_arithmetic"])
+    hopeless = searched_candidates(_records([[-1.0, -1.0, -1.0, -1.0]], [10.0]), top_k=3)
+    assert select_release(hopeless + statics, problem).kind == "static"
+    assert select_release(hopeless + statics, None).name == hopeless[0].name
+
+
+def test_searched_candidates_are_distinct_top_k_and_skip_failures():
+    records = _records([[0.1, 0.2], [0.1, 0.2], [0.3, 0.0], [0.5, 0.5], [0.9, 0.9]], [0.9, 0.95, 0.5, None, 0.7])
+    names = [c.name for c in searched_candidates(records, top_k=2)]
+    assert names == ["record:1", "record:4"]
+
+
+def test_split_is_deterministic_disjoint_and_sized(tiny_setup):
+    task = read_task(tiny_setup.tasks[0])
+    search, selection = split_task(task, 0.3)
+    again_search, again_selection = split_task(task, 0.3)
+    assert search.records == again_search.records and selection.records == again_selection.records
+    n = len(task.records)
+    assert len(selection.records) == round(0.3 * n) and len(search.records) + len(selection.records) == n
+    key = lambda r: repr(sorted(r.items()))  # noqa: E731
+    assert not {key(r) for r in search.records} & {key(r) for r in selection.records}
+    limited, same_selection = split_task(task, 0.3, search_limit=3)
+    assert limited.records == search.records[:3] and same_selection.records == selection.records
+    whole, none = split_task(task, 0.0, search_limit=4)
+    assert none is None and whole.records == task.records[:4]
+
+
+def test_normalisation_maps_base_to_zero_and_best_single_to_one(tiny_setup, tiny_experts):
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks)
+    normalisation = anchor_normalisation(problem)
+    anchors = torch.cat([torch.zeros(1, 4), torch.eye(4)])
+    normalised = normalisation.apply(problem.evaluate_per_task(anchors))
+    torch.testing.assert_close(normalised[0], torch.zeros(3, dtype=torch.float64))
+    best = normalised[1:].max(dim=0).values  # the best single expert: +1, or -1 where every expert is below base
+    torch.testing.assert_close(best.abs()[normalisation.scale != 1], torch.ones_like(best)[normalisation.scale != 1])
+    raw = problem.evaluate_per_task(anchors)
+    assert torch.equal(normalised.argsort(dim=0), raw.double().argsort(dim=0)), "normalising must keep the order"
+    problem.normalise(normalisation)
+    torch.testing.assert_close(problem.aggregate(raw), normalisation.apply(raw) @ problem.task_weights)
+
+
+def test_normalisation_of_known_scores_flat_and_nan_tasks():
+    scores = torch.tensor([[0.5, -6.0, 0.3, 0.2, 0.8],     # base
+                           [0.7, -5.0, 0.3, math.nan, 0.4],  # expert a
+                           [0.6, -4.0, 0.3, 0.4, 0.6]])    # expert b
+    n = normalisation_from_anchors(["acc", "lm", "flat", "nan", "worse"], ["a", "b"], scores)
+    assert n.best_single == ("a", "b", "a", "b", "b")
+    torch.testing.assert_close(n.offset, torch.tensor([0.5, -6.0, 0.3, 0.2, 0.8], dtype=torch.float64))
+    torch.testing.assert_close(n.scale, torch.tensor([0.2, 2.0, 1.0, 0.2, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(n.apply(torch.tensor([[0.6, -5.0, 0.4, 0.3, 0.6]])),
+                               torch.tensor([[0.5, 0.5, 0.1, 0.5, -1.0]], dtype=torch.float64))
