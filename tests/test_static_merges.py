@@ -1,3 +1,5 @@
+"""Static merges (evox_merge/problems/static_merges.py): linear baselines, TIES and DARE via peft.utils.merge_utils."""
+
 import pytest
 import torch
 from peft.utils import merge_utils
