@@ -84,7 +84,11 @@ def build_tiny_setup(
 
 
 def _tiny_records(rng: random.Random, examples: int) -> dict[str, list[dict]]:
-    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(examples)]
+    words = []
+    while len(words) < examples:  # no palindromes: a word and its reverse are two distinct choices
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
+        if word != word[::-1]:
+            words.append(word)
     return {
         "choice": [{"prompt": f"rev {w}:", "choices": [w[::-1], w, w.upper()], "answer": 0} for w in words],
         "copy": [{"prompt": f"copy {w}=", "answer": w} for w in words],
