@@ -6,9 +6,13 @@ minimise: run them in `evox.workflows.StdWorkflow(algo, problem, opt_direction="
 """
 
 from .cmaes import BoundedCMAES
-from .evogm import EvoGM, EvoGMHistory
+from .evogm import EvoGM
+from .evogm_history import EvoGMHistory
+from .evogm_variants import VARIANTS, EvoGMSwitches
 from .generators import GeneratorPair
 from .pso import BoundedPSO
 from .random_search import RandomSearch
 
-__all__ = ["BoundedCMAES", "BoundedPSO", "EvoGM", "EvoGMHistory", "GeneratorPair", "RandomSearch"]
+__all__ = [
+    "VARIANTS", "BoundedCMAES", "BoundedPSO", "EvoGM", "EvoGMHistory", "EvoGMSwitches", "GeneratorPair", "RandomSearch",
+]

@@ -1,4 +1,5 @@
-"""EvoGM's dual generators: two MLPs on coefficient vectors and the training step that fits them (seeds/001, sec. 2.2).
+"""EvoGM's dual generators: two MLPs on coefficient vectors and the training step that fits them
+(arXiv 2605.29295, sec. 2.2).
 
 G_f (forward, loser -> winner) and G_b (backward, winner -> loser) are trained jointly on
 
@@ -30,7 +31,7 @@ __all__ = ["GeneratorPair", "build_generator", "single_threaded"]
 def single_threaded() -> Iterator[None]:
     """Run torch's CPU kernels on one intra-op thread inside the block; restore the previous count on exit.
 
-    Tiny-MLP training oversubscribes threads badly (EVOX_NOTES.md measured 0.93 s vs 29 s per generation on two
+    Tiny-MLP training oversubscribes threads badly (docs/evox.md: measured 0.93 s vs 29 s per generation on two
     shared cores), while model evaluation outside the block keeps every thread. One thread also makes the training
     bit-reproducible regardless of the machine's core count.
     """
