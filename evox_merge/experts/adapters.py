@@ -37,6 +37,11 @@ class LoraAdapter:
     lora_A: dict[str, torch.Tensor] = field(repr=False)
     lora_B: dict[str, torch.Tensor] = field(repr=False)
     scaling: dict[str, float]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.path.name
 
     @property
     def modules(self) -> list[str]:
@@ -62,7 +67,8 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
     """
     path = Path(path)
     if not path.is_dir():
-        raise MergeInputError(f"adapter directory {path} does not exist")
+        what = "is a file; expected an adapter directory" if path.exists() else "does not exist"
+        raise MergeInputError(f"adapter directory {path} {what}")
     config = _read_config(path / CONFIG_NAME)
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
@@ -83,7 +89,7 @@ def _read_config(config_path: Path) -> dict:
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MergeInputError(f"{config_path}: not valid JSON ({error})") from error
+        raise MergeInputError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise MergeInputError(f"{config_path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "")).upper()
@@ -121,6 +127,10 @@ def _split_factors(tensors: dict[str, torch.Tensor], weights_path: Path) -> tupl
             )
         target = lora_A if match["factor"] == "A" else lora_B
         target[match["module"]] = tensor.float()
+        bad = int((~torch.isfinite(target[match["module"]])).sum())
+        if bad:
+            raise MergeInputError(f"{weights_path}: tensor {key!r} holds {bad} NaN/inf value(s); expected finite "
+                                  "LoRA factors (a diverged or corrupted training run?)")
     if not lora_A:
         raise MergeInputError(f"{weights_path}: holds no LoRA factors")
     if set(lora_A) != set(lora_B):

@@ -15,10 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from evox_merge.experts.adapters import CONFIG_NAME, LoraAdapter, read_lora_adapter
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hashing import directory_sha256
+from evox_merge.util.hub import ModelSource, is_hub_id, read_model_config, resolve_model
 from evox_merge.experts.kernel import LayerFactors
 
 logger = logging.getLogger(__name__)
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+# A tokenizer filling less than this share of the embedding rows is another model's (models pad their embedding
+# to a multiple of 64 or 128, a few reserve more: DeepSeek-LLM fills 97.7%, Qwen2.5 99.8%).
+MIN_VOCABULARY_FILL = 0.9
 
 
 @dataclass(eq=False)
@@ -34,6 +38,9 @@ class ExpertSet:
     tokenizer: PreTrainedTokenizerBase = field(repr=False)
     adapters: list[LoraAdapter] = field(repr=False)
     layers: dict[str, LayerFactors] = field(repr=False)
+    base_source: ModelSource | None = field(default=None, repr=False)
+    adapter_sources: list[ModelSource] = field(default_factory=list, repr=False)
+    tokenizer_info: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -43,7 +50,7 @@ class ExpertSet:
     @property
     def expert_names(self) -> list[str]:
         """A short name per expert (its directory name)."""
-        return [adapter.path.name for adapter in self.adapters]
+        return [adapter.name for adapter in self.adapters]
 
     @classmethod
     def load(
@@ -58,34 +65,58 @@ class ExpertSet:
         """Load a base model and N PEFT LoRA adapter directories, validating everything before any compute.
 
         Args:
-            base: a Hugging Face model directory (or a hub id where the machine is online).
-            adapters: N >= 2 PEFT LoRA adapter directories trained from `base`. Ranks, alphas, rsLoRA and target
-                modules may differ between experts; a layer an expert does not target gets zero from it.
-            tokenizer: tokenizer directory or id; defaults to `base`.
+            base: a Hugging Face model directory, or a Hub id (``org/name[@revision]``) resolved through the local
+                Hub cache (`evox_merge.util.hub`).
+            adapters: N >= 2 PEFT LoRA adapter directories (or Hub ids) trained from `base`. Ranks, alphas, rsLoRA
+                and target modules may differ between experts; a layer an expert does not target gets zero from it.
+            tokenizer: tokenizer directory or Hub id; defaults to `base`.
             device: where the model, its factors and the scoring run.
             dtype: the model's dtype (factors are kept in the same dtype).
 
+        Everything but the weights' fit to the loaded layers is checked before the model loads: the adapters'
+        files and tensors (finite), their recorded base, the base's config.json and the tokenizer's vocabulary
+        against the base's ``vocab_size``.
+
         Raises:
-            MergeInputError: fewer than 2 experts, duplicates, unreadable files, unsupported adapter types, or
-                an adapter that does not fit the base (recorded base config, target modules, weight shapes).
+            MergeInputError: fewer than 2 experts, duplicates, unreadable files, unsupported adapter types, an
+                adapter that does not fit the base (recorded base config, target modules, weight shapes), or a
+                tokenizer whose vocabulary does not fit the model's embedding.
         """
-        adapter_paths = [Path(a) for a in adapters]
+        base_source = resolve_model(base, "base")
+        base_config = read_model_config(base_source.path, "base")
+        sources = [resolve_model(a, f"experts[{i}]") for i, a in enumerate(adapters)]
+        adapter_paths = [Path(source.path) for source in sources]
         _check_adapter_list(adapter_paths)
-        loaded = [read_lora_adapter(path) for path in adapter_paths]
+        loaded = []
+        for source, path in zip(sources, adapter_paths):
+            adapter = read_lora_adapter(path)
+            if source.repo_id is not None:
+                adapter.name = source.repo_id.split("/")[-1]
+            loaded.append(adapter)
         _check_no_duplicate_weights(loaded)
-        base = str(base)
-        _check_recorded_base(loaded, base)
-        model = _load_base_model(base, device, dtype)
-        tokenizer_path = str(tokenizer) if tokenizer is not None else base
+        base_name = base_source.repo_id or base_source.path
+        _check_recorded_base(loaded, base_config, base_name)
+        tokenizer_source = resolve_model(tokenizer, "tokenizer") if tokenizer is not None else base_source
         try:
-            loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        except (OSError, ValueError) as error:
-            raise MergeInputError(f"cannot load a tokenizer from {tokenizer_path!r}: {error}") from error
+            loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source.path)
+        except (OSError, ValueError, TypeError) as error:
+            raise MergeInputError(f"tokenizer: cannot load a tokenizer from {tokenizer_source.ref!r}: "
+                                  f"{str(error).splitlines()[0]}") from None
+        rows = base_config.get("vocab_size")
+        if isinstance(rows, int):
+            _check_vocabulary(loaded_tokenizer, tokenizer_source.ref, rows, f"{base_source.ref}/config.json vocab_size")
+        for adapter in loaded:
+            _check_adapter_tokenizer(adapter, loaded_tokenizer)
+        model = _load_base_model(base_source.path, base_source.ref, device, dtype)
+        rows = model.get_input_embeddings().num_embeddings
+        info = _check_vocabulary(loaded_tokenizer, tokenizer_source.ref, rows, "the base model's embedding")
         for adapter in loaded:
             _check_adapter_fits_model(adapter, model)
-            _check_adapter_tokenizer(adapter, loaded_tokenizer)
         layers = _stack_factors(loaded, model, device, dtype)
-        return cls(base_path=base, model=model, tokenizer=loaded_tokenizer, adapters=loaded, layers=layers)
+        shipping = [a.name for a in loaded if (a.path / "tokenizer_config.json").is_file()]
+        info.update(tokenizer=tokenizer_source.to_dict(), experts_shipping_a_tokenizer=shipping)
+        return cls(base_path=base_source.ref, model=model, tokenizer=loaded_tokenizer, adapters=loaded, layers=layers,
+                   base_source=base_source, adapter_sources=sources, tokenizer_info=info)
 
     def target_module(self, name: str) -> torch.nn.Linear:
         """The base model's Linear layer at module path `name`."""
@@ -93,23 +124,27 @@ class ExpertSet:
 
     @cached_property
     def base_hash(self) -> str:
-        """SHA-256 over the base model directory's files ("" for a hub id)."""
-        return directory_sha256(self.base_path) if Path(self.base_path).is_dir() else ""
+        """SHA-256 over the base model directory's files (a Hub id's cached snapshot)."""
+        folder = self.base_source.path if self.base_source is not None else self.base_path
+        return directory_sha256(folder) if Path(folder).is_dir() else ""
 
     @cached_property
     def metadata(self) -> list[dict[str, Any]]:
         """Per expert: name, path, content hash, rank per target module, targets, alpha, rsLoRA (for records)."""
+        sources = self.adapter_sources or [None] * len(self.adapters)
         return [
             {
-                "name": adapter.path.name,
-                "path": str(adapter.path.resolve()),
+                "name": adapter.name,
+                "path": source.ref if source is not None else str(adapter.path.resolve()),
+                **({"hub": {"repo_id": source.repo_id, "revision": source.revision, "commit": source.commit}}
+                   if source is not None and source.repo_id is not None else {}),
                 "sha256": directory_sha256(adapter.path),
                 "ranks": adapter.ranks,
                 "target_modules": adapter.modules,
                 "lora_alpha": adapter.config["lora_alpha"],
                 "use_rslora": bool(adapter.config.get("use_rslora")),
             }
-            for adapter in self.adapters
+            for adapter, source in zip(self.adapters, sources)
         ]
 
 
@@ -133,21 +168,30 @@ def _check_no_duplicate_weights(adapters: list[LoraAdapter]) -> None:
                 raise MergeInputError(f"duplicate expert: {adapter.path} holds the same weights as {earlier.path}")
 
 
-def _base_config(base: str) -> dict | None:
-    config_path = Path(base, "config.json")
-    return json.loads(config_path.read_text()) if config_path.is_file() else None
+def _recorded_config(recorded_name: str) -> dict | None:
+    """The config.json of an adapter's recorded base, where it is a local folder or a cached Hub id."""
+    if not (Path(recorded_name).is_dir() or is_hub_id(recorded_name)):
+        return None
+    try:
+        return read_model_config(resolve_model(recorded_name, "base_model_name_or_path").path, recorded_name)
+    except MergeInputError:
+        return None
 
 
-def _check_recorded_base(adapters: list[LoraAdapter], base: str) -> None:
+def _same_name(recorded: str, base: str) -> bool:
+    return recorded == base or Path(recorded).name == Path(base).name
+
+
+def _check_recorded_base(adapters: list[LoraAdapter], given: dict, base: str) -> None:
     """Compare each adapter's recorded base model with the given one where both configs can be read."""
-    given = _base_config(base)
     for adapter in adapters:
         recorded_name = adapter.config.get("base_model_name_or_path")
-        if not recorded_name:
+        if not recorded_name or not isinstance(recorded_name, str):
             continue
-        recorded = _base_config(recorded_name) if Path(recorded_name).is_dir() else None
-        if given is None or recorded is None:
-            if Path(recorded_name).name != Path(base).name:
+        recorded = _recorded_config(recorded_name) if not _same_name(recorded_name, base) or Path(
+            recorded_name).is_dir() else None
+        if recorded is None:
+            if not _same_name(recorded_name, base):
                 logger.warning(
                     "%s: field 'base_model_name_or_path' is %r but the base is %r; checking weight shapes only",
                     adapter.path / CONFIG_NAME, recorded_name, base,
@@ -162,11 +206,36 @@ def _check_recorded_base(adapters: list[LoraAdapter], base: str) -> None:
             )
 
 
-def _load_base_model(base: str, device: str | torch.device, dtype: torch.dtype) -> PreTrainedModel:
+def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, ref: str, rows: int, what: str) -> dict[str, Any]:
+    """The tokenizer must fit the embedding: no id past its rows, and filling at least MIN_VOCABULARY_FILL of
+    them (a much smaller vocabulary is another model's tokenizer). Returns what was checked, for recipe.json."""
+    size = len(tokenizer)
+    max_id = max(tokenizer.get_vocab().values(), default=-1)
+    if max_id >= rows or size > rows:
+        raise MergeInputError(
+            f"tokenizer: {ref} has {size} tokens (ids up to {max_id}) but {what} has {rows} rows; ids past the "
+            "embedding would fail mid-search. Expected the base model's own tokenizer (leave 'tokenizer' unset to "
+            "use the base's)"
+        )
+    if size < MIN_VOCABULARY_FILL * rows:
+        raise MergeInputError(
+            f"tokenizer: {ref} has {size} tokens but {what} has {rows} rows (under {MIN_VOCABULARY_FILL:.0%} of "
+            "them used): it is another model's tokenizer, and its token ids would mean other tokens to this model. "
+            "Expected the base model's own tokenizer (leave 'tokenizer' unset to use the base's)"
+        )
+    return {"tokenizer_size": size, "max_token_id": max_id, "embedding_rows": rows,
+            "min_fill": MIN_VOCABULARY_FILL}
+
+
+def _load_base_model(base: str, ref: str, device: str | torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise MergeInputError(f"cannot load the base model from {base!r}: {error}") from error
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise MergeInputError(f"base: cannot load the model from {ref!r} ({type(error).__name__}: {first}); "
+                              "expected a complete save_pretrained folder (config.json and readable weights)") from None
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -198,7 +267,11 @@ def _check_adapter_tokenizer(adapter: LoraAdapter, tokenizer: PreTrainedTokenize
     """An adapter that ships a tokenizer must ship the base's vocabulary."""
     if not (adapter.path / "tokenizer_config.json").is_file():
         return
-    adapter_tokenizer = AutoTokenizer.from_pretrained(adapter.path)
+    try:
+        adapter_tokenizer = AutoTokenizer.from_pretrained(adapter.path)
+    except (OSError, ValueError, TypeError) as error:
+        raise MergeInputError(f"{adapter.path}: ships a tokenizer that cannot be loaded "
+                              f"({str(error).splitlines()[0]})") from None
     if adapter_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise MergeInputError(f"{adapter.path}: its tokenizer's vocabulary differs from the base tokenizer's")
 

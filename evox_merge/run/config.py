@@ -2,19 +2,31 @@
 
 A config is YAML (or the same as a dict from Python). Unknown keys, missing files and bad values are reported in
 one message that names each offending key, e.g. ``algorithm.name: unknown algorithm 'evogn'``.
+
+`load_config` checks everything that can be known without the model, in this order, and fails on the first stage
+that finds a problem: the YAML; every key's type and range; then the files and names (base, experts and tokenizer
+as local folders or Hub ids, the output directory, every task spec and every line of every task file, duplicate
+task names, all-zero weights, the algorithm's params). Validating imports neither torch, transformers nor EvoX: the
+params of a registered algorithm are checked against its constructor's signature read from its source file with
+`ast` (`constructor_parameters`), so a bad config fails in a fraction of a second. Only an algorithm given by
+import path (``evox.algorithms.DE``) must be imported to be checked; that happens last, once everything else has
+passed, and still before any model loads.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.run import registry
-from evox_merge.tasks import TaskSpec, load_task_specs, task_spec_from_dict
+from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, task_spec_from_dict
+from evox_merge.util.hub import is_hub_id, local_path, read_model_config, resolve_model
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.strict import format_validation_errors
 
@@ -38,21 +50,12 @@ class AlgorithmConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        try:
-            registry.algorithm_class(name)
-        except MergeInputError as error:
-            raise ValueError(str(error).removeprefix("algorithm.name: ")) from None
+        # A registered name, or something shaped like an import path (imported and checked last, in load_config).
+        module, dot, attribute = name.rpartition(".")
+        if name not in registry.ALGORITHMS and not (dot and module and attribute.isidentifier()):
+            raise ValueError(f"unknown algorithm {name!r}: use one of {registry.algorithm_names()} or an import "
+                             "path such as 'evox.algorithms.DE'")
         return name
-
-    @field_validator("params")
-    @classmethod
-    def _accepted(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "name" in info.data:  # else the name already failed
-            try:
-                registry.check_params(info.data["name"], params)
-            except MergeInputError as error:
-                raise ValueError(str(error).removeprefix("algorithm.params.")) from None
-        return params
 
     @model_validator(mode="after")
     def _bounds(self) -> "AlgorithmConfig":
@@ -128,6 +131,8 @@ class SearchConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
+        if device == "cpu":  # the common case needs no torch import
+            return device
         import torch
 
         try:
@@ -142,45 +147,125 @@ class SearchConfig(_Strict):
         """The task specs (read from the spec file when ``tasks`` is a path)."""
         if isinstance(self.tasks, str):
             return load_task_specs(Path(base_dir, self.tasks))
-        return [task_spec_from_dict(item, base_dir, f"tasks[{i}]") for i, item in enumerate(self.tasks)]
+        specs = [task_spec_from_dict(item, base_dir, f"tasks[{i}]") for i, item in enumerate(self.tasks)]
+        check_task_specs(specs)
+        return specs
+
+
+def constructor_parameters(name: str) -> tuple[str, set[str], bool] | None:
+    """(class name, parameter names, takes **kwargs) of a registered algorithm's ``__init__``, read from its source
+    with `ast` so that checking params imports nothing; None when the source cannot be read that way (then
+    `registry.check_params` imports the class). tests/test_errors.py checks this agrees with `inspect` for every
+    registered name."""
+    module, _, class_name = registry.ALGORITHMS[name].target.partition(":")
+    try:
+        top, _, rest = module.partition(".")
+        package = importlib.util.find_spec(top)
+        source = Path(package.submodule_search_locations[0], *rest.split(".")).with_suffix(".py")
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (ImportError, AttributeError, TypeError, IndexError, OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    args = item.args
+                    names = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self"}
+                    return class_name, names, args.kwarg is not None
+    return None
+
+
+def check_algorithm_params(name: str, params: dict[str, Any]) -> None:
+    """`registry.check_params`, for a registered name without importing the algorithm (same messages)."""
+    found = constructor_parameters(name) if name in registry.ALGORITHMS else None
+    if found is None:
+        registry.check_params(name, params)
+        return
+    class_name, accepted, takes_kwargs = found
+    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *registry.ALGORITHMS[name].fixed}
+    known = sorted(accepted - {"args", "kwargs"} - reserved)
+    for key in params:
+        if key in reserved:
+            raise MergeInputError(f"algorithm.params.{key}: set by the search itself (or fixed by {name!r}); "
+                                  "use the algorithm's own config key (pop_size, lb, ub, seed)")
+        if key not in accepted and not takes_kwargs:
+            raise MergeInputError(f"algorithm.params.{key}: {class_name} takes no such argument; it takes {known}")
+
+
+def _resolve_model(value: str, what: str, base_dir: Path, problems: list[str], model: bool = False) -> str:
+    """An absolute folder for a local reference (a Hub id stays as given, checked to be in the cache); problems
+    are appended, not raised, so one message names them all."""
+    try:
+        source = resolve_model(value, what, base_dir)
+        if model:
+            read_model_config(source.path, what)
+    except MergeInputError as error:
+        problems.append(str(error))
+        return str(local_path(value, base_dir)) if not is_hub_id(value) else value
+    return source.ref
+
+
+def _check_output_dir(out: Path) -> list[str]:
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {out} is a file; expected a directory (new, empty, or a previous run's)"]
+    return []
 
 
 def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
-    """Make the config's file paths absolute against `base_dir` and check that they exist."""
-    base_dir = Path(base_dir)
+    """Make the config's local paths absolute against `base_dir` and check everything that needs no model: the
+    base, experts and tokenizer (folders or cached Hub ids), the output directory, the task specs and every line
+    of every task file, and the algorithm's params.
 
-    def resolve(value: str) -> str:
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (base_dir / path).resolve())
-
-    problems = []
-    base = resolve(config.base)
-    if not Path(base).exists():
-        problems.append(f"base: {base} does not exist")
-    experts = [resolve(expert) for expert in config.experts]
-    problems += [f"experts[{i}]: {path} does not exist" for i, path in enumerate(experts) if not Path(path).exists()]
-    updates: dict[str, Any] = {"base": base, "experts": experts, "output_dir": resolve(config.output_dir)}
+    Raises:
+        MergeInputError: naming every offending key (a task file's problems name the file and line).
+    """
+    base_dir = Path(base_dir).expanduser().absolute()
+    problems: list[str] = []
+    base = _resolve_model(config.base, "base", base_dir, problems, model=True)
+    experts = [_resolve_model(expert, f"experts[{i}]", base_dir, problems) for i, expert in enumerate(config.experts)]
+    output_dir = str(local_path(config.output_dir, base_dir))
+    updates: dict[str, Any] = {"base": base, "experts": experts, "output_dir": output_dir}
     if config.tokenizer is not None:
-        updates["tokenizer"] = resolve(config.tokenizer)
+        updates["tokenizer"] = _resolve_model(config.tokenizer, "tokenizer", base_dir, problems)
     if isinstance(config.tasks, str):
-        updates["tasks"] = resolve(config.tasks)
+        updates["tasks"] = str(local_path(config.tasks, base_dir))
+    problems += _check_output_dir(Path(output_dir))
+    specs: list[TaskSpec] = []
     try:
         specs = config.model_copy(update=updates).task_specs(base_dir)
-        for spec in specs:
-            for key, path in (("path", spec.path), ("test_path", spec.test_path)):
-                if path is not None and not Path(path).is_file():
-                    problems.append(f"tasks.{spec.name}.{key}: {path} does not exist")
     except TaskFormatError as error:
-        problems.append(f"tasks: {error}")
-        specs = []
+        problems.append(str(error) if str(error).startswith("tasks") else f"tasks: {error}")
+    for spec in specs:
+        for key, path in (("path", spec.path), ("test_path", spec.test_path)):
+            if path is None:
+                continue
+            if not Path(path).is_file():
+                what = "is a directory; expected a JSONL file" if Path(path).is_dir() else "does not exist"
+                problems.append(f"tasks.{spec.name}.{key}: {path} {what}")
+                continue
+            try:  # every line, before any model loads
+                read_task(spec.with_split("validation" if key == "path" else "test"))
+            except TaskFormatError as error:
+                problems.append(f"tasks.{spec.name}.{key}: {error}")
+    if config.algorithm.name in registry.ALGORITHMS:
+        try:
+            check_algorithm_params(config.algorithm.name, config.algorithm.params)
+        except MergeInputError as error:
+            problems.append(str(error))
     if problems:
         raise MergeInputError("invalid search config: " + "; ".join(problems))
+    if config.algorithm.name not in registry.ALGORITHMS:  # an import path: imported only now that all else passed
+        try:
+            registry.check_params(config.algorithm.name, config.algorithm.params)
+        except MergeInputError as error:
+            raise MergeInputError(f"invalid search config: {error}") from None
     updates["tasks"] = [spec.to_dict() for spec in specs]
     return config.model_copy(update=updates)
 
 
 def load_config(source: str | Path | dict[str, Any]) -> SearchConfig:
-    """Read and validate a search config from a YAML file or a dict; paths are made absolute and checked.
+    """Read and validate a search config from a YAML file or a dict; paths are made absolute and checked, task
+    files read line by line, algorithm params checked: all before any model loads (see the module docstring).
 
     Raises:
         MergeInputError: one message naming every bad key (unknown keys, bad values, missing files).
@@ -188,16 +273,20 @@ def load_config(source: str | Path | dict[str, Any]) -> SearchConfig:
     if isinstance(source, dict):
         data, base_dir = source, Path.cwd()
     else:
-        path = Path(source)
+        path = Path(source).expanduser().absolute()
         if not path.is_file():
-            raise MergeInputError(f"config file {path} does not exist")
+            what = "is a directory; expected a YAML file" if path.is_dir() else "does not exist"
+            raise MergeInputError(f"config file {path} {what}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
-            raise MergeInputError(f"{path}: not valid YAML: {error}") from error
+            raise MergeInputError(f"{path}: not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise MergeInputError(f"{path}: not UTF-8 text (byte {error.start})") from None
         base_dir = path.parent
     if not isinstance(data, dict):
-        raise MergeInputError("a search config must be a mapping of keys to values")
+        raise MergeInputError(f"{source if not isinstance(source, dict) else 'config'}: a search config must be a "
+                              "mapping of keys to values")
     try:
         config = SearchConfig.model_validate(data)
     except ValidationError as error:

@@ -38,7 +38,10 @@ def truncate_records(path: str | Path, keep: int) -> None:
     with open(path, encoding="utf-8") as handle:
         lines = [line for line in handle if line.endswith("\n")][:keep]
     if len(lines) < keep:
-        raise RuntimeError(f"{path} holds {len(lines)} records but the checkpoint covers {keep}")
+        from evox_merge.util.errors import RunStateError
+
+        raise RunStateError(f"{path} holds {len(lines)} complete records but the checkpoint covers {keep}: records "
+                            "were lost, so the run cannot be continued exactly; start again with --overwrite")
     write_text_atomic(path, "".join(lines))
 
 

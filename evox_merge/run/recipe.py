@@ -30,14 +30,20 @@ def library_versions() -> dict[str, str]:
 
 
 def tokenizer_check(experts: ExpertSet) -> dict[str, Any]:
-    """What was checked about tokenizers: the base's vocabulary, and every expert that ships one matches it."""
-    shipping = [a.path.name for a in experts.adapters if (a.path / "tokenizer_config.json").is_file()]
+    """What was checked about the tokenizer at load (`ExpertSet.load` refuses any failure, so reaching a recipe
+    means every check passed): its size and largest id against the model's embedding rows, and that every expert
+    shipping a tokenizer has the same vocabulary."""
+    info = dict(experts.tokenizer_info)
     return {
+        "tokenizer": info.pop("tokenizer", None),
         "base_vocabulary_size": len(experts.tokenizer),
-        "experts_shipping_a_tokenizer": shipping,
-        "compatible": True,
-        "how": "experts that ship a tokenizer must have the base's exact vocabulary (checked at load, else refused);"
-        " every expert's factors match the base's layer shapes",
+        "max_token_id": info.pop("max_token_id", None),
+        "model_embedding_rows": info.pop("embedding_rows", None),
+        "experts_shipping_a_tokenizer": info.pop("experts_shipping_a_tokenizer", []),
+        "compatible": bool(experts.tokenizer_info),
+        "how": f"every token id below the embedding's row count; the tokenizer fills at least "
+               f"{info.pop('min_fill', '?')} of the rows (else it is another model's); experts that ship a "
+               "tokenizer have its exact vocabulary; every expert's factors match the base's layer shapes",
     }
 
 
@@ -101,7 +107,10 @@ def build_recipe(
     release["static_merge_won"] = winner.kind == "static"
     return {
         "name": f"{config.algorithm.name}-seed{config.seed}-{winner.name.replace(':', '')}",
-        "base_model": {"path": experts.base_path, "sha256": experts.base_hash},
+        "base_model": {"path": experts.base_path, "sha256": experts.base_hash,
+                       **({"hub": {"repo_id": experts.base_source.repo_id, "revision": experts.base_source.revision,
+                                   "commit": experts.base_source.commit, "snapshot": experts.base_source.path}}
+                          if experts.base_source is not None and experts.base_source.repo_id else {})},
         "experts": experts.metadata,
         "tokenizer": tokenizer_check(experts),
         "operator": operator(winner.merge.settings, winner.name),

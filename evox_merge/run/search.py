@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from evox_merge.run.loop import run_generations
 from evox_merge.run.registry import build_algorithm
 from evox_merge.util.atomic import write_text_atomic
-from evox_merge.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from evox_merge.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_counters, save_checkpoint
 from evox_merge.run.config import SearchConfig, load_config
 from evox_merge.run.distributed import DistributedRunError, init_distributed, single_process
-from evox_merge.util.errors import MergeInputError
+from evox_merge.util.errors import MergeInputError, RunStateError
 from evox_merge.experts import ExpertSet
 from evox_merge.util.machine import describe_machine
 from evox_merge.problems.merge_problem import MergeProblem
@@ -84,31 +84,101 @@ def task_file_hashes(config: SearchConfig) -> dict[str, str]:
     return hashes
 
 
-def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool) -> dict[str, Any]:
-    """Create, clear or check the output directory; return the run's metadata (saved or new)."""
+# Every name a run writes in its output directory: --overwrite deletes these and nothing else.
+RUN_FILES = (RUN_NAME, RECORDS_NAME, CHECKPOINT_NAME, "best", "recipe.json", "README.md", "history.csv",
+             "fitness.png", "coefficients.png", "task_scores.png")
+
+
+def _config_inputs(config: SearchConfig) -> list[Path]:
+    """The local files and folders the config reads (Hub ids live in the Hub cache, outside any run)."""
+    paths = [config.base, *config.experts, *([config.tokenizer] if config.tokenizer else [])]
+    for spec in config.tasks if isinstance(config.tasks, list) else []:
+        paths += [spec.get("path"), spec.get("test_path")]
+    return [Path(p).resolve() for p in paths if p and Path(p).is_absolute()]
+
+
+def _check_resumable(out: Path) -> None:
+    """Before any model loads: the checkpoint is readable and records.jsonl holds every record it covers."""
+    if not (out / CHECKPOINT_NAME).exists():
+        return
+    covered = read_checkpoint_counters(out / CHECKPOINT_NAME)["records"]
+    records = out / RECORDS_NAME
+    complete = 0
+    if records.is_file():
+        with open(records, "rb") as handle:
+            complete = sum(1 for line in handle if line.endswith(b"\n") and line.strip())
+    if complete < covered:
+        raise RunStateError(f"{records} holds {complete} complete records but {out / CHECKPOINT_NAME} covers "
+                            f"{covered}: records were lost, so the run cannot be continued exactly; start again "
+                            "with --overwrite")
+
+
+def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: bool = True) -> dict[str, Any]:
+    """Check, then (with `write`) create or clear the output directory and write run.json; return the run's
+    metadata (saved or new). With ``write=False`` only the checks run, so a refusal comes before anything loads.
+
+    A directory holding only a failed start (run.json, perhaps records.jsonl, no checkpoint) is started afresh,
+    with or without --resume. --overwrite deletes only the files a run writes (`RUN_FILES`), only where run.json
+    shows a previous run, and never a file or folder the config reads.
+    """
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise MergeInputError(f"output_dir: {out} is a file; expected a directory (new, empty, or a previous run's)")
     hashes = task_file_hashes(config)
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    failed_start = bool(entries) and set(entries) <= {RUN_NAME, RECORDS_NAME} and RUN_NAME in entries
     if resume:
         if not (out / RUN_NAME).is_file():
             raise MergeInputError(f"--resume: {out} holds no run to resume ({RUN_NAME} missing)")
-        run = json.loads((out / RUN_NAME).read_text())
-        if run["config"] != config.model_dump(mode="json"):
-            changed = sorted(k for k in run["config"] if run["config"][k] != config.model_dump(mode="json").get(k))
-            raise MergeInputError(f"--resume: the config differs from the run's in {changed}")
-        changed_files = sorted(path for path, digest in run["task_hashes"].items() if hashes.get(path) != digest)
-        if changed_files:
-            raise MergeInputError(
-                f"--resume refused: task file(s) changed since the run started: {changed_files}; "
-                "start a new run (--overwrite) to search on the new data"
-            )
-        return run
-    if out.exists() and any(out.iterdir()):
+        try:
+            run = json.loads((out / RUN_NAME).read_text(encoding="utf-8"))
+            saved_config, saved_hashes = run["config"], run["task_hashes"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise RunStateError(f"{out / RUN_NAME}: not a readable run description ({error}); start again with "
+                                "--overwrite") from None
+        if not failed_start:
+            _check_resumable(out)
+            current = config.model_dump(mode="json")
+            if saved_config != current:
+                changed = sorted(k for k in {*saved_config, *current} if saved_config.get(k) != current.get(k))
+                raise MergeInputError(f"--resume: the config differs from the run's in {changed}")
+            changed_files = sorted(path for path, digest in saved_hashes.items() if hashes.get(path) != digest)
+            if changed_files:
+                raise MergeInputError(
+                    f"--resume refused: task file(s) changed since the run started: {changed_files}; "
+                    "start a new run (--overwrite) to search on the new data"
+                )
+            return run
+        logger.info("%s: the previous start failed before its first checkpoint; starting afresh", out)
+    elif entries and not failed_start:
         if not overwrite:
             raise MergeInputError(
                 f"output directory {out} is not empty: pass --resume to continue its run or --overwrite to replace it"
             )
-        shutil.rmtree(out)
+        if not (out / RUN_NAME).is_file():
+            raise MergeInputError(
+                f"--overwrite refused: {out} holds no previous run ({RUN_NAME} missing) but {len(entries)} other "
+                f"entr{'y' if len(entries) == 1 else 'ies'} (e.g. {entries[:3]}); evox-merge deletes only its own "
+                "runs: choose a new or empty output_dir"
+            )
+        owned = [(out / name).resolve() for name in RUN_FILES]
+        inside = sorted(str(p) for p in _config_inputs(config) for o in owned if p == o or o in p.parents)
+        if inside:
+            raise MergeInputError(f"--overwrite refused: the config reads {inside}, inside the previous run in "
+                                  f"{out} that --overwrite would delete; copy them elsewhere first")
+        if write:
+            for name in RUN_FILES:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+    if not write:
+        return {}
     out.mkdir(parents=True, exist_ok=True)
+    if failed_start or (entries and overwrite):
+        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        (out / RECORDS_NAME).unlink(missing_ok=True)
     run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time()}
     write_text_atomic(out / RUN_NAME, json.dumps(run, indent=2))
     return run
@@ -146,16 +216,19 @@ def run_search(
 
 
 def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress: ProgressMode) -> SearchResult | None:
+    # Refuse a bad output directory, then load and check the model and experts, and only then write run.json:
+    # a start that fails on its inputs leaves the directory as it was (or as a failed start, which reruns accept).
+    if context.is_main:
+        _prepare_output(config, resume, overwrite, write=False)
+    out = Path(config.output_dir)
+    start_time = time.perf_counter()
+    specs = config.task_specs()
+    experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
+                             dtype=DTYPES[config.dtype])
     if context.is_main:
         _prepare_output(config, resume, overwrite)
     if context.world_size > 1:
         dist.barrier()
-    out = Path(config.output_dir)
-    start_time = time.perf_counter()
-
-    specs = config.task_specs()
-    experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
-                             dtype=DTYPES[config.dtype])
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
              for spec in specs]
     problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size)

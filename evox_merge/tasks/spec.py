@@ -17,7 +17,9 @@ record (default ``"{prompt}"``).
 from __future__ import annotations
 
 import json
+import math
 import random
+import string
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,22 +69,40 @@ class TaskSpec:
     test_path: str | None = None
 
     def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise TaskFormatError(f"task {self.name!r}: field 'name' must be a non-empty string")
+        for key in ("type", "path", "metric"):
+            if not isinstance(getattr(self, key), str):
+                raise TaskFormatError(f"{where}: field {key!r} must be a string, got {getattr(self, key)!r}")
+        if self.test_path is not None and not isinstance(self.test_path, str):
+            raise TaskFormatError(f"{where}: field 'test_path' must be a string, got {self.test_path!r}")
         if self.type not in TASK_TYPES:
             raise TaskFormatError(
-                f"task {self.name!r}: field 'type' is {self.type!r}; expected one of {sorted(TASK_TYPES)}"
+                f"{where}: field 'type' is {self.type!r}; expected one of {sorted(TASK_TYPES)}"
             )
         if not self.metric:
             object.__setattr__(self, "metric", TASK_TYPES[self.type][0])
         if self.metric not in TASK_TYPES[self.type]:
             raise TaskFormatError(
-                f"task {self.name!r}: metric {self.metric!r} does not apply to type {self.type!r}; "
+                f"{where}: metric {self.metric!r} does not apply to type {self.type!r}; "
                 f"expected one of {TASK_TYPES[self.type]}"
             )
-        if not self.weight >= 0:
-            raise TaskFormatError(f"task {self.name!r}: field 'weight' must be >= 0, got {self.weight}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
+            raise TaskFormatError(f"{where}: field 'weight' must be a number >= 0, got {self.weight!r}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise TaskFormatError(f"{where}: field 'weight' must be a finite number >= 0, got {self.weight}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise TaskFormatError(f"{where}: field 'max_new_tokens' must be an integer >= 1, got "
+                                  f"{self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
-            raise TaskFormatError(f"task {self.name!r}: field 'max_new_tokens' must be >= 1")
-        object.__setattr__(self, "stop", tuple(self.stop))
+            raise TaskFormatError(f"{where}: field 'max_new_tokens' must be >= 1, got {self.max_new_tokens}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # one string is one stop string
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise TaskFormatError(f"{where}: field 'stop' must be a non-empty string or a list of them, got "
+                                  f"{self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        template_fields(self.prompt_template, where)
 
     def with_split(self, split: str) -> "TaskSpec":
         """The same spec pointing at its ``validation`` (``path``) or ``test`` (``test_path``) file."""
@@ -118,8 +138,45 @@ class Task:
         return self.spec.name
 
 
+def template_fields(template: Any, where: str = "task") -> list[str]:
+    """The record fields a ``prompt_template`` uses; TaskFormatError when it is not a usable template."""
+    if not isinstance(template, str):
+        raise TaskFormatError(f"{where}: field 'prompt_template' must be a string such as '{{prompt}}', got "
+                              f"{template!r}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise TaskFormatError(f"{where}: prompt_template {template!r} is not a valid template ({error}); write a "
+                              "literal brace as '{{' or '}}'") from None
+    names = []
+    for _, field_name, _, _ in parsed:
+        if field_name is None:
+            continue
+        key = field_name.split(".")[0].split("[")[0]
+        if not key or key.isdigit():
+            raise TaskFormatError(f"{where}: prompt_template {template!r} uses a positional field "
+                                  f"{{{field_name}}}; name a record field instead, e.g. '{{prompt}}'")
+        names.append(key)
+    return names
+
+
+def check_task_specs(specs: list["TaskSpec"], where: str = "tasks") -> None:
+    """A list of specs a run can use: at least one, unique names, and not every weight zero."""
+    if not specs:
+        raise TaskFormatError(f"{where}: no tasks; expected at least one task spec")
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise TaskFormatError(f"{where}: duplicate task name(s) {duplicates}; every task needs its own name (scores "
+                              "are recorded by name)")
+    if not any(spec.weight > 0 for spec in specs):
+        raise TaskFormatError(f"{where}: every task has weight 0; expected at least one positive weight")
+
+
 def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
     """Build a `TaskSpec` from a mapping; relative paths are resolved against `base_dir`."""
+    if not isinstance(data, dict):
+        raise TaskFormatError(f"{where}: expected a mapping of task fields, got {type(data).__name__}")
     known = {f.name for f in fields(TaskSpec)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -129,8 +186,8 @@ def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None
         raise TaskFormatError(f"{where}: missing field(s) {missing}")
     data = dict(data)
     for key in ("path", "test_path"):
-        if data.get(key) is not None and base_dir is not None:
-            data[key] = str(Path(base_dir, data[key]))
+        if isinstance(data.get(key), str) and base_dir is not None:
+            data[key] = str(Path(base_dir, data[key]).expanduser().absolute())
     return TaskSpec(**data)
 
 
@@ -140,18 +197,17 @@ def load_task_specs(path: str | Path) -> list[TaskSpec]:
     if not path.is_file():
         raise TaskFormatError(f"task spec file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise TaskFormatError(f"{path}: not valid YAML/JSON: {error}") from error
+        raise TaskFormatError(f"{path}: not valid YAML/JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise TaskFormatError(f"{path}: not UTF-8 text (byte {error.start})") from None
     if isinstance(data, dict):
         data = data.get("tasks")
     if not isinstance(data, list) or not data:
         raise TaskFormatError(f"{path}: expected a non-empty list of task specs (or a 'tasks' key holding one)")
     specs = [task_spec_from_dict(item, path.parent, f"{path} task #{i}") for i, item in enumerate(data)]
-    names = [spec.name for spec in specs]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise TaskFormatError(f"{path}: duplicate task name(s) {duplicates}")
+    check_task_specs(specs, str(path))
     return specs
 
 
@@ -163,17 +219,23 @@ def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
     """
     path = Path(spec.path)
     if not path.is_file():
-        raise TaskFormatError(f"task {spec.name!r}: file {path} does not exist")
+        what = "is a directory; expected a JSONL file" if path.is_dir() else "does not exist"
+        raise TaskFormatError(f"task {spec.name!r}: file {path} {what}")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise TaskFormatError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                      f"{error.start + 1}); task files must be UTF-8 JSONL") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise TaskFormatError(f"{where}: malformed JSON ({error.msg})") from error
+                raise TaskFormatError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
                 raise TaskFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
             records.append(_checked_record(record, spec, where))
@@ -216,8 +278,9 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
             raise TaskFormatError(f"{where}: missing field {key!r} (type {spec.type} needs {REQUIRED_FIELDS[spec.type]})")
     try:
         prompt = spec.prompt_template.format(**record) if spec.type != "language_modeling" else ""
-    except (KeyError, IndexError) as error:
-        raise TaskFormatError(f"{where}: prompt_template {spec.prompt_template!r} needs field {error}") from error
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError) as error:
+        raise TaskFormatError(f"{where}: prompt_template {spec.prompt_template!r} needs field {error} (the record "
+                              f"has {sorted(record)})") from None
     if spec.type == "language_modeling":
         if not isinstance(record["text"], str) or not record["text"]:
             raise TaskFormatError(f"{where}: field 'text' must be a non-empty string")
@@ -229,6 +292,10 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
     choices = record["choices"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise TaskFormatError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
+    repeated = sorted({c for c in choices if choices.count(c) > 1})
+    if repeated:
+        raise TaskFormatError(f"{where}: field 'choices' repeats {repeated}; expected distinct choices (the answer "
+                              "would be ambiguous)")
     answer = record["answer"]
     if isinstance(answer, bool) or not isinstance(answer, (int, str)):
         raise TaskFormatError(f"{where}: field 'answer' must be a choice index or one of the choices")

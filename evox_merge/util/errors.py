@@ -15,3 +15,7 @@ class TaskFormatError(EvoxMergeError, ValueError):
 
 class ZooError(EvoxMergeError, FileNotFoundError):
     """A missing, partial or corrupted offline zoo (names the file and the command that rebuilds it)."""
+
+
+class RunStateError(EvoxMergeError, RuntimeError):
+    """An output directory whose run files cannot be continued or replaced as asked (names the file and what to do)."""
