@@ -12,21 +12,26 @@ from evox_merge.util.errors import EvoxMergeError
 
 
 def _search(args: argparse.Namespace) -> None:
-    from evox_merge.run.search import run_search
-
     if (args.config is None) == (not args.zoo):
         raise EvoxMergeError("give a CONFIG file or --zoo (the default search on the offline zoo), not both")
+    if args.resume and args.overwrite:
+        raise EvoxMergeError("--resume and --overwrite exclude each other")
     progress = "quiet" if args.quiet else "json" if args.json else "bar"
     if args.zoo:
         from evox_merge.run.zoo_search import zoo_search_config
 
         config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset, seed=args.seed)
     else:
-        from evox_merge.run.config import load_config
+        from evox_merge.run.config import load_config  # cheap: a bad config fails before torch is imported
 
         config = load_config(args.config)
         if args.out is not None:
-            config = config.model_copy(update={"output_dir": str(Path(args.out).resolve())})
+            out = Path(args.out).resolve()
+            if out.exists() and not out.is_dir():
+                raise EvoxMergeError(f"--out: {out} is a file; expected a directory (new, empty, or a previous run's)")
+            config = config.model_copy(update={"output_dir": str(out)})
+    from evox_merge.run.search import run_search
+
     if args.distributed:
         config = config.model_copy(update={"distributed": True})
     result = run_search(config, resume=args.resume, overwrite=args.overwrite, progress=progress)
@@ -53,30 +58,76 @@ def _summary_table(result) -> str:
     return "\n".join(lines)
 
 
+def _parse_coefficients(text: str) -> list[float]:
+    import math
+
+    values = []
+    for index, item in enumerate(text.split(",")):
+        try:
+            value = float(item)
+        except ValueError:
+            raise EvoxMergeError(f"--coefficients: value #{index} {item.strip()!r} is not a number; expected "
+                                 "comma-separated numbers, one per expert, e.g. 0.5,0.3,-0.1") from None
+        if not math.isfinite(value):
+            raise EvoxMergeError(f"--coefficients: value #{index} is {item.strip()!r}; expected finite numbers")
+        values.append(value)
+    return values
+
+
+def _read_run(run_dir: str) -> tuple[str, list[str], list[float] | None, dict]:
+    """Base, experts and released coefficients of a finished search's output directory."""
+    from evox_merge.util.hub import read_json_file
+
+    folder = Path(run_dir).expanduser().resolve()
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise EvoxMergeError(f"--run: {folder} {what}; expected a finished search's output directory")
+    if not (folder / "recipe.json").is_file():
+        raise EvoxMergeError(f"--run: {folder} holds no recipe.json; expected a finished search's output directory "
+                             "(a search that has not finished writes its recipe last)")
+    recipe = read_json_file(folder / "recipe.json", "--run")
+    try:
+        base = recipe["base_model"]["path"]
+        experts = [expert["path"] for expert in recipe["experts"]]
+        release = recipe["release"]
+        coefficients = release["coefficients"]
+    except (KeyError, TypeError) as error:
+        raise EvoxMergeError(f"--run: {folder / 'recipe.json'} lacks field {error}; expected a recipe written by "
+                             "evox-merge search") from None
+    return base, experts, coefficients, release
+
+
 def _apply(args: argparse.Namespace) -> None:
+    if args.rank is not None and args.rank < 1:
+        raise EvoxMergeError(f"--rank: must be >= 1, got {args.rank} (leave it out for the exact merge)")
+    if args.run is not None:
+        base, experts, coefficients, release = _read_run(args.run)
+        if coefficients is None:
+            raise EvoxMergeError(f"{args.run}: the release is the static merge {release.get('name')!r} (dense "
+                                 f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
+        coefficients = _parse_coefficients(",".join(str(c) for c in coefficients))
+    else:
+        if not (args.base and args.experts and args.coefficients):
+            raise EvoxMergeError("apply needs --run DIR, or --base, --experts and --coefficients")
+        base, experts = args.base, args.experts
+        coefficients = _parse_coefficients(args.coefficients)
+        if len(coefficients) != len(experts):
+            raise EvoxMergeError(f"--coefficients has {len(coefficients)} values for {len(experts)} experts")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvoxMergeError(f"--out: {out} is a file; expected a directory")
+
     import torch
 
     from evox_merge.experts import ExpertSet
     from evox_merge.problems.static_merges import StaticMerge
     from evox_merge.run.release import write_merge
 
-    if args.run is not None:
-        recipe = json.loads(Path(args.run, "recipe.json").read_text())
-        base, experts = recipe["base_model"]["path"], [expert["path"] for expert in recipe["experts"]]
-        coefficients = recipe["release"]["coefficients"]
-        if coefficients is None:
-            raise EvoxMergeError(f"{args.run}: the release is the static merge {recipe['release']['name']!r} (dense "
-                                 f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
-    else:
-        if not (args.base and args.experts and args.coefficients):
-            raise EvoxMergeError("apply needs --run DIR, or --base, --experts and --coefficients")
-        base, experts = args.base, args.experts
-        coefficients = [float(value) for value in args.coefficients.split(",")]
     expert_set = ExpertSet.load(base, experts)
     if len(coefficients) != expert_set.num_experts:
         raise EvoxMergeError(f"--coefficients has {len(coefficients)} values for {expert_set.num_experts} experts")
     merge = StaticMerge("apply", {"coefficients": coefficients}, coefficients=torch.tensor(coefficients))
-    info = write_merge(expert_set, merge, Path(args.out), args.rank, full_model=args.full_model)
+    info = write_merge(expert_set, merge, out, args.rank, full_model=args.full_model)
     print(f"wrote {args.out}/adapter (max relative error {info['max_relative_error']:.3g})"
           + (f" and {args.out}/model" if args.full_model else ""))
 

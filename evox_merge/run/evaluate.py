@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from evox_merge.util.errors import MergeInputError
-from evox_merge.tasks.scoring import build_scorer
-from evox_merge.tasks import load_task_specs, read_task
+from evox_merge.tasks.spec import load_task_specs, read_task
+from evox_merge.util.hub import read_model_config, resolve_model
 
 
 def evaluate_model(
@@ -25,20 +21,55 @@ def evaluate_model(
     """Per-task scores (and their weighted ``mean``) of a model directory, with an optional adapter on top.
 
     The model runs as loaded (a PEFT adapter stays unmerged), independently of the in-place merge used in search.
+    `model_path` and `adapter` are folders or Hub ids (`evox_merge.util.hub`). Everything that can be checked
+    without the model is checked first: the batch size, the task specs and every line of the split's files, the
+    model's config.json and the adapter's files (`evox_merge.experts.adapters.read_lora_adapter`); after loading,
+    the adapter's factors must fit the model's layers.
+
+    Raises:
+        MergeInputError, TaskFormatError: naming the option, file or field.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MergeInputError(f"--batch-size: must be an integer >= 1, got {batch_size!r}")
     specs = [spec.with_split(split) for spec in load_task_specs(tasks_path)]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as error:
-        raise MergeInputError(f"cannot load a model and tokenizer from {model_path}: {error}") from error
+    tasks = [read_task(spec) for spec in specs]
+    model_source = resolve_model(model_path, "--model")
+    read_model_config(model_source.path, "--model")
+    adapter_source = lora = None
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+        from evox_merge.experts.adapters import read_lora_adapter
+
+        adapter_source = resolve_model(adapter, "--adapter")
+        lora = read_lora_adapter(adapter_source.path)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from evox_merge.experts.expert_set import _check_adapter_fits_model, _check_vocabulary, _load_base_model
+    from evox_merge.tasks.scoring import build_scorer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_source.path)
+    except (OSError, ValueError, TypeError) as error:
+        raise MergeInputError(f"--model: cannot load a tokenizer from {model_source.ref!r}: "
+                              f"{str(error).splitlines()[0]}") from None
+    model = _load_base_model(model_source.path, model_source.ref, "cpu", torch.float32)
+    _check_vocabulary(tokenizer, model_source.ref, model.get_input_embeddings().num_embeddings,
+                      "the model's embedding")
+    if lora is not None:
+        from peft import PeftModel
+
+        _check_adapter_fits_model(lora, model)
+        try:
+            model = PeftModel.from_pretrained(model, adapter_source.path)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise MergeInputError(f"--adapter: PEFT cannot load {adapter_source.ref!r} onto {model_source.ref!r}: "
+                                  f"{str(error).splitlines()[0]}") from None
     model.to(device).eval()
     scores = {}
-    for spec in specs:
+    for task in tasks:
         with torch.no_grad():
-            scores[spec.name] = build_scorer(read_task(spec), tokenizer, batch_size, device).score(model)
+            scores[task.name] = build_scorer(task, tokenizer, batch_size, device).score(model)
     total = sum(spec.weight for spec in specs)
     scores["mean"] = sum(scores[spec.name] * spec.weight for spec in specs) / total
     return scores
