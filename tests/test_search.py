@@ -14,8 +14,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from evox_merge.cli import main
-from evox_merge.run.config import load_config
-from evox_merge.util.errors import MergeInputError
 from evox_merge.run.evaluate import evaluate_model
 from evox_merge.run.monitor import read_records
 from evox_merge.run.search import run_search
@@ -37,19 +35,6 @@ def search_config(setup, out, **overrides):
     }
     config.update(overrides)
     return config
-
-
-def test_config_errors_name_every_bad_key(tiny_setup, tmp_path):
-    bad = search_config(tiny_setup, tmp_path / "o", algoritm={}, batch_size=0)
-    bad["experts"].append(str(tmp_path / "missing"))
-    with pytest.raises(MergeInputError) as error:
-        load_config(bad)
-    message = str(error.value)
-    assert "algoritm: unknown key" in message and "batch_size: Input should be greater than or equal to 1" in message
-    good = search_config(tiny_setup, tmp_path / "o")
-    good["experts"].append(str(tmp_path / "missing"))
-    with pytest.raises(MergeInputError, match=r"experts\[4\]: .*missing does not exist"):
-        load_config(good)
 
 
 @pytest.fixture(scope="module")
@@ -103,23 +88,6 @@ def test_non_empty_output_is_refused_without_resume_or_overwrite(finished_run, t
     path.write_text(yaml.safe_dump(config))
     assert main(["search", str(path), "--quiet"]) == 2
     assert "is not empty: pass --resume" in capsys.readouterr().err
-
-
-def test_resume_refuses_a_changed_task_file(tiny_setup, tmp_path):
-    tasks_dir = tmp_path / "tasks"
-    tasks_dir.mkdir()
-    specs = []
-    for spec in tiny_setup.tasks:
-        copy = tasks_dir / os.path.basename(spec.path)
-        copy.write_text(open(spec.path).read())
-        specs.append({**spec.to_dict(), "path": str(copy)})
-    config = search_config(tiny_setup, tmp_path / "out", tasks=specs, budget={"generations": 1},
-                           release={"baselines": False})
-    run_search(config, progress="quiet")
-    with open(specs[1]["path"], "a") as handle:
-        handle.write('{"prompt": "copy x=", "answer": "x"}\n')
-    with pytest.raises(MergeInputError, match=r"task file\(s\) changed since the run started: .*copy_validation"):
-        run_search(config, resume=True, progress="quiet")
 
 
 @pytest.mark.slow
