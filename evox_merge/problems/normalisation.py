@@ -15,12 +15,9 @@ expert sits at -1, so a higher raw score is always a higher normalised one. A ta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from evox_merge.problems.merge_problem import MergeProblem
 
 NORMALISATIONS = ("base_best_single", "none")
 
@@ -68,8 +65,9 @@ def identity_normalisation(task_names: list[str]) -> TaskNormalisation:
                              torch.ones(k, dtype=torch.float64))
 
 
-def anchor_normalisation(problem: "MergeProblem", min_scale: float = 1e-6) -> TaskNormalisation:
-    """Measure base (all coefficients 0) and each expert alone (one-hot) on `problem`: N + 1 evaluations."""
+def anchor_normalisation(problem, min_scale: float = 1e-6) -> TaskNormalisation:
+    """Measure base (all coefficients 0) and each expert alone (one-hot) on `problem` (a `MergeProblem`): N + 1
+    evaluations."""
     n = problem.num_experts
     scores = problem.evaluate_per_task(torch.cat([torch.zeros(1, n), torch.eye(n)]))  # (1 + N, K)
     return normalisation_from_anchors(problem.task_names, problem.experts.expert_names, scores, min_scale)
