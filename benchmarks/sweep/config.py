@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from evox_merge.problems.static_merges import STATIC_MERGES
 from evox_merge.run.registry import algorithm_names
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.strict import StrictModel as _Strict
+from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.strict import format_validation_errors
 
 SETTINGS = ("single_task_unseen", "multi_task_unseen", "multi_task_seen")
@@ -100,7 +100,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise MergeInputError(f"sweep config {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, MergeInputError) or {}
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as error:

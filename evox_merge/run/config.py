@@ -20,13 +20,13 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.run import registry
 from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, task_spec_from_dict
 from evox_merge.util.hub import is_hub_id, local_path, read_model_config, resolve_model
+from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.strict import format_validation_errors
 
@@ -277,12 +277,7 @@ def load_config(source: str | Path | dict[str, Any]) -> SearchConfig:
         if not path.is_file():
             what = "is a directory; expected a YAML file" if path.is_dir() else "does not exist"
             raise MergeInputError(f"config file {path} {what}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise MergeInputError(f"{path}: not valid YAML: {error}") from None
-        except UnicodeDecodeError as error:
-            raise MergeInputError(f"{path}: not UTF-8 text (byte {error.start})") from None
+        data = read_yaml(path, MergeInputError)
         base_dir = path.parent
     if not isinstance(data, dict):
         raise MergeInputError(f"{source if not isinstance(source, dict) else 'config'}: a search config must be a "

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from evox_merge.util.hashing import file_sha256
+from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.errors import TaskFormatError
 
 TASK_TYPES = {
@@ -196,12 +196,7 @@ def load_task_specs(path: str | Path) -> list[TaskSpec]:
     path = Path(path)
     if not path.is_file():
         raise TaskFormatError(f"task spec file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise TaskFormatError(f"{path}: not valid YAML/JSON: {error}") from None
-    except UnicodeDecodeError as error:
-        raise TaskFormatError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    data = read_yaml(path, TaskFormatError, "YAML/JSON")
     if isinstance(data, dict):
         data = data.get("tasks")
     if not isinstance(data, list) or not data:
