@@ -54,13 +54,13 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Pat
     logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
     started = time.perf_counter()
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="run", disable=not progress)
+    longest_first = sorted(todo, key=lambda cell: _relative_cost(cell, config), reverse=True)
     with open(rows_path, "a") as handle:
         if config.workers == 1:
-            for cell in todo:
+            for cell in longest_first:
                 _append(handle, run_cell(cell, config), bar)
         else:
             context = multiprocessing.get_context("spawn")
-            longest_first = sorted(todo, key=lambda cell: _relative_cost(cell, config), reverse=True)
             with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
                 futures = [pool.submit(run_cell, cell, config) for cell in longest_first]
                 for future in as_completed(futures):
