@@ -73,3 +73,49 @@ def test_language_modelling_score_is_minus_the_mean_token_nll_of_unpadded_texts(
         score = build_scorer(task, tokenizer, batch_size, "cpu").score(model)
         assert score == pytest.approx(total / count, abs=1e-5)
     assert score < 0
+
+
+def test_stop_tokens_only_for_single_ascii_characters(tiny_experts):
+    from evox_merge.tasks.generation import stop_token_ids
+
+    tokenizer = tiny_experts.tokenizer
+    assert stop_token_ids(tokenizer, ["\n"]).tolist() == [tokenizer.convert_tokens_to_ids("\n")]
+    # a special token's text counts too: a completion holding "<pad>" holds an "a" once decoded
+    assert stop_token_ids(tokenizer, [".", "a"]).tolist() == sorted(
+        tokenizer.convert_tokens_to_ids(["a", ".", "<pad>"]))
+    for stop in (["ab"], ["\n", "Q:"], [" "], ["é"]):  # these keep the string check
+        assert stop_token_ids(tokenizer, stop) is None
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_stop_checks_on_token_ids_equal_string_checks_and_generate(tiny_experts, tmp_path, batch_size):
+    """Stop characters chosen among what the random model does generate, so rows really stop mid-completion."""
+    from evox_merge.tasks.generation import greedy_completions
+
+    model, tokenizer = tiny_experts.model, tiny_experts.tokenizer
+    prompts = [f"copy {w}=" for w in ["ab", "hello", "xyzzy", "a", "merge", "evolution"]]
+    uncut = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        output = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                eos_token_id=tokenizer.eos_token_id)
+        uncut.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+    inner = [c for text in uncut for c in text[1:-1] if c.isascii() and c != " "]
+    stops = [max(set(inner), key=inner.count), inner[0]]
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in prompts))
+    for stop in ([stops[0]], stops, [stops[0] + stops[1]]):
+        task = read_task(TaskSpec(name="g", type="generation", path=str(path), max_new_tokens=10, stop=stop))
+        scorer = build_scorer(task, tokenizer, batch_size, "cpu")
+        assert (scorer.stop_ids is None) == (len(stop[0]) > 1)
+        ours = scorer.completions(model)
+        expected = []
+        for text in uncut:
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+            expected.append(text[:cut])
+        assert ours == expected
+        assert sum(a != b for a, b in zip(ours, uncut)) >= 2  # the stops did cut
+        by_strings = [text for batch in scorer.batches for text in greedy_completions(
+            model, tokenizer, batch, 10, stop, stop_ids=None)[0]]
+        order = [row for batch in scorer.batches for row in batch.rows.tolist()]
+        assert [ours[row] for row in order] == by_strings

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from typing import Sequence, TypeVar
 
 import torch
@@ -76,13 +76,16 @@ def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tup
     """Per scored row: the token ids and how many leading tokens are context (not scored).
 
     Multiple choice: one row per (example, choice), context = the prompt, scored = the choice.
-    Language modelling: one row per text, every token after the first scored.
+    Language modelling: one row per text, every token after the first scored (after the spec's ``prefix``, where
+    one is set).
     """
     rows = []
     if task.spec.type == "language_modeling":
+        # A spec's prefix is context: tokenised on its own (with BOS) and followed by the text's tokens.
+        prefix = encode(tokenizer, task.spec.prefix, special=True) if task.spec.prefix else []
         for record in task.records:
-            ids = encode(tokenizer, record["text"], special=True)
-            rows.append((ids, 1))
+            ids = prefix + encode(tokenizer, record["text"], special=not prefix)
+            rows.append((ids, max(len(prefix), 1)))
         return rows
     for record in task.records:
         context = encode(tokenizer, record["prompt"], special=True)
@@ -115,9 +118,10 @@ def target_batches(
 
 
 def prompt_batches(
-    prompts: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device | str
+    prompts: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device | str, offset: int = 0
 ) -> list[PromptBatch]:
-    """Sort prompts by length and cut them into left-padded batches, whatever the tokenizer's padding side."""
+    """Sort prompts by length and cut them into left-padded batches, whatever the tokenizer's padding side.
+    Positions start at `offset` (the length of a shared prefix the prompts continue, see `tasks.prefix`)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     batches = []
     for start in range(0, len(order), batch_size):
@@ -129,7 +133,7 @@ def prompt_batches(
             ids = prompts[row]
             input_ids[b, length - len(ids) :] = torch.tensor(ids)
             attention_mask[b, length - len(ids) :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
         batches.append(
             PromptBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), torch.tensor(chunk))
         )
@@ -137,10 +141,12 @@ def prompt_batches(
 
 
 def choice_batches(
-    examples: Sequence[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int, device: torch.device | str
+    examples: Sequence[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int, device: torch.device | str,
+    offset: int = 0,
 ) -> list[ChoiceBatch]:
     """Cut ``(prompt ids, [choice ids, ...])`` examples, sorted by length, into batches of at most `batch_size`
-    scored sequences (examples x choices), prompts left-padded and choices right-padded."""
+    scored sequences (examples x choices), prompts left-padded and choices right-padded; prompt positions start
+    at `offset` (the length of a shared prefix the prompts continue)."""
     def size(i: int) -> tuple[int, int]:
         prompt, choices = examples[i]
         return len(prompt), max(len(choice) for choice in choices)
@@ -164,10 +170,19 @@ def choice_batches(
             for c, choice in enumerate(choices):
                 choice_ids[b, c, : len(choice)] = torch.tensor(choice)
                 choice_mask[b, c, : len(choice)] = 1
-        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + offset
         tensors = (prompt_ids, prompt_mask, prompt_positions, choice_ids, choice_mask)
         batches.append(ChoiceBatch(*(t.to(device) for t in tensors), torch.tensor(chunk)))
     return batches
+
+
+def tile_batch(batch: Batch, copies: int) -> Batch:
+    """The batch repeated `copies` times along its rows, copy-major (rows ``p * B ... p * B + B - 1`` are copy
+    ``p``), for scoring several candidates in one forward pass; ``rows`` stays the original ``(B,)``."""
+    if copies == 1:
+        return batch
+    *tensors, rows = (getattr(batch, f.name) for f in fields(batch))
+    return type(batch)(*(t.repeat(copies, *[1] * (t.ndim - 1)) for t in tensors), rows)
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch]:

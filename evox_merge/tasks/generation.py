@@ -1,14 +1,17 @@
-"""Batched greedy decoding with a KV cache, stop strings and early exit."""
+"""Batched greedy decoding with a KV cache, stop checks on token ids (or strings) and early exit."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evox_merge.tasks.batching import PromptBatch
+
+if TYPE_CHECKING:
+    from evox_merge.tasks.prefix import PrefixState
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -24,6 +27,21 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> torch.Tensor | None:
+    """The ids of every token whose text holds a stop string, when a decoded completion holds a stop string
+    exactly when it holds one of these tokens; None when that cannot be promised (stop checks stay on strings).
+
+    Promised when every stop string is a single ASCII character other than a space: an ASCII character is never
+    split across tokens (byte-level BPE and byte fallback keep a byte whole) and decoding never makes or removes
+    one at a token boundary (only spaces are added, stripped or cleaned up there). Longer stop strings can be
+    spelt by several tokens in many ways, so they keep the string check.
+    """
+    if not stop or not all(len(s) == 1 and s.isascii() and s != " " for s in stop):
+        return None
+    texts = tokenizer.batch_decode([[index] for index in range(len(tokenizer))])
+    return torch.tensor([index for index, text in enumerate(texts) if any(s in text for s in stop)], dtype=torch.long)
+
+
 @torch.no_grad()
 def greedy_completions(
     model: PreTrainedModel,
@@ -31,48 +49,65 @@ def greedy_completions(
     batch: PromptBatch,
     max_new_tokens: int,
     stop: Sequence[str],
-) -> list[str] | None:
+    *,
+    stop_ids: torch.Tensor | None = None,
+    prefix: "PrefixState | None" = None,
+    copies: int = 1,
+) -> list[list[str] | None]:
     """Greedy completions of a left-padded prompt batch, each cut at its first stop string or EOS.
 
-    Decoding ends as soon as every row has stopped. Returns None if the model produced non-finite logits.
+    Args:
+        stop_ids: from `stop_token_ids`: stop when one of these tokens is generated and decode each row once at
+            the end; None: decode every row after every token and look for the stop strings in the text.
+        prefix: the shared prefix the prompts continue (their positions and `batch` already start after it).
+        copies: the batch holds this many copies of its rows, copy-major (several candidates in one pass, see
+            `evox_merge.experts.rows`).
+
+    Returns:
+        Per copy, its rows' completions, or None where that copy's model produced non-finite logits. Decoding ends
+        as soon as every row has stopped (or every copy has failed).
     """
     eos_id = tokenizer.eos_token_id
-    rows = batch.input_ids.shape[0]
-    attention_mask = batch.attention_mask
+    rows, length = batch.input_ids.shape
+    per_copy = rows // copies
     cache_name = cache_argument(model)
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    next_positions = batch.position_ids[:, -1:] + 1
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    texts = [""] * rows
-    done = [False] * rows
+    before = prefix.length if prefix is not None else 0
+    attention_mask = batch.attention_mask.new_ones(rows, before + length + max_new_tokens)  # grown by slicing
+    attention_mask[:, before : before + length] = batch.attention_mask
+    width = before + length
+    cache = {cache_name: prefix.cache(per_copy)} if prefix is not None else {}
+    output = model(input_ids=batch.input_ids, attention_mask=attention_mask[:, :width],
+                   position_ids=batch.position_ids, use_cache=True, logits_to_keep=1, **cache)
+    positions = batch.position_ids[:, -1:] + 1
+    tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=batch.input_ids.device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=tokens.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
+    finite = torch.ones(copies, dtype=torch.bool, device=tokens.device)
+    active = torch.ones(copies, dtype=torch.bool, device=tokens.device)  # copies with a row still decoding
+    if stop_ids is not None:
+        stop_ids = stop_ids.to(tokens.device)
     for step in range(max_new_tokens):
         logits = output.logits[:, -1]
-        if not torch.isfinite(logits).all():
-            return None
+        finite &= ~active | torch.isfinite(logits).all(-1).view(copies, per_copy).all(-1)
         next_tokens = logits.argmax(-1)
-        for row, token in enumerate(next_tokens.tolist()):
-            if done[row]:
-                continue
-            if token == eos_id:
-                done[row] = True
-                continue
-            generated[row].append(token)
-            texts[row], done[row] = _cut_at_stop(tokenizer.decode(generated[row]), stop)
-        if all(done) or step == max_new_tokens - 1:
+        tokens[:, step] = next_tokens
+        if eos_id is not None:
+            ended = (next_tokens == eos_id) & ~done
+            lengths.masked_fill_(ended, step)  # EOS is not part of the completion
+            done |= ended
+        if stop_ids is not None:
+            stopped = torch.isin(next_tokens, stop_ids) & ~done
+        else:
+            stopped = torch.zeros_like(done)
+            for row in (~done).nonzero().flatten().tolist():
+                stopped[row] = _cut_at_stop(tokenizer.decode(tokens[row, : step + 1].tolist()), stop)[1]
+        lengths.masked_fill_(stopped, step + 1)
+        done |= stopped
+        active = ~done.view(copies, per_copy).all(-1)
+        if step == max_new_tokens - 1 or not bool((active & finite).any()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
-        output = model(
-            input_ids=next_tokens.unsqueeze(1),
-            attention_mask=attention_mask,
-            position_ids=next_positions,
-            use_cache=True,
-            **{cache_name: getattr(output, cache_name)},
-        )
-        next_positions = next_positions + 1
-    return texts
+        width += 1
+        output = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention_mask[:, :width],
+                       position_ids=positions + step, use_cache=True, **{cache_name: getattr(output, cache_name)})
+    texts = [_cut_at_stop(tokenizer.decode(row[:n]), stop)[0] for row, n in zip(tokens.tolist(), lengths.tolist())]
+    return [texts[p * per_copy : (p + 1) * per_copy] if ok else None for p, ok in enumerate(finite.tolist())]

@@ -15,10 +15,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evox_merge.tasks.batching import (
-    IGNORE, choice_batches, encode, prompt_batches, scored_sequences, split_batch, target_batches,
+    IGNORE, choice_batches, encode, prompt_batches, scored_sequences, split_batch, target_batches, tile_batch,
 )
 from evox_merge.util.errors import TaskFormatError
-from evox_merge.tasks.generation import cache_argument, greedy_completions
+from evox_merge.tasks.generation import cache_argument, greedy_completions, stop_token_ids
+from evox_merge.tasks.prefix import MIN_SHARED_PREFIX, SharedPrefix
 from evox_merge.tasks import Task
 
 
@@ -75,28 +76,67 @@ def _check_scored_rows(task: Task, sequences: list[tuple[list[int], int]]) -> No
 
 
 class LanguageModelScorer:
-    """Language modelling: minus the mean per-token NLL of the texts."""
+    """Language modelling: minus the mean per-token NLL of the texts.
 
-    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device) -> None:
+    Where the texts share at least `min_shared_prefix` leading tokens, those run once per candidate (their own
+    tokens scored from that one pass) and every text continues from their KV cache (`evox_merge.tasks.prefix`).
+    """
+
+    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
         self.task = task
         sequences = scored_sequences(task, tokenizer)
         _check_scored_rows(task, sequences)
+        ids = [row for row, _ in sequences]
+        # The prefix's last position predicts a token every row shares; each row keeps two tokens after it.
+        self.prefix = SharedPrefix.of(ids, min_shared_prefix, device, keep=2, shared_next=True)
+        skip = self.prefix.length if self.prefix is not None else 0
+        if self.prefix is not None:
+            # Token j (1 <= j <= skip) is predicted by prefix position j - 1; row r scores it when j >= context.
+            self._prefix_targets = torch.tensor(ids[0][1 : skip + 1], device=device)
+            self._prefix_start = torch.tensor([min(context - 1, skip) for _, context in sequences], device=device)
+        sequences = [(row[skip:], max(context - skip, 1)) for row, context in sequences]
         self.batches = target_batches(sequences, pad_token_id(tokenizer), batch_size, device)
+        self._counts = torch.tensor([len(row) - context for row, context in sequences], dtype=torch.float64)
+        if self.prefix is not None:
+            self._counts += (skip - self._prefix_start).double().cpu()
 
     @torch.no_grad()
+    def row_logprobs(self, model: PreTrainedModel, copies: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per text, the summed log-probability of its scored tokens ``(copies, texts)`` float64 and how many
+        tokens were scored ``(texts,)``, under the model's current weights (`copies`: see `MergeProblem`)."""
+        sums = torch.zeros(copies, self._counts.numel(), dtype=torch.float64)
+        state = self.prefix.run(model, copies, logits=True) if self.prefix is not None else None
+        cache_name = cache_argument(model)
+        if state is not None:
+            logprobs = torch.log_softmax(state.logits.float(), dim=-1)  # (copies, skip, V)
+            picked = logprobs.gather(-1, self._prefix_targets.expand(copies, -1).unsqueeze(-1)).squeeze(-1).double()
+            tails = torch.cat([picked.flip(-1).cumsum(-1).flip(-1), picked.new_zeros(copies, 1)], dim=1)
+            sums += tails[:, self._prefix_start].cpu()  # the sum of each row's scored prefix tokens
+
+        def run(batch) -> None:
+            tiled = tile_batch(batch, copies)
+            mask = tiled.attention_mask if state is None else state.mask(tiled.attention_mask)
+            extra = {} if state is None else {cache_name: state.cache(batch.rows.numel())}
+            logits = model(input_ids=tiled.input_ids, attention_mask=mask, **extra).logits
+            scored = tiled.targets != IGNORE
+            logprobs = torch.log_softmax(logits[scored].float(), dim=-1)  # (n_scored, V)
+            picked = logprobs.gather(-1, tiled.targets[scored].unsqueeze(-1)).squeeze(-1).double()
+            per_row = picked.new_zeros(scored.shape[0]).index_add_(0, scored.nonzero()[:, 0], picked)
+            sums[:, batch.rows] += per_row.view(copies, -1).cpu()
+
+        run_batches(self.batches, run)
+        return sums, self._counts
+
+    def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
+        """Per copy: minus the mean NLL per scored token; NaN if any is not finite."""
+        sums, counts = self.row_logprobs(model, copies)
+        totals = sums.sum(-1)
+        return [total / counts.sum().item() if math.isfinite(total) else math.nan for total in totals.tolist()]
+
     def score(self, model: PreTrainedModel) -> float:
         """Minus the mean NLL per scored token of the model's current weights; NaN if any is not finite."""
-
-        def run(batch) -> tuple[float, int]:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            scored = batch.targets != IGNORE
-            logprobs = torch.log_softmax(logits[scored].float(), dim=-1)  # (n_scored, V)
-            picked = logprobs.gather(-1, batch.targets[scored].unsqueeze(-1))
-            return picked.double().sum().item(), int(scored.sum())
-
-        sums, counts = zip(*run_batches(self.batches, run))
-        total = sum(sums)
-        return total / sum(counts) if math.isfinite(total) else math.nan
+        return self.scores(model)[0]
 
 
 class MultipleChoiceScorer:
@@ -105,12 +145,15 @@ class MultipleChoiceScorer:
 
     Each prompt runs through the model once; its KV cache is then repeated for the example's choices, which are
     scored in one more forward pass (about half the tokens of scoring every prompt + choice sequence in full).
+    Where the prompts share at least `min_shared_prefix` leading tokens, those run once per candidate and every
+    prompt continues from their KV cache (`evox_merge.tasks.prefix`).
 
     Attributes:
         real_choices: ``(examples, most choices)`` bool, which entries of `choice_logprobs` are real choices.
     """
 
-    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device) -> None:
+    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
         self.task = task
         examples = []
         for record in task.records:
@@ -118,7 +161,10 @@ class MultipleChoiceScorer:
             choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
             _check_scored_rows(task, [(prompt + choice, len(prompt)) for choice in choices])
             examples.append((prompt, choices))
-        self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device)
+        self.prefix = SharedPrefix.of([prompt for prompt, _ in examples], min_shared_prefix, device)
+        skip = self.prefix.length if self.prefix is not None else 0
+        examples = [(prompt[skip:], choices) for prompt, choices in examples]
+        self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device, offset=skip)
         choices = torch.tensor([len(record["choices"]) for record in task.records])
         self._answers = torch.tensor([record["answer"] for record in task.records])
         most = int(choices.max())
@@ -130,24 +176,29 @@ class MultipleChoiceScorer:
             )
 
     @torch.no_grad()
-    def choice_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
+    def choice_logprobs(self, model: PreTrainedModel, copies: int | None = None) -> torch.Tensor:
         """``(examples, most choices)`` float64: each choice's summed log-probability given its prompt under the
-        model's current weights (-inf where an example has fewer choices)."""
-        logprobs = torch.empty(self._choice_chars.shape, dtype=torch.float64)
+        model's current weights (-inf where an example has fewer choices); ``(copies, examples, most choices)``
+        when `copies` is given (see `MergeProblem`'s ``candidates_per_pass``)."""
+        logprobs = torch.empty((copies or 1, *self._choice_chars.shape), dtype=torch.float64)
         cache_name = cache_argument(model)
+        state = self.prefix.run(model, copies or 1) if self.prefix is not None else None
 
         def run(batch) -> None:
-            rows, choices, length = batch.choice_ids.shape
-            prompt = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                           position_ids=batch.prompt_positions, use_cache=True, logits_to_keep=1)
+            tiled = tile_batch(batch, copies or 1)
+            rows, choices, length = tiled.choice_ids.shape
+            prompt_mask = tiled.prompt_mask if state is None else state.mask(tiled.prompt_mask)
+            extra = {} if state is None else {cache_name: state.cache(batch.rows.numel())}
+            prompt = model(input_ids=tiled.prompt_ids, attention_mask=prompt_mask,
+                           position_ids=tiled.prompt_positions, use_cache=True, logits_to_keep=1, **extra)
             cache = getattr(prompt, cache_name)
             cache.batch_repeat_interleave(choices)
-            choice_ids = batch.choice_ids.reshape(rows * choices, length)
-            choice_mask = batch.choice_mask.reshape(rows * choices, length)
-            start = batch.prompt_positions[:, -1:].repeat_interleave(choices, dim=0) + 1
+            choice_ids = tiled.choice_ids.reshape(rows * choices, length)
+            choice_mask = tiled.choice_mask.reshape(rows * choices, length)
+            start = tiled.prompt_positions[:, -1:].repeat_interleave(choices, dim=0) + 1
             continued = model(
                 input_ids=choice_ids,
-                attention_mask=torch.cat([batch.prompt_mask.repeat_interleave(choices, dim=0), choice_mask], dim=1),
+                attention_mask=torch.cat([prompt_mask.repeat_interleave(choices, dim=0), choice_mask], dim=1),
                 position_ids=start + torch.arange(length, device=start.device),
                 use_cache=True,
                 **{cache_name: cache},
@@ -156,61 +207,88 @@ class MultipleChoiceScorer:
             logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(choices, dim=0), continued.logits[:, :-1]], 1)
             picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, choice_ids.unsqueeze(-1)).squeeze(-1)
             summed = torch.where(choice_mask.bool(), picked, 0.0).double().sum(-1)
-            logprobs[batch.rows] = summed.cpu().view(rows, choices)
+            logprobs[:, batch.rows] = summed.cpu().view(copies or 1, -1, choices)
 
         run_batches(self.batches, run)
-        return logprobs.masked_fill(~self.real_choices, -math.inf)
+        logprobs = logprobs.masked_fill(~self.real_choices, -math.inf)
+        return logprobs if copies is not None else logprobs[0]
+
+    def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
+        """Per copy: the task's accuracy; NaN if any choice's log-probability is not finite."""
+        results = []
+        for logprobs in self.choice_logprobs(model, copies):
+            if not torch.isfinite(logprobs[self.real_choices]).all():
+                results.append(math.nan)
+                continue
+            if self.task.spec.metric == "accuracy_norm":
+                logprobs = logprobs / self._choice_chars
+            results.append((logprobs.argmax(-1) == self._answers).double().mean().item())
+        return results
 
     def score(self, model: PreTrainedModel) -> float:
         """The task's accuracy for the model's current weights; NaN if any choice's log-probability is not
         finite."""
-        logprobs = self.choice_logprobs(model)
-        if not torch.isfinite(logprobs[self.real_choices]).all():
-            return math.nan
-        if self.task.spec.metric == "accuracy_norm":
-            logprobs = logprobs / self._choice_chars
-        return (logprobs.argmax(-1) == self._answers).double().mean().item()
+        return self.scores(model)[0]
 
 
 class GenerationScorer:
-    """Greedy, batched decoding scored by exact match after `normalize_answer`."""
+    """Greedy, batched decoding scored by exact match after `normalize_answer`.
 
-    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device) -> None:
+    Stop strings that are single ASCII characters are checked on token ids (`stop_token_ids`); prompts that
+    share at least `min_shared_prefix` leading tokens continue that prefix's KV cache (`evox_merge.tasks.prefix`).
+    """
+
+    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
         self.task = task
         self.tokenizer = tokenizer
         prompts = [encode(tokenizer, record["prompt"], special=True) for record in task.records]
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing")
-        self.batches = prompt_batches(prompts, pad_token_id(tokenizer), batch_size, device)
+        self.prefix = SharedPrefix.of(prompts, min_shared_prefix, device)
+        skip = self.prefix.length if self.prefix is not None else 0
+        self.batches = prompt_batches([p[skip:] for p in prompts], pad_token_id(tokenizer), batch_size, device, skip)
         self.answers = [normalize_answer(record["answer"]) for record in task.records]
+        self.stop_ids = stop_token_ids(tokenizer, task.spec.stop)
 
-    def completions(self, model: PreTrainedModel) -> list[str] | None:
-        """Each example's completion, cut at the first stop string; None if the logits were not finite."""
+    def completions(self, model: PreTrainedModel, copies: int | None = None) -> list[str] | None:
+        """Each example's completion, cut at the first stop string; None if the logits were not finite. With
+        `copies`, a list of that per copy (see `MergeProblem`'s ``candidates_per_pass``)."""
         spec = self.task.spec
-        texts: list[str] = [""] * len(self.answers)
+        texts: list[list[str] | None] = [[""] * len(self.answers) for _ in range(copies or 1)]
+        state = self.prefix.run(model, copies or 1) if self.prefix is not None else None
 
-        def run(batch) -> bool:
-            batch_texts = greedy_completions(model, self.tokenizer, batch, spec.max_new_tokens, spec.stop)
-            for row, text in zip(batch.rows.tolist(), batch_texts or []):
-                texts[row] = text
-            return batch_texts is not None
+        def run(batch) -> None:
+            per_copy = greedy_completions(model, self.tokenizer, tile_batch(batch, copies or 1), spec.max_new_tokens,
+                                          spec.stop, stop_ids=self.stop_ids, prefix=state, copies=copies or 1)
+            for p, batch_texts in enumerate(per_copy):
+                if batch_texts is None:
+                    texts[p] = None
+                elif texts[p] is not None:
+                    for row, text in zip(batch.rows.tolist(), batch_texts):
+                        texts[p][row] = text
 
-        return texts if all(run_batches(self.batches, run)) else None
+        run_batches(self.batches, run)
+        return texts if copies is not None else texts[0]
+
+    def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
+        """Per copy: exact-match accuracy; NaN if decoding met non-finite logits."""
+        return [
+            math.nan if texts is None
+            else sum(normalize_answer(text) == answer for text, answer in zip(texts, self.answers)) / len(self.answers)
+            for texts in self.completions(model, copies)
+        ]
 
     def score(self, model: PreTrainedModel) -> float:
         """Exact-match accuracy of the model's current weights; NaN if decoding met non-finite logits."""
-        texts = self.completions(model)
-        if texts is None:
-            return math.nan
-        hits = sum(normalize_answer(text) == answer for text, answer in zip(texts, self.answers))
-        return hits / len(self.answers)
+        return self.scores(model)[0]
 
 
-def build_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device):
-    """The scorer for the task's type, with the task tokenised and batched on `device`."""
-    if task.spec.type == "generation":
-        return GenerationScorer(task, tokenizer, batch_size, device)
-    if task.spec.type == "multiple_choice":
-        return MultipleChoiceScorer(task, tokenizer, batch_size, device)
-    return LanguageModelScorer(task, tokenizer, batch_size, device)
+def build_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX):
+    """The scorer for the task's type, with the task tokenised and batched on `device`; rows sharing at least
+    `min_shared_prefix` leading tokens continue one run of them (None: never)."""
+    scorer = {"generation": GenerationScorer, "multiple_choice": MultipleChoiceScorer}.get(
+        task.spec.type, LanguageModelScorer)
+    return scorer(task, tokenizer, batch_size, device, min_shared_prefix)

@@ -10,8 +10,9 @@ A task is a JSONL file plus a small spec. One JSON object per line:
 * ``language_modeling``: ``{"text": str}``; scored by minus the mean per-token NLL (metric ``neg_nll``,
   higher is better like every fitness here).
 
-The prompt shown to the model is ``prompt_template.format(**record)``, so a template may use any field of the
-record (default ``"{prompt}"``).
+The prompt shown to the model is ``prefix + prompt_template.format(**record)``, so a template may use any field
+of the record (default ``"{prompt}"``); ``prefix`` (default empty) is the same text before every example, e.g.
+few-shot demonstrations (a language-modelling text is scored after it).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class TaskSpec:
         max_new_tokens: generation only: decoding stops after this many tokens.
         stop: generation only: the completion is cut at the first of these strings.
         test_path: optional held-out split, scored only for reports, never for search.
+        prefix: text put before every example, e.g. few-shot demonstrations or instructions: before each prompt
+            (multiple choice, generation), or as context that each text is scored after (language modelling).
+            Every row then starts with the same tokens, which the scorers run once per candidate
+            (`evox_merge.tasks.prefix`).
     """
 
     name: str
@@ -67,12 +72,13 @@ class TaskSpec:
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
     test_path: str | None = None
+    prefix: str = ""
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
         if not isinstance(self.name, str) or not self.name:
             raise TaskFormatError(f"task {self.name!r}: field 'name' must be a non-empty string")
-        for key in ("type", "path", "metric"):
+        for key in ("type", "path", "metric", "prefix"):
             if not isinstance(getattr(self, key), str):
                 raise TaskFormatError(f"{where}: field {key!r} must be a string, got {getattr(self, key)!r}")
         if self.test_path is not None and not isinstance(self.test_path, str):
@@ -115,8 +121,12 @@ class TaskSpec:
         raise TaskFormatError(f"split must be 'validation' or 'test', got {split!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``stop`` as a list)."""
-        return {**asdict(self), "stop": list(self.stop)}
+        """A JSON-ready dict (``stop`` as a list; ``prefix`` only where one is set, so specs written before the
+        field existed read back the same)."""
+        data = {**asdict(self), "stop": list(self.stop)}
+        if not self.prefix:
+            del data["prefix"]
+        return data
 
     def file_hashes(self) -> dict[str, str]:
         """SHA-256 of the task's files: ``{"sha256": validation}`` plus ``"test_sha256"`` where a test file is set."""
@@ -272,7 +282,7 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
         if key not in record:
             raise TaskFormatError(f"{where}: missing field {key!r} (type {spec.type} needs {REQUIRED_FIELDS[spec.type]})")
     try:
-        prompt = spec.prompt_template.format(**record) if spec.type != "language_modeling" else ""
+        prompt = spec.prefix + spec.prompt_template.format(**record) if spec.type != "language_modeling" else ""
     except (KeyError, IndexError, AttributeError, TypeError, ValueError) as error:
         raise TaskFormatError(f"{where}: prompt_template {spec.prompt_template!r} needs field {error} (the record "
                               f"has {sorted(record)})") from None
