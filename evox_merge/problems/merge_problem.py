@@ -12,6 +12,7 @@ from evox.core import Problem
 from evox_merge.util.errors import MergeInputError
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.merger import shared_merger
+from evox_merge.experts.rows import candidate_rows
 from evox_merge.problems.normalisation import TaskNormalisation, identity_normalisation
 from evox_merge.tasks.scoring import build_scorer
 from evox_merge.tasks import Task, TaskSpec, read_task
@@ -38,6 +39,7 @@ class MergeProblem(Problem):
         batch_size: int = 32,
         per_task_fitness: bool = False,
         invalid_fitness: float = -math.inf,
+        candidates_per_pass: int = 1,
     ) -> None:
         """
         Args:
@@ -47,12 +49,18 @@ class MergeProblem(Problem):
             per_task_fitness: `evaluate` returns the ``(P, K)`` matrix instead of the weighted mean (for
                 multi-objective algorithms).
             invalid_fitness: the fitness given to a candidate whose score is NaN (ranked worst by default).
+            candidates_per_pass: opt-in: score this many candidates in each forward pass, the experts' factors
+                run unmerged with a coefficient per row (`evox_merge.experts.rows`) instead of merged into the
+                weights; every batch then holds ``candidates_per_pass`` times `batch_size` rows. Meant for GPUs.
         """
         super().__init__()
         if not tasks:
             raise MergeInputError("MergeProblem needs at least one task")
         if batch_size < 1:
             raise MergeInputError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(candidates_per_pass, bool) or not isinstance(candidates_per_pass, int) or candidates_per_pass < 1:
+            raise MergeInputError(f"candidates_per_pass must be an integer >= 1, got {candidates_per_pass!r}")
+        self.candidates_per_pass = candidates_per_pass
         self.experts = experts
         self.tasks = [task if isinstance(task, Task) else read_task(task) for task in tasks]
         self.task_names = [task.name for task in self.tasks]
@@ -99,6 +107,13 @@ class MergeProblem(Problem):
         """Scores of every candidate on every task: ``pop (P, N)`` -> ``(P, K)`` float64 (NaN where unscorable)."""
         pop = self.check_population(pop)
         scores = torch.empty(pop.shape[0], len(self.scorers), dtype=torch.float64)
+        if self.candidates_per_pass > 1:
+            self.merger.restore()  # the rows path adds the deltas to W0 itself
+            for start in range(0, pop.shape[0], self.candidates_per_pass):
+                with candidate_rows(self.experts, pop[start : start + self.candidates_per_pass]) as copies:
+                    for k, scorer in enumerate(self.scorers):
+                        scores[start : start + copies, k] = torch.tensor(scorer.scores(self.experts.model, copies))
+            return scores
         try:
             for p, coefficients in enumerate(pop):
                 self.merger.apply(coefficients)
