@@ -54,6 +54,11 @@ def test_sweep_runs_every_cell_with_equal_budgets_and_resumes(tiny_setup, tmp_pa
     timing = (tmp_path / "out" / "timing.jsonl").read_text().splitlines()
     assert len(timing) == 1 and json.loads(timing[0])["cells"] == len(rows)  # the resume ran nothing, timed nothing
     assert "Cost per run" in results.read_text() and f"{len(rows)} cells in" in results.read_text()
+    wider = load_sweep_config(path).model_copy(update={"seeds": [0, 1, 2]})
+    partial = run_sweep(wider, progress=False, report_only=True).read_text()
+    # seed 2 adds, per single-task group, dare + 3 searches (x2 groups), multi-task dare + 3 searches + 3 large ones
+    assert f"{len(rows)} of {len(rows) + 2 * 4 + 4 + 3} cells finished, 15 still to run" in partial
+    assert (tmp_path / "out" / "rows.jsonl").read_text() == before  # a report runs nothing
 
 
 def test_bad_sweep_config_names_the_key(tmp_path):

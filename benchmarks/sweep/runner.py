@@ -17,6 +17,7 @@ from benchmarks.sweep.cells import Cell, grid, run_cell
 from benchmarks.sweep.config import STATIC_METHODS, SweepConfig, load_sweep_config
 from benchmarks.sweep.report import write_report
 from benchmarks.sweep.setup import load_setup
+from evox_merge.util.atomic import write_text_atomic
 from evox_merge.util.machine import machine_markdown
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,12 @@ def _finished(path: Path) -> dict[str, dict]:
     return rows
 
 
-def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Path:
+def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report_only: bool = False) -> Path:
     """Run (or finish) a sweep and write rows.jsonl, results.md, the convergence plots and the exact config.
+
+    Time is recorded in timing.jsonl after every finished cell (one entry per invocation), so a sweep stopped
+    midway and resumed in several sittings still reports its whole wall time. With `report_only`, no cell runs:
+    results.md is written from the rows finished so far (a partial report says how many cells remain).
 
     Returns:
         the path of results.md.
@@ -45,36 +50,57 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True) -> Pat
         config = load_sweep_config(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     setup = load_setup(config.setup)
     cells = grid(config, setup)
     rows_path = out / ROWS_NAME
     done = _finished(rows_path)
     todo = [cell for cell in cells if cell.key not in done]
-    logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
-    started = time.perf_counter()
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="run", disable=not progress)
+    if not report_only:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
+        _run_cells(todo, config, out, len(cells), progress)
+        done = _finished(rows_path)
+    wanted = {cell.key for cell in cells}
+    rows = [row for key, row in done.items() if key in wanted]
+    remaining = len(cells) - len(rows)
+    preamble = _preamble(config, setup, _invocations(out / TIMING_NAME))
+    if remaining:
+        preamble += (f"\n**Partial results: {len(rows)} of {len(cells)} cells finished, {remaining} still to run** "
+                     "(rerun the sweep command to finish; it resumes).\n")
+    return write_report(rows, config.methods, out, preamble, config.product_statics)
+
+
+def _run_cells(todo: list[Cell], config: SweepConfig, out: Path, total: int, progress: bool) -> None:
+    """Run the cells longest first, appending each row as it finishes and updating this invocation's time."""
+    started, start_date = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bar = tqdm(total=total, initial=total - len(todo), unit="run", disable=not progress)
     longest_first = sorted(todo, key=lambda cell: _relative_cost(cell, config), reverse=True)
-    with open(rows_path, "a") as handle:
+    finished = 0
+
+    def append(handle, row: dict) -> None:
+        nonlocal finished
+        _append(handle, row, bar)
+        finished += 1
+        _record_time(out / TIMING_NAME, start_date, finished, time.perf_counter() - started, config.workers)
+
+    with open(out / ROWS_NAME, "a") as handle:
         if config.workers == 1:
             for cell in longest_first:
-                _append(handle, run_cell(cell, config), bar)
+                append(handle, run_cell(cell, config))
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
                 futures = [pool.submit(run_cell, cell, config) for cell in longest_first]
                 for future in as_completed(futures):
-                    _append(handle, future.result(), bar)
+                    append(handle, future.result())
     bar.close()
-    if todo:
-        with open(out / TIMING_NAME, "a") as handle:
-            handle.write(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                     "cells": len(todo), "seconds": time.perf_counter() - started,
-                                     "workers": config.workers}) + "\n")
-    wanted = {cell.key for cell in cells}
-    rows = [row for key, row in _finished(rows_path).items() if key in wanted]
-    return write_report(rows, config.methods, out, _preamble(config, setup, _invocations(out / TIMING_NAME)),
-                        config.product_statics)
+
+
+def _record_time(path: Path, start_date: str, cells: int, seconds: float, workers: int) -> None:
+    """Write this invocation's entry (cells finished, seconds so far) into timing.jsonl, replacing its last one."""
+    entries = [entry for entry in _invocations(path) if entry["date"] != start_date]
+    entries.append({"date": start_date, "cells": cells, "seconds": seconds, "workers": workers})
+    write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in entries))
 
 
 def _relative_cost(cell: Cell, config: SweepConfig) -> int:
