@@ -1,4 +1,4 @@
-"""The `evox-merge` command: search, apply, evaluate, algorithms, bench, zoo build."""
+"""The `evox-merge` command: search, apply, evaluate, lineage, algorithms, bench, zoo build."""
 
 from __future__ import annotations
 
@@ -165,6 +165,17 @@ def _zoo_build(args: argparse.Namespace) -> None:
     print(f"zoo ready in {path}")
 
 
+def _lineage(args: argparse.Namespace) -> None:
+    from evox_merge.run.evidence import lineage
+
+    found = lineage(args.run, args.candidate, args.out)
+    print(found["text"])
+    print(f"\nDOT: {found['dot']}" + (f"; PNG: {found['png']}" if found["png"] else
+                                      " (install Graphviz's `dot` for a PNG)"))
+    if args.json:
+        print(json.dumps(found["record"], indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `evox-merge`."""
     parser = argparse.ArgumentParser(prog="evox-merge", description="Evolutionary merging of LoRA experts on EvoX.")
@@ -203,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("validation", "test"), default="validation")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.set_defaults(handler=_evaluate)
+
+    lineage = commands.add_parser("lineage", help="a candidate's ancestry (text and a Graphviz DOT file)")
+    lineage.add_argument("run", help="a search's output directory")
+    lineage.add_argument("--candidate", type=int, help="record id (default: the released searched candidate)")
+    lineage.add_argument("--out", help="DOT file (default RUN/lineage-<id>.dot; a PNG beside it with Graphviz)")
+    lineage.add_argument("--json", action="store_true", help="also print the candidate's full evidence record")
+    lineage.set_defaults(handler=_lineage)
 
     bench = commands.add_parser("bench", help="run a benchmark sweep (resumable)")
     bench.add_argument("config", help="sweep config (YAML)")

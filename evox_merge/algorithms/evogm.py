@@ -20,6 +20,7 @@ from evox.core import Algorithm, Mutable, Parameter
 from evox_merge.util.errors import MergeInputError
 
 from .common import coefficient_bounds, hybrid_population, rank_key, rank_order, split_winners_losers
+from .pareto import dominates, pareto_order, split_pareto_winners
 from .evogm_history import EvoGMHistory
 from .evogm_variants import (
     EvoGMSwitches,
@@ -141,6 +142,8 @@ class EvoGM(Algorithm):
         newer_ties: bool | None = None,
         guarded_shift: bool | None = None,
         max_condition: float | None = None,
+        objectives: str = "scalar",
+        n_objs: int = 1,
     ):
         """Defaults are the authors' public settings (JiangTao97/evogm, config/method/evogm.yaml) plus the default
         variant's switches; `variant="paper"` turns every switch off.
@@ -169,6 +172,12 @@ class EvoGM(Algorithm):
             variant: "paper" (the faithful algorithm) or "default" (switches on); see `EvoGMSwitches`.
             extrapolation, mutation, initial_sigma, archive, duplicate_tolerance, task_arithmetic_scales, newer_ties,
                 guarded_shift, max_condition: override the variant's switch (None keeps it); see `EvoGMSwitches`.
+            objectives: "scalar" (one fitness per candidate, the paper) or "pareto" *(ours)*: fitness is a
+                ``(P, n_objs)`` matrix and every ranking (winners and losers, the population kept, the best, the
+                basis shift, the carried elites) is by non-dominated rank, then crowding distance, then age
+                (`evox_merge.algorithms.pareto.pareto_order`); a mutation succeeds when the child dominates its
+                parent. Everything else is unchanged; "scalar" is the ablation back.
+            n_objs: the number of objectives with ``objectives="pareto"`` (1 otherwise).
 
         Raises:
             MergeInputError: an argument outside its valid range.
@@ -178,6 +187,11 @@ class EvoGM(Algorithm):
         if not multi_round:
             num_rounds, iterations_per_round = 1, num_rounds * (iterations_per_round + 1) - 1
         _validate(num_experts, pop_size, num_rounds, iterations_per_round, winner_ratio, hidden_sizes, train_steps)
+        if objectives not in ("scalar", "pareto") or n_objs < 1 or (objectives == "scalar" and n_objs != 1):
+            raise MergeInputError(f"objectives: expected 'scalar' (n_objs 1) or 'pareto' (n_objs >= 1), got "
+                                  f"{objectives!r} with n_objs {n_objs}")
+        self.objectives = objectives
+        self.n_objs = n_objs
         self.variant = variant
         self.switches = resolve_switches(
             variant,
@@ -220,7 +234,11 @@ class EvoGM(Algorithm):
         self._carried_coefficients = torch.empty(0, num_experts, device="cpu")
         self._sigma = self.switches.initial_sigma
         self.pop = Mutable(torch.zeros(pop_size, num_experts, device=device))
-        self.fit = Mutable(torch.full((pop_size,), torch.inf, device=device))
+        self.fit = Mutable(torch.full((pop_size,) if objectives == "scalar" else (pop_size, n_objs), torch.inf,
+                                      device=device))
+        # History indices of the population's rows, and the parents of the candidates being evaluated.
+        self._pop_index = torch.zeros(pop_size, dtype=torch.int64, device="cpu")
+        self._evaluating_parents: list[Any] | str = "none"
 
     @property
     def generations_per_run(self) -> int:
@@ -253,6 +271,8 @@ class EvoGM(Algorithm):
         return self.history.fitness[self._best_index()]
 
     def _best_index(self) -> int:
+        if self.objectives == "pareto":
+            return int(self._order(self.history.fitness)[0])
         if self.switches.newer_ties:
             return int(rank_order(self.history.fitness, newer_first=True)[0])
         return int(torch.argmin(rank_key(self.history.fitness)))
@@ -281,14 +301,21 @@ class EvoGM(Algorithm):
     def candidate_annotations(self) -> dict[str, Any]:
         """Annotations of the population evaluated in the last step (`evox_merge.algorithms.common` protocol).
 
-        The round, the iteration, each candidate's coefficients in the round's basis and (from round 1 on)
-        ``basis_records``, the evaluation indices (record ids) of the N vectors that form the round's basis.
+        The round, the iteration, each candidate's coefficients in the round's basis, (from round 1 on)
+        ``basis_records``, the evaluation indices (record ids) of the N vectors that form the round's basis, and
+        ``parents``: per candidate, the evaluation index of the population row it was generated from (a generated
+        population), the round's basis (an initial population: ``"experts"`` in round 0, else the basis records) or
+        ``"none"`` (uniform draws when no fitness was finite).
         """
         coefficients, iteration = self._evaluating
+        parents = self._evaluating_parents
+        if not (isinstance(parents, list) and parents and isinstance(parents[0], list)):
+            parents = [parents] * len(coefficients)  # one value for the whole population
         annotations: dict[str, Any] = {
             "round": self.current_round,
             "iteration": iteration,
             "coefficients_round_basis": coefficients.tolist(),
+            "parents": parents,
         }
         if self.current_round > 0:
             annotations["basis_records"] = [self.basis_records[-1]] * len(coefficients)
@@ -312,13 +339,17 @@ class EvoGM(Algorithm):
         population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng, scales)
         if self.switches.archive:
             population = self._replace_cached(population, around=False)
+        self._evaluating_parents = "experts" if self.current_round == 0 else list(self.basis_records[-1])
+        first = len(self.history)
         fitness = self._evaluate_and_record(population, iteration=0)
+        index = torch.arange(first, len(self.history))
         if len(self._carried_index):
             population = torch.cat([self._carried_coefficients, population])
             fitness = torch.cat([self.history.fitness[self._carried_index], fitness])
-            keep = rank_order(fitness, self.switches.newer_ties)[: self.pop_size]
-            population, fitness = population[keep], fitness[keep]
-        self._set_population(population, fitness)
+            index = torch.cat([self._carried_index, index])
+            keep = self._order(fitness)[: self.pop_size]
+            population, fitness, index = population[keep], fitness[keep], index[keep]
+        self._set_population(population, fitness, index)
         self._sigma = self.switches.initial_sigma
         self._generators.reset(float(self.lr), self._rng)
         log.info(
@@ -327,6 +358,12 @@ class EvoGM(Algorithm):
             self.num_rounds,
             float(rank_key(fitness).min()),
         )
+
+    def _order(self, fitness: torch.Tensor) -> torch.Tensor:
+        """Indices best first: by fitness (scalar) or by Pareto rank and crowding (pareto); failures last."""
+        if self.objectives == "pareto":
+            return pareto_order(fitness, self.switches.newer_ties)
+        return rank_order(fitness, self.switches.newer_ties)
 
     def _round_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The round's archive H: history indices (H,), lambda in the round's basis (H, N), fitness (H,); the carried
@@ -338,7 +375,7 @@ class EvoGM(Algorithm):
 
     def _shift_basis(self) -> None:
         index, coefficients, fitness = self._round_data()
-        order = rank_order(fitness, self.switches.newer_ties)
+        order = self._order(fitness)
         if self.switches.guarded_shift:
             chosen = diverse_basis(
                 self.history.original_coefficients[index], order, self.num_experts, self.switches.max_condition
@@ -356,7 +393,8 @@ class EvoGM(Algorithm):
             self.basis_records.append(index[chosen].tolist())
         if self.switches.archive:
             carried = index[order[: self.pop_size]]
-            carried = carried[torch.isfinite(self.history.fitness[carried])]
+            finite = torch.isfinite(self.history.fitness[carried])
+            carried = carried[finite if finite.ndim == 1 else finite.all(-1)]
             self._carried_index = carried
             self._carried_coefficients = torch.linalg.lstsq(
                 self.bases[-1].double().T, self.history.original_coefficients[carried].double().T
@@ -367,8 +405,10 @@ class EvoGM(Algorithm):
     def _generate(self) -> None:
         iteration = self.current_iteration + 1
         _, coefficients, fitness = self._round_data()
-        winners, losers = split_winners_losers(fitness, float(self.winner_ratio), self.switches.newer_ties)
+        split = split_pareto_winners if self.objectives == "pareto" else split_winners_losers
+        winners, losers = split(fitness, float(self.winner_ratio), self.switches.newer_ties)
         replaced = 0
+        self._evaluating_parents = [[int(i)] for i in self._pop_index] if len(winners) else "none"
         if len(winners) == 0:
             log.warning("EvoGM round %d: no finite fitness yet, sampling uniformly", self.current_round + 1)
             draws = torch.rand(self.pop_size, self.num_experts, generator=self._rng, device="cpu")
@@ -385,12 +425,16 @@ class EvoGM(Algorithm):
         if len(winners) > 0 and self.generator_log:
             self.generator_log[-1].update(sigma=self._sigma, replaced=replaced)
         if self.switches.mutation and len(winners) > 0:
-            success = (rank_key(new_fitness) < rank_key(self.fit.cpu())).float().mean()
+            if self.objectives == "pareto":
+                success = dominates(new_fitness, self.fit.cpu()).float().mean()
+            else:
+                success = (rank_key(new_fitness) < rank_key(self.fit.cpu())).float().mean()
             self._sigma = success_rule(self._sigma, float(success))
         pool = torch.cat([self.pop.cpu(), candidates])
         pool_fitness = torch.cat([self.fit.cpu(), new_fitness])
-        keep = rank_order(pool_fitness, self.switches.newer_ties)[: self.pop_size]
-        self._set_population(pool[keep], pool_fitness[keep])
+        pool_index = torch.cat([self._pop_index, torch.arange(len(self.history) - len(candidates), len(self.history))])
+        keep = self._order(pool_fitness)[: self.pop_size]
+        self._set_population(pool[keep], pool_fitness[keep], pool_index[keep])
 
     def _perturb(self, generated: torch.Tensor, winners: torch.Tensor) -> torch.Tensor:
         """Extrapolation and mutation switches, in the generators' [-1, 1] coordinates; the identity when off."""
@@ -448,10 +492,13 @@ class EvoGM(Algorithm):
         original = coefficients @ self.bases[-1]
         self._evaluating = (coefficients, iteration)
         fitness = self.evaluate(original.to(self.pop.device))
-        if fitness.shape != (len(coefficients),):
+        expected = (len(coefficients),) if self.objectives == "scalar" else (len(coefficients), self.n_objs)
+        if fitness.shape != expected:
             raise MergeInputError(
-                f"problem fitness: EvoGM is single-objective and expects shape ({len(coefficients)},), "
-                f"got {tuple(fitness.shape)}; reduce per-task scores to one score per candidate"
+                f"problem fitness: EvoGM with objectives={self.objectives!r} is "
+                f"{'single' if self.objectives == 'scalar' else 'multi'}-objective and expects shape {expected}, got "
+                f"{tuple(fitness.shape)}; " + ("reduce per-task scores to one score per candidate"
+                                               if self.objectives == "scalar" else "give one column per objective")
             )
         fitness = fitness.detach().to("cpu", torch.float32)
         self.history.append(
@@ -459,9 +506,10 @@ class EvoGM(Algorithm):
         )
         return fitness
 
-    def _set_population(self, population: torch.Tensor, fitness: torch.Tensor) -> None:
+    def _set_population(self, population: torch.Tensor, fitness: torch.Tensor, index: torch.Tensor) -> None:
         self.pop = population.to(self.pop.device)
         self.fit = fitness.to(self.fit.device)
+        self._pop_index = index.to("cpu", torch.int64)
 
     def _to_generator_space(self, coefficients: torch.Tensor) -> torch.Tensor:
         # Affine map of the box onto [-1, 1]^N (the identity for the default box).
@@ -483,6 +531,8 @@ class EvoGM(Algorithm):
             "carried_coefficients": self._carried_coefficients.clone(),
             "sigma": self._sigma,
             "rng": self._rng.get_state(),
+            "pop_index": self._pop_index.clone(),
+            "evaluating_parents": self._evaluating_parents,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -497,6 +547,9 @@ class EvoGM(Algorithm):
         self._carried_coefficients = state["carried_coefficients"].clone()
         self._sigma = float(state["sigma"])
         self._rng.set_state(state["rng"])
+        if "pop_index" in state:  # checkpoints written before parents were tracked lack it
+            self._pop_index = state["pop_index"].clone()
+            self._evaluating_parents = state["evaluating_parents"]
 
 
 def _validate(

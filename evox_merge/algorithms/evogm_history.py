@@ -13,7 +13,7 @@ class EvoGMHistory:
     Attributes:
         coefficients: (E, N) lambda, in the expert basis of the candidate's round.
         original_coefficients: (E, N) c = M^T lambda in the original expert basis: exactly what the problem received.
-        fitness: (E,) fitness as the algorithm saw it. EvoX algorithms minimise, so under
+        fitness: (E,) fitness as the algorithm saw it ((E, M) objective vectors in EvoGM's pareto mode). EvoX algorithms minimise, so under
             `StdWorkflow(opt_direction="max")` (evox-merge's convention) this is minus the problem's score.
             NaN and inf are kept as returned.
         round: (E,) int64, 0-based round index.
@@ -44,6 +44,8 @@ class EvoGMHistory:
         generation: int,
     ) -> None:
         """Add one evaluated population: (P, N), (P, N), (P,) tensors and its labels."""
+        if len(self) == 0 and fitness.ndim == 2:  # objective vectors (EvoGM's pareto mode): (E, M) from now on
+            self.fitness = torch.empty(0, fitness.shape[1], device="cpu")
         labels = {"round": round, "iteration": iteration, "generation": generation}
         new = {"coefficients": coefficients, "original_coefficients": original_coefficients, "fitness": fitness}
         for name, value in labels.items():

@@ -98,6 +98,52 @@ class ReleaseConfig(_Strict):
     baselines: bool = True
 
 
+class ObjectivesConfig(_Strict):
+    """``objectives: {kind: pareto, groups: [[taskA, taskB], [taskC]], challengers: 3}``.
+
+    ``kind: mean`` is the default search (one fitness, the weighted mean of normalised task scores). ``kind: pareto``
+    makes each group one objective (its tasks' weighted mean of normalised scores; no ``groups``: one objective per
+    task); every task in at most one group, no empty group, no unknown task (`check_objectives`). ``challengers``: up
+    to this many releases spread along the front besides the champion and the specialists
+    (`evox_merge.run.pareto_release`).
+    """
+
+    kind: Literal["mean", "pareto"] = "mean"
+    groups: list[list[str]] | None = None
+    challengers: int = Field(default=3, ge=0)
+
+
+def check_objectives(objectives: "str | ObjectivesConfig", task_names: list[str], algorithm: str) -> list[str]:
+    """Problems (messages naming the key) with the objectives' groups against the task names, and with an
+    algorithm that needs objective vectors under ``objectives: mean``."""
+    kind = objectives if isinstance(objectives, str) else objectives.kind
+    groups = None if isinstance(objectives, str) else objectives.groups
+    problems = []
+    if kind == "mean" and groups is not None:
+        problems.append("objectives.groups: groups need kind: pareto (kind: mean has one objective)")
+    if kind == "mean" and algorithm in registry.ALGORITHMS and registry.ALGORITHMS[algorithm].multi_objective:
+        problems.append(f"algorithm.name: {algorithm!r} is multi-objective; set objectives: pareto (or a "
+                        "{kind: pareto, groups: [...]} mapping)")
+    if groups is None:
+        return problems
+    if not groups:
+        problems.append("objectives.groups: no groups; give at least one list of task names, or leave groups out "
+                        "for one objective per task")
+    seen: dict[str, int] = {}
+    for index, group in enumerate(groups):
+        if not group:
+            problems.append(f"objectives.groups[{index}]: empty group; expected at least one task name")
+        for name in group:
+            if name not in task_names:
+                problems.append(f"objectives.groups[{index}]: unknown task {name!r}; the tasks are {task_names}")
+            elif name in seen:
+                problems.append(f"objectives.groups[{index}]: task {name!r} is already in objectives.groups"
+                                f"[{seen[name]}]; a task belongs to at most one objective")
+            else:
+                seen[name] = index
+    return problems
+
+
 class SearchConfig(_Strict):
     """Everything one search needs; paths are resolved against the config file's folder.
 
@@ -105,7 +151,9 @@ class SearchConfig(_Strict):
     examples, shuffled by the task's name: `evox_merge.tasks.split_task`). The search sees only the search part
     (at most ``max_validation_examples`` of it); the release is the best of the search's ``selection_top_k``
     candidates and the static merges on the selection part (`evox_merge.run.selection`). ``normalise`` puts every
-    task on one scale before the weighted mean (`evox_merge.problems.normalisation`).
+    task on one scale before the weighted mean (`evox_merge.problems.normalisation`). ``objectives``: ``mean`` (one
+    fitness) or ``pareto`` / an `ObjectivesConfig` (a vector of objectives, a Pareto release:
+    `evox_merge.run.objectives`).
     """
 
     base: str
@@ -122,6 +170,7 @@ class SearchConfig(_Strict):
     selection_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
     selection_top_k: int = Field(default=5, ge=1)
     normalise: Literal["base_best_single", "none"] = "base_best_single"
+    objectives: Literal["mean", "pareto"] | ObjectivesConfig = "mean"
     output_dir: str = "runs/search"
     intended_use: str = "Not stated in the search config."
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
@@ -182,7 +231,7 @@ def check_algorithm_params(name: str, params: dict[str, Any]) -> None:
         registry.check_params(name, params)
         return
     class_name, accepted, takes_kwargs = found
-    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *registry.ALGORITHMS[name].fixed}
+    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *registry.reserved_params(name)}
     known = sorted(accepted - {"args", "kwargs"} - reserved)
     for key in params:
         if key in reserved:
@@ -247,6 +296,8 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
                 read_task(spec.with_split("validation" if key == "path" else "test"))
             except TaskFormatError as error:
                 problems.append(f"tasks.{spec.name}.{key}: {error}")
+    if specs:
+        problems += check_objectives(config.objectives, [spec.name for spec in specs], config.algorithm.name)
     if config.algorithm.name in registry.ALGORITHMS:
         try:
             check_algorithm_params(config.algorithm.name, config.algorithm.params)

@@ -37,10 +37,19 @@ def run_generations(
             after_generation(generation + 1)
 
 
-def search(algorithm: Algorithm, problem: Problem, generations: int) -> RunMonitor:
+def search(algorithm: Algorithm, problem: Problem, generations: int, objectives=None,
+           objective_fitness: bool = False) -> RunMonitor:
     """Search in memory, no files: `generations` generations of `algorithm` on `problem`; returns the monitor
-    with every record (with per-task scores when `problem` is a `MergeProblem`)."""
+    with every record (with per-task scores when `problem` is a `MergeProblem`).
+
+    `objectives` (an `evox_merge.run.objectives.Objectives`, pareto) adds each record's objective values; with
+    `objective_fitness` the algorithm (a multi-objective one) gets the ``(P, M)`` objective matrix as fitness.
+    """
+    pareto = objectives is not None and objectives.pareto
     monitor = RunMonitor(getattr(problem, "task_names", []), getattr(problem, "aggregate", None),
-                         getattr(getattr(problem, "experts", None), "expert_names", []))
-    run_generations(build_workflow(algorithm, problem, monitor), monitor, 0, generations)
+                         getattr(getattr(problem, "experts", None), "expert_names", []),
+                         objectives=(lambda scores: objectives.values(problem, scores)) if pareto else None,
+                         objective_names=objectives.names if pareto else ())
+    workflow = build_workflow(algorithm, problem, monitor, objectives=objectives if objective_fitness else None)
+    run_generations(workflow, monitor, 0, generations)
     return monitor

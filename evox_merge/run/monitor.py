@@ -5,6 +5,17 @@
 sees); a problem that returns one fitness per candidate works too (records then have no task scores). The run
 loop (`evox_merge.run.loop`) calls `RunMonitor.flush` after each step with the algorithm's candidate annotations
 (`evox_merge.algorithms.common`), which writes the step's records.
+
+**The evidence record.** Every line of records.jsonl is the evidence for one candidate (`EVIDENCE_FIELDS`): its id
+(= its lineage DAG node ``record:<id>``), ``parents`` (the records or the basis it was generated from, as the
+algorithm reports them: ``record:<id>``, ``expert:<name>``; ``"none"`` where the algorithm does not know them, never
+invented), the merge ``operator`` and ``coefficients`` (original expert basis), its scores (``task_scores``, the
+``fitness`` and, with pareto objectives, ``objectives``) and its ``seconds`` of evaluation. The fields that are the
+same for every candidate of a run (base family, tokenizer compatibility, evaluation suite with the task-file hashes,
+device, intended use, the operator in words, the experts' hashes) are written once, in run.json's ``evidence``
+(`evox_merge.run.evidence.run_evidence`), and each record points there with ``"run_evidence": "run.json#evidence"``:
+a run of 10^4 candidates repeats no hash or sentence 10^4 times, and `evox_merge.run.evidence.full_record` joins the
+two into the complete record.
 """
 
 from __future__ import annotations
@@ -22,6 +33,20 @@ from evox_merge.run.progress import SearchProgress
 from evox_merge.util.atomic import write_text_atomic
 
 RECORDS_NAME = "records.jsonl"
+RUN_EVIDENCE = "run.json#evidence"
+# Per-record evidence fields; the run-constant ones live in run.json (`evox_merge.run.evidence.RUN_EVIDENCE_FIELDS`).
+EVIDENCE_FIELDS = ("id", "lineage_node", "parents", "operator", "coefficients", "task_scores", "fitness", "seconds",
+                   "run_evidence")
+
+
+def parent_ids(value: Any, expert_names: list[str]) -> list[str] | str:
+    """An algorithm's ``parents`` annotation as lineage node ids: ``"experts"`` -> ``expert:<name>`` for each
+    expert, record ids -> ``record:<id>``, anything else (``"none"``, missing) -> ``"none"``."""
+    if value == "experts":
+        return [f"expert:{name}" for name in expert_names]
+    if isinstance(value, list) and value:
+        return [f"record:{int(v)}" for v in value]
+    return "none"
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -59,6 +84,8 @@ class RunMonitor(Monitor):
         records_path: the JSONL file to append each step's records to (None: keep them in memory only).
         progress: the live display (None: none).
         write: False on every distributed rank but 0: count and track, write nothing.
+        objectives: ``(P, K)`` per-task scores -> ``(P, M)`` objective values (pareto objectives), with
+            `objective_names`; each record then holds ``objectives``.
 
     Attributes:
         records: the records of this process's run so far (after `restart`, only the new ones).
@@ -76,6 +103,8 @@ class RunMonitor(Monitor):
         records_path: str | Path | None = None,
         progress: SearchProgress | None = None,
         write: bool = True,
+        objectives: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        objective_names: list[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.task_names = list(task_names)
@@ -84,6 +113,8 @@ class RunMonitor(Monitor):
         self.records_path = Path(records_path) if records_path is not None else None
         self.progress = progress
         self.write = write
+        self.objectives = objectives
+        self.objective_names = list(objective_names)
         self.records: list[dict[str, Any]] = []
         self.count = 0
         self.generation = 0
@@ -105,21 +136,28 @@ class RunMonitor(Monitor):
         seconds = time.perf_counter() - self._started
         self.evaluation_seconds += seconds
         fitness = fitness.detach().cpu().double()
-        task_scores = None
+        task_scores = objective_values = None
         if fitness.ndim == 2:
             task_scores, fitness = fitness, self.aggregate(fitness).detach().cpu().double()
+            if self.objectives is not None:
+                objective_values = self.objectives(task_scores).detach().cpu().double()
         per_candidate = seconds / max(len(fitness), 1)
         for p, value in enumerate(fitness.tolist()):
+            identifier = self.count + len(self._pending)
             record = {
-                "id": self.count + len(self._pending),
+                "id": identifier,
+                "lineage_node": f"record:{identifier}",
                 "generation": self.generation,
                 "coefficients": self._population[p].tolist(),
                 "fitness": _finite_or_none(value),
                 "task_scores": {} if task_scores is None else {
                     name: _finite_or_none(float(s)) for name, s in zip(self.task_names, task_scores[p])},
+                **({} if objective_values is None else {"objectives": {
+                    name: _finite_or_none(float(v)) for name, v in zip(self.objective_names, objective_values[p])}}),
                 "operator": "linear",
-                "parents": self.expert_names,
+                "parents": "none",
                 "seconds": round(per_candidate, 6),
+                "run_evidence": RUN_EVIDENCE,
             }
             self._pending.append(record)
 
@@ -132,6 +170,8 @@ class RunMonitor(Monitor):
                 continue  # annotations of another population size (an algorithm that evaluated twice)
             for p, record in enumerate(records):
                 record[key] = values[p] if isinstance(values, list) else values
+        for record in records:
+            record["parents"] = parent_ids(record["parents"], self.expert_names)
         if self.write and self.records_path is not None and records:
             with open(self.records_path, "a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in records)

@@ -27,6 +27,8 @@ class AlgorithmEntry:
         fixed: constructor arguments this entry always passes (e.g. an ablation switch).
         family: ``evogm`` for EvoGM and its variants (they take ``num_rounds`` and ``iterations_per_round``).
         description: one line for ``evox-merge algorithms``.
+        multi_objective: the algorithm takes ``n_objs`` (given by the search) and gets the ``(P, M)`` objective
+            matrix as fitness; it needs ``objectives: pareto``.
     """
 
     name: str
@@ -34,6 +36,7 @@ class AlgorithmEntry:
     description: str
     fixed: dict[str, Any] = field(default_factory=dict)
     family: str = ""
+    multi_objective: bool = False
 
     def load(self) -> type:
         """The algorithm class (imported now)."""
@@ -55,11 +58,33 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
                        {"multi_round": False}, "evogm"),
         AlgorithmEntry("evogm_no_cycle", _EVOGM, "EvoGM (default variant) ablation: cycle-consistency weight 0",
                        {"cycle_weight": 0.0}, "evogm"),
+        AlgorithmEntry("evogm_pareto", _EVOGM, "EvoGM (default variant), winners and losers by Pareto rank and "
+                       "crowding distance (objectives: pareto)", {"objectives": "pareto"}, "evogm", True),
         AlgorithmEntry("cmaes", "evox_merge.algorithms.cmaes:BoundedCMAES", "CMA-ES (EvoX) kept inside the box"),
         AlgorithmEntry("pso", "evox_merge.algorithms.pso:BoundedPSO", "PSO (EvoX) with clamped velocity, resumable"),
         AlgorithmEntry("random", "evox_merge.algorithms.random_search:RandomSearch", "uniform random search"),
+        *(AlgorithmEntry(name, f"evox_merge.algorithms.multi_objective:{cls}", f"{label} (EvoX), multi-objective "
+                         "(objectives: pareto)", multi_objective=True)
+          for name, cls, label in (("nsga2", "MergeNSGA2", "NSGA-II"), ("nsga3", "MergeNSGA3", "NSGA-III"),
+                                   ("moead", "MergeMOEAD", "MOEA/D"), ("rvea", "MergeRVEA", "RVEA"),
+                                   ("hype", "MergeHypE", "HypE"))),
     )
 }
+
+
+def reserved_params(name: str) -> set[str]:
+    """Constructor arguments of registered algorithm `name` that the search sets (beyond num_experts, pop_size,
+    lb, ub, seed): its fixed arguments, and ``n_objs`` for a multi-objective one."""
+    entry = ALGORITHMS[name]
+    return {*entry.fixed, *(("n_objs",) if entry.multi_objective else ())}
+
+
+def is_multi_objective(name: str) -> bool:
+    """Whether algorithm `name` gets objective vectors: a multi-objective registry entry, or an EvoX class taking
+    ``n_objs`` (imported to look)."""
+    if name in ALGORITHMS:
+        return ALGORITHMS[name].multi_objective
+    return "n_objs" in inspect.signature(_foreign_class(name).__init__).parameters
 
 
 def algorithm_names() -> list[str]:
@@ -97,8 +122,8 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             search sets itself.
     """
     cls = algorithm_class(name)
-    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *ALGORITHMS[name].fixed} if name in ALGORITHMS else {
-        "pop_size", "lb", "ub"}
+    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *reserved_params(name)} if name in ALGORITHMS else {
+        "pop_size", "lb", "ub", "n_objs"}
     accepted = inspect.signature(cls.__init__).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     known = sorted(set(accepted) - {"self", "args", "kwargs"} - reserved)
@@ -112,14 +137,14 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 
 def build_algorithm(
     name: str, num_experts: int, *, pop_size: int, lb: float = -1.0, ub: float = 1.0, seed: int = 0,
-    params: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None, n_objs: int | None = None,
 ):
     """Construct the algorithm `name` for `num_experts` coefficients.
 
     Registered algorithms get ``num_experts``, ``pop_size``, ``lb``, ``ub``, ``seed``, their fixed arguments and
-    `params`. A foreign EvoX algorithm gets ``pop_size``, ``lb`` and ``ub`` (as ``(N,)`` tensors) where its
-    constructor takes them, plus `params`; torch's global RNG is seeded with `seed` first, since EvoX algorithms
-    draw their initial population from it.
+    `params`, and a multi-objective one ``n_objs`` (required for it). A foreign EvoX algorithm gets ``pop_size``,
+    ``lb`` and ``ub`` (as ``(N,)`` tensors) and ``n_objs`` where its constructor takes them, plus `params`; torch's
+    global RNG is seeded with `seed` first, since EvoX algorithms draw their initial population from it.
     """
     import torch
 
@@ -127,10 +152,15 @@ def build_algorithm(
     check_params(name, params)
     if name in ALGORITHMS:
         entry = ALGORITHMS[name]
+        if entry.multi_objective:
+            if n_objs is None:
+                raise MergeInputError(f"algorithm.name: {name!r} is multi-objective; set objectives: pareto")
+            params["n_objs"] = n_objs
         return entry.load()(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
     cls = _foreign_class(name)
     accepted = inspect.signature(cls.__init__).parameters
-    offered = {"pop_size": pop_size, "lb": torch.full((num_experts,), lb), "ub": torch.full((num_experts,), ub)}
+    offered = {"pop_size": pop_size, "lb": torch.full((num_experts,), lb), "ub": torch.full((num_experts,), ub),
+               **({"n_objs": n_objs} if n_objs is not None else {})}
     kwargs = {key: value for key, value in offered.items() if key in accepted and key not in params}
     torch.manual_seed(seed)
     try:

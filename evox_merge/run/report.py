@@ -15,17 +15,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 from evox_merge.util.atomic import atomic_path, write_text_atomic  # noqa: E402
 
 
-def write_history_csv(records: list[dict[str, Any]], expert_names: list[str], path: str | Path) -> None:
-    """One row per evaluated candidate: id, generation, fitness, per-task scores, coefficients."""
+def write_history_csv(records: list[dict[str, Any]], expert_names: list[str], path: str | Path,
+                      hypervolume: dict[int, float] | None = None) -> None:
+    """One row per evaluated candidate: id, generation, fitness, per-task scores, coefficients; with
+    `hypervolume` (pareto objectives: generation -> the archive's hypervolume after it) also each objective's value
+    and the hypervolume after the candidate's generation."""
     task_names = list(records[0]["task_scores"]) if records else []
+    objective_names = list(records[0].get("objectives", {})) if records and hypervolume is not None else []
+    extra = [*[f"objective_{n}" for n in objective_names], "hypervolume"] if hypervolume is not None else []
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "generation", "round", "fitness", *task_names, *[f"c_{n}" for n in expert_names]])
+        writer.writerow(["id", "generation", "round", "fitness", *task_names, *[f"c_{n}" for n in expert_names],
+                         *extra])
         for record in records:
-            writer.writerow([
-                record["id"], record["generation"], record.get("round", ""), record["fitness"],
-                *[record["task_scores"][name] for name in task_names], *record["coefficients"],
-            ])
+            row = [record["id"], record["generation"], record.get("round", ""), record["fitness"],
+                   *[record["task_scores"][name] for name in task_names], *record["coefficients"]]
+            if hypervolume is not None:
+                row += [record["objectives"][name] for name in objective_names] + [hypervolume[record["generation"]]]
+            writer.writerow(row)
 
 
 def _fitness(record: dict[str, Any]) -> float:
@@ -99,6 +106,87 @@ def plot_task_scores(scores: dict[str, dict[str, float]], path: str | Path, titl
     plt.close(figure)
 
 
+def plot_pareto_front(records: list[dict[str, Any]], names: list[str], archive: list[dict[str, Any]],
+                      statics: dict[str, list[float]], released: list[dict[str, Any]], champion: dict[str, float],
+                      path: str | Path) -> None:
+    """The front on the search part: every record (grey), the archive, the released members (labelled), the champion
+    and the static merges. A scatter per objective pair for 2 or 3 objectives, parallel coordinates beyond."""
+    def row(values: dict[str, Any]) -> list[float]:
+        return [math.nan if values.get(n) is None else values[n] for n in names]
+
+    every = [row(r.get("objectives", {})) for r in records]
+    front = [row(r["objectives"]) for r in archive]
+    members = [(m["folder"], row(m["objectives"]["search"])) for m in released]
+    champ = row(champion)
+    if len(names) <= 3:
+        pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))] or [(0, 0)]
+        figure, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False)
+        for axis, (i, j) in zip(axes[0], pairs):
+            axis.scatter([p[i] for p in every], [p[j] for p in every], s=8, c="0.75", label="evaluated")
+            axis.scatter([p[i] for p in front], [p[j] for p in front], s=22, c="tab:blue", label="archive")
+            for name, values in statics.items():
+                axis.scatter(values[i], values[j], marker="s", s=30, label=f"static: {name}")
+            for folder, values in members:
+                axis.scatter(values[i], values[j], marker="^", s=60, edgecolors="k")
+                axis.annotate(folder, (values[i], values[j]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            axis.scatter(champ[i], champ[j], marker="*", s=160, c="gold", edgecolors="k", label="champion")
+            axis.set_xlabel(names[i])
+            axis.set_ylabel(names[j])
+            axis.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=6)
+    else:
+        figure, axis = plt.subplots(figsize=(max(7, 1.1 * len(names)), 4.5))
+        xs = list(range(len(names)))
+        for values in every:
+            axis.plot(xs, values, c="0.85", lw=0.5)
+        for values in front:
+            axis.plot(xs, values, c="tab:blue", lw=0.8, alpha=0.6)
+        for name, values in statics.items():
+            axis.plot(xs, values, lw=1.5, ls="--", label=f"static: {name}")
+        for folder, values in members:
+            axis.plot(xs, values, lw=1.5, label=folder)
+        axis.plot(xs, champ, lw=2.5, c="gold", label="champion")
+        axis.set_xticks(xs, names, rotation=30, ha="right")
+        axis.set_ylabel("normalised objective (search part)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6, ncol=2)
+    figure.suptitle("Pareto front on the search part (higher is better; 0 = base, 1 = best single expert)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def pareto_card_section(pareto: dict[str, Any]) -> str:
+    """The model card's section on the Pareto release: one subsection per released model."""
+    names = pareto["objectives"]["names"]
+
+    def table(values: dict[str, dict[str, float]]) -> str:
+        lines = [f"| split | {' | '.join(names)} |", f"| --- | {' | '.join('---' for _ in names)} |"]
+        for split, row in values.items():
+            lines.append(f"| {split} | " + " | ".join("" if row.get(n) is None or math.isnan(row[n]) else
+                                                      f"{row[n]:.4f}" for n in names) + " |")
+        return "\n".join(lines)
+
+    parts = [f"""## Pareto release
+Objectives (normalised, higher is better): {', '.join(f'`{n}`' for n in names)}. The run's non-dominated archive
+holds {len(pareto['archive'])} candidates; the front is drawn in `pareto_front.png` with the static merges.
+
+### champion/ (`{pareto['champion']['name']}`)
+{pareto['champion']['rule']}.
+
+{table(pareto['champion']['objectives'])}
+"""]
+    for member in pareto["members"]:
+        coefficients = ", ".join(f"{c:+.3f}" for c in member["coefficients"])
+        parts.append(f"""### {member['folder']}/ (`record:{member['record']}`, {member['role']})
+Chosen on the {member['chosen_on']}; coefficients [{coefficients}]; parents {member['parents']}; load
+`{member['adapter']}`; its recipe: `{member['folder']}/recipe.json`.
+
+{table(member['objectives'])}
+""")
+    return "\n".join(parts) + "\n![pareto front](pareto_front.png)\n"
+
+
 def _verdict(recipe: dict[str, Any]) -> str:
     """One plain sentence on what was released and why."""
     release, selection = recipe["release"], recipe["selection"]
@@ -142,7 +230,7 @@ Made by evox-merge {recipe['versions']['evox_merge']} with `{recipe['search']['a
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 base = AutoModelForCausalLM.from_pretrained("{recipe['base_model']['path']}")
-model = PeftModel.from_pretrained(base, "best/adapter")
+model = PeftModel.from_pretrained(base, "{recipe['release_files']['adapter']}")
 ```
 
 ## Merge
@@ -166,7 +254,7 @@ the full provenance is in `recipe.json`.
 ![fitness](fitness.png)
 ![coefficients](coefficients.png)
 ![task scores](task_scores.png)
-"""
+""" + (f"\n{pareto_card_section(recipe['pareto'])}" if "pareto" in recipe else "")
 
 
 def write_model_card(recipe: dict[str, Any], path: str | Path) -> None:

@@ -8,6 +8,11 @@ Output directory::
     best/adapter/     the best merge as a PEFT LoRA adapter (best/model/ with release.full_model)
     recipe.json       provenance: base, experts, hashes, operator, coefficients, scores, resources, lineage
     README.md         model card; history.csv; fitness.png, coefficients.png, task_scores.png
+
+With ``objectives: pareto`` the release is a Pareto packet instead of ``best/`` (`evox_merge.run.pareto_release`):
+``champion/`` (chosen as ``best/`` is), ``specialists/<objective>/``, ``challengers/<n>/``, each an ``adapter/`` with
+its own recipe.json, a model-card section each, ``pareto_front.png`` and the hypervolume per generation in
+history.csv. With ``objectives: mean`` the packet is exactly the one above.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from evox_merge.run.loop import run_generations
-from evox_merge.run.registry import build_algorithm
+from evox_merge.run.registry import build_algorithm, is_multi_objective
 from evox_merge.util.atomic import write_text_atomic
 from evox_merge.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_counters, save_checkpoint
 from evox_merge.run.config import SearchConfig, load_config
@@ -39,6 +44,9 @@ from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation
 from evox_merge.problems.static_merges import STATIC_MERGES
 from evox_merge.run.progress import ProgressMode, SearchProgress
+from evox_merge.run.evidence import run_evidence
+from evox_merge.run.objectives import hypervolume_by_generation, objectives_from_config
+from evox_merge.run.pareto_release import PARETO_FILES, release_pareto
 from evox_merge.run.recipe import build_recipe
 from evox_merge.run.monitor import RECORDS_NAME, RunMonitor, read_records, truncate_records
 from evox_merge.run.release import write_merge
@@ -86,7 +94,7 @@ def task_file_hashes(config: SearchConfig) -> dict[str, str]:
 
 # Every name a run writes in its output directory: --overwrite deletes these and nothing else.
 RUN_FILES = (RUN_NAME, RECORDS_NAME, CHECKPOINT_NAME, "best", "recipe.json", "README.md", "history.csv",
-             "fitness.png", "coefficients.png", "task_scores.png")
+             "fitness.png", "coefficients.png", "task_scores.png", *PARETO_FILES)
 
 
 def _config_inputs(config: SearchConfig) -> list[Path]:
@@ -113,13 +121,15 @@ def _check_resumable(out: Path) -> None:
                             "with --overwrite")
 
 
-def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: bool = True) -> dict[str, Any]:
+def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: bool = True,
+                    evidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check, then (with `write`) create or clear the output directory and write run.json; return the run's
     metadata (saved or new). With ``write=False`` only the checks run, so a refusal comes before anything loads.
 
     A directory holding only a failed start (run.json, perhaps records.jsonl, no checkpoint) is started afresh,
     with or without --resume. --overwrite deletes only the files a run writes (`RUN_FILES`), only where run.json
-    shows a previous run, and never a file or folder the config reads.
+    shows a previous run, and never a file or folder the config reads. `evidence` (the run-constant evidence
+    fields, `evox_merge.run.evidence.run_evidence`) is written into a new run.json.
     """
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
@@ -139,6 +149,7 @@ def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: 
         if not failed_start:
             _check_resumable(out)
             current = config.model_dump(mode="json")
+            saved_config = {"objectives": "mean", **saved_config}  # runs from before objectives existed
             if saved_config != current:
                 changed = sorted(k for k in {*saved_config, *current} if saved_config.get(k) != current.get(k))
                 raise MergeInputError(f"--resume: the config differs from the run's in {changed}")
@@ -179,7 +190,8 @@ def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: 
     if failed_start or (entries and overwrite):
         (out / CHECKPOINT_NAME).unlink(missing_ok=True)
         (out / RECORDS_NAME).unlink(missing_ok=True)
-    run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time()}
+    run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time(),
+           **({"evidence": evidence} if evidence is not None else {})}
     write_text_atomic(out / RUN_NAME, json.dumps(run, indent=2))
     return run
 
@@ -225,8 +237,11 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     specs = config.task_specs()
     experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
                              dtype=DTYPES[config.dtype])
+    device_name = (torch.cuda.get_device_name(0) if config.device.startswith("cuda")
+                   else describe_machine()["cpu"])
+    objectives = objectives_from_config(config.objectives, [spec.name for spec in specs])
     if context.is_main:
-        _prepare_output(config, resume, overwrite)
+        _prepare_output(config, resume, overwrite, evidence=run_evidence(config, experts, device_name, objectives))
     if context.world_size > 1:
         dist.barrier()
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
@@ -234,18 +249,21 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size)
     if config.normalise != "none":
         problem.normalise(anchor_normalisation(problem))
+    vector = objectives.pareto and is_multi_objective(config.algorithm.name)
     algorithm = build_algorithm(config.algorithm.name, experts.num_experts, pop_size=config.algorithm.pop_size,
                                 lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
-                                params=config.algorithm.params)
+                                params=config.algorithm.params, n_objs=len(objectives.names) if vector else None)
     generations = config.budget.generations_for(config.algorithm.pop_size)
     budget = generations * config.algorithm.pop_size
 
     counters = {"generation": 0, "records": 0, "best": -math.inf, "elapsed": 0.0}
     checkpoint_path = out / CHECKPOINT_NAME
     monitor = RunMonitor(problem.task_names, problem.aggregate, experts.expert_names, out / RECORDS_NAME,
-                         write=context.is_main)
-    workflow = build_workflow(algorithm, problem, monitor, device=context.device,
-                              enable_distributed=context.world_size > 1)
+                         write=context.is_main,
+                         objectives=(lambda scores: objectives.values(problem, scores)) if objectives.pareto else None,
+                         objective_names=objectives.names)
+    workflow = build_workflow(algorithm, problem, monitor, objectives=objectives if vector else None,
+                              device=context.device, enable_distributed=context.world_size > 1)
     if resume and checkpoint_path.exists():
         counters = load_checkpoint(checkpoint_path, workflow)
         monitor.restart(counters["records"], counters["generation"], counters["best"])
@@ -281,7 +299,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         raise MergeInputError("every candidate scored NaN: nothing to release (see records.jsonl)")
     selection = _select_and_score(config, problem, parts, specs, records, progress == "bar")
     winner = selection["winner"]
-    adapter_info = write_merge(experts, winner.merge, out / "best", config.release.adapter_rank,
+    release_dir = "champion" if objectives.pareto else "best"
+    adapter_info = write_merge(experts, winner.merge, out / release_dir, config.release.adapter_rank,
                                full_model=config.release.full_model)
 
     wall_seconds = elapsed_before + time.perf_counter() - start_time
@@ -289,7 +308,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         config=config, experts=experts, specs=specs, records=records, selection=selection,
         normalisation=problem.normalisation, adapter_info=adapter_info, algorithm=algorithm,
         resources={
-            "device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else describe_machine()["cpu"],
+            "device": device_name,
             "wall_seconds": wall_seconds,
             "evaluations": len(records),
             "peak_memory_mb": _peak_memory_mb(config.device),
@@ -297,9 +316,18 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         },
     )
     scores = selection["scores"]
+    volumes = None
+    if objectives.pareto:
+        recipe["release_files"].update(adapter=f"{release_dir}/adapter",
+                                       full_model=f"{release_dir}/model" if config.release.full_model else None)
+        recipe["pareto"] = release_pareto(config, problem, selection["splits"], records, objectives, selection,
+                                          recipe, out)
+        volumes = hypervolume_by_generation(records, objectives.names)
     write_text_atomic(out / "recipe.json", json.dumps(recipe, indent=2))
+    if objectives.pareto:  # the champion's own copy, like every member's
+        write_text_atomic(out / release_dir / "recipe.json", json.dumps(recipe, indent=2))
     write_model_card(recipe, out / "README.md")
-    write_history_csv(records, experts.expert_names, out / "history.csv")
+    write_history_csv(records, experts.expert_names, out / "history.csv", volumes)
     plot_fitness(records, out / "fitness.png")
     plot_coefficients(records, experts.expert_names, out / "coefficients.png")
     split = next(s for s in ("test", "selection", "search") if s in scores["release"])
@@ -334,7 +362,8 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
               **{candidate.name: candidate.merge for candidate in statics}}
     scores = score_table(merges, splits, progress=bar)
     bar.close()
-    return {"winner": winner, "best_searched": best_searched, "candidates": searched + statics, "scores": scores}
+    return {"winner": winner, "best_searched": best_searched, "candidates": searched + statics, "scores": scores,
+            "splits": splits}
 
 
 def _peak_memory_mb(device: str) -> float:

@@ -7,6 +7,9 @@ and uneven distributed shards.
   `MergeWorkflow` asks for the ``(P, K)`` per-task scores, hands them to a monitor that declares
   ``accepts_task_scores = True`` (`evox_merge.run.monitor.RunMonitor`) and gives the algorithm the problem's own
   fitness of those scores. Other monitors (EvoX's `EvalMonitor`) and other problems see plain fitness.
+- **Objective vectors.** With ``objectives`` (`evox_merge.run.objectives.Objectives`, for a multi-objective
+  algorithm) the algorithm gets the ``(P, M)`` objective matrix instead of the mean; ``opt_direction="max"``
+  multiplies it by a scalar -1, so every objective is minimised (tests/test_pareto.py checks it).
 - **Distributed.** EvoX's `StdWorkflow` splits each population across ranks with `tensor_split` and
   `all_gather`s the fitness; with the gloo backend that fails when the population size is not a multiple of the
   world size. `MergeWorkflow` pads every shard to the largest one for the gather and drops the padding.
@@ -40,6 +43,8 @@ class MergeWorkflow(StdWorkflow):
     """`StdWorkflow` with per-task scores for the monitor and distributed evaluation for any population size
     (see the module docstring)."""
 
+    objectives = None  # an `Objectives` when the algorithm gets objective vectors (set by `build_workflow`)
+
     def _evaluate(self, population: torch.Tensor) -> torch.Tensor:
         per_task = _has_task_scores(self.problem)
         if not isinstance(population, torch.Tensor) or not (self.enable_distributed or per_task):
@@ -57,7 +62,10 @@ class MergeWorkflow(StdWorkflow):
             result = self.problem.evaluate_per_task(local) if per_task else self.problem.evaluate(local)
         if self.enable_distributed:
             result = _gather_rows(result.to(local.device), sizes, self.group)
-        fitness = self.problem.fitness_from_scores(result, like=local) if per_task else result
+        if per_task and self.objectives is not None:
+            fitness = self.objectives.fitness(self.problem, result, like=local)
+        else:
+            fitness = self.problem.fitness_from_scores(result, like=local) if per_task else result
         self.monitor.post_eval(result if per_task and getattr(self.monitor, "accepts_task_scores", False)
                                else fitness)
         fitness = self.fitness_transform(fitness)
@@ -66,14 +74,18 @@ class MergeWorkflow(StdWorkflow):
 
 
 def build_workflow(
-    algorithm: Algorithm, problem: Problem, monitor: Monitor | None = None, **workflow_kwargs: Any
+    algorithm: Algorithm, problem: Problem, monitor: Monitor | None = None, objectives: Any = None,
+    **workflow_kwargs: Any
 ) -> MergeWorkflow:
     """``MergeWorkflow(algorithm, problem, monitor, opt_direction="max", ...)``.
 
     Every evox-merge problem returns higher-is-better fitness while EvoX algorithms minimise; the workflow
-    negates fitness before the algorithm sees it. Extra keyword arguments go to `StdWorkflow` (``device``,
-    ``enable_distributed``, ``group``, transforms).
+    negates fitness before the algorithm sees it. `objectives` (an `evox_merge.run.objectives.Objectives`) gives a
+    multi-objective algorithm the ``(P, M)`` objective matrix of a per-task problem. Extra keyword arguments go to
+    `StdWorkflow` (``device``, ``enable_distributed``, ``group``, transforms).
     """
     if "opt_direction" in workflow_kwargs:
         raise TypeError("build_workflow always uses opt_direction='max'; build StdWorkflow yourself to change it")
-    return MergeWorkflow(algorithm, problem, monitor=monitor, opt_direction="max", **workflow_kwargs)
+    workflow = MergeWorkflow(algorithm, problem, monitor=monitor, opt_direction="max", **workflow_kwargs)
+    workflow.objectives = objectives
+    return workflow
