@@ -121,3 +121,16 @@ def test_short_shared_openings_keep_the_plain_path(tiny_setup, tiny_experts):
     """The default minimum leaves the fixture's own tasks (a few shared tokens) on the plain path."""
     for spec in tiny_setup.tasks:
         assert build_scorer(read_task(spec), tiny_experts.tokenizer, 4, "cpu").prefix is None
+
+
+def test_packed_choice_batches_split_for_out_of_memory_retries_score_the_same(tiny_experts, fewshot_choice):
+    from evox_merge.tasks.batching import PackedChoiceBatch, split_batch
+
+    model, tokenizer = tiny_experts.model, tiny_experts.tokenizer
+    scorer = build_scorer(fewshot_choice, tokenizer, 12, "cpu", min_shared_prefix=1)
+    assert all(isinstance(batch, PackedChoiceBatch) for batch in scorer.batches)
+    whole = scorer.choice_logprobs(model)
+    scorer.batches = [half for batch in scorer.batches
+                      for half in (split_batch(batch) if batch.rows.numel() > 1 else [batch])]
+    assert len(scorer.batches) > len(whole) // 3
+    torch.testing.assert_close(scorer.choice_logprobs(model), whole, rtol=0, atol=1e-5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Sequence, TypeVar
 
 import torch
@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from evox_merge.tasks import Task
 
 IGNORE = -100
-Batch = TypeVar("Batch", "TargetBatch", "PromptBatch", "ChoiceBatch")
+_NOT_PER_ROW = ("predictor",)  # batch fields that are the same for every row
+Batch = TypeVar("Batch", "TargetBatch", "PromptBatch", "ChoiceBatch", "PackedChoiceBatch")
 
 
 @dataclass
@@ -176,17 +177,68 @@ def choice_batches(
     return batches
 
 
+@dataclass
+class PackedChoiceBatch:
+    """Multiple-choice examples that continue a shared prefix, one row per example: the prompt's own tokens
+    (left-padded), then each choice in a slot of ``La`` tokens (right-padded), every choice attending only to the
+    prefix, its prompt and itself. The prefix's KV cache is then expanded over examples, not examples x choices.
+
+    Attributes:
+        input_ids: ``(B, Q)`` long, ``Q = Lp + C * La``; positions: ``(B, Q)`` (a choice's tokens continue its
+            prompt's positions, every choice from the same position).
+        visible: ``(B, Q, Q)`` bool, which of the row's own tokens each of its tokens attends to (the prefix is
+            visible to all).
+        predictor: ``(C * La,)`` long, the index in ``Q`` whose logits predict each choice token (the prompt's
+            last token for a choice's first token, else the choice's previous token).
+        choice_ids, choice_mask: ``(B, C, La)`` as in `ChoiceBatch`; rows: ``(B,)``.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    visible: torch.Tensor
+    predictor: torch.Tensor
+    choice_ids: torch.Tensor
+    choice_mask: torch.Tensor
+    rows: torch.Tensor
+
+
+def packed_choice_batch(batch: ChoiceBatch) -> PackedChoiceBatch:
+    """The examples of a `ChoiceBatch` (whose positions already continue a shared prefix) packed one per row."""
+    rows, choices, length = batch.choice_ids.shape
+    prompt_length = batch.prompt_ids.shape[1]
+    device = batch.prompt_ids.device
+    steps = torch.arange(length, device=device)
+    positions = torch.cat([batch.prompt_positions, (batch.prompt_positions[:, -1:] + 1 + steps).repeat(1, choices)], 1)
+    slot = torch.cat([torch.full((prompt_length,), -1, device=device),
+                      torch.arange(choices, device=device).repeat_interleave(length)])
+    index = torch.arange(slot.numel(), device=device)
+    causal = index.unsqueeze(1) >= index
+    same_slot = (slot.unsqueeze(1) == slot) & (slot.unsqueeze(1) >= 0)
+    real_prompt = torch.cat([batch.prompt_mask.bool(), torch.zeros(rows, choices * length, dtype=torch.bool,
+                                                                    device=device)], dim=1)
+    visible = (real_prompt.unsqueeze(1) | same_slot) & causal
+    predictor = prompt_length + torch.arange(choices * length, device=device) - 1
+    predictor[::length] = prompt_length - 1
+    return PackedChoiceBatch(torch.cat([batch.prompt_ids, batch.choice_ids.flatten(1)], dim=1), positions, visible,
+                             predictor, batch.choice_ids, batch.choice_mask, batch.rows)
+
+
 def tile_batch(batch: Batch, copies: int) -> Batch:
     """The batch repeated `copies` times along its rows, copy-major (rows ``p * B ... p * B + B - 1`` are copy
     ``p``), for scoring several candidates in one forward pass; ``rows`` stays the original ``(B,)``."""
     if copies == 1:
         return batch
-    *tensors, rows = (getattr(batch, f.name) for f in fields(batch))
-    return type(batch)(*(t.repeat(copies, *[1] * (t.ndim - 1)) for t in tensors), rows)
+    tiled = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    for name, tensor in tiled.items():
+        if name != "rows" and name not in _NOT_PER_ROW:
+            tiled[name] = tensor.repeat(copies, *[1] * (tensor.ndim - 1))
+    return type(batch)(**tiled)
 
 
 def split_batch(batch: Batch) -> tuple[Batch, Batch]:
     """The two halves of a batch by rows (for retrying a batch that ran out of memory)."""
     half = (batch.rows.numel() + 1) // 2
-    fields = astuple(batch)
-    return type(batch)(*(t[:half] for t in fields)), type(batch)(*(t[half:] for t in fields))
+    parts = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    shared = {name: parts.pop(name) for name in _NOT_PER_ROW if name in parts}
+    return (type(batch)(**{name: t[:half] for name, t in parts.items()}, **shared),
+            type(batch)(**{name: t[half:] for name, t in parts.items()}, **shared))

@@ -15,7 +15,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evox_merge.tasks.batching import (
-    IGNORE, choice_batches, encode, prompt_batches, scored_sequences, split_batch, target_batches, tile_batch,
+    IGNORE, choice_batches, encode, packed_choice_batch, prompt_batches, scored_sequences, split_batch,
+    target_batches, tile_batch,
 )
 from evox_merge.util.errors import TaskFormatError
 from evox_merge.tasks.generation import cache_argument, greedy_completions, stop_token_ids
@@ -165,6 +166,8 @@ class MultipleChoiceScorer:
         skip = self.prefix.length if self.prefix is not None else 0
         examples = [(prompt[skip:], choices) for prompt, choices in examples]
         self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device, offset=skip)
+        if self.prefix is not None:  # after a shared prefix, one row per example (see PackedChoiceBatch)
+            self.batches = [packed_choice_batch(batch) for batch in self.batches]
         choices = torch.tensor([len(record["choices"]) for record in task.records])
         self._answers = torch.tensor([record["answer"] for record in task.records])
         most = int(choices.max())
@@ -187,10 +190,8 @@ class MultipleChoiceScorer:
         def run(batch) -> None:
             tiled = tile_batch(batch, copies or 1)
             rows, choices, length = tiled.choice_ids.shape
-            prompt_mask = tiled.prompt_mask if state is None else state.mask(tiled.prompt_mask)
-            extra = {} if state is None else {cache_name: state.cache(batch.rows.numel())}
-            prompt = model(input_ids=tiled.prompt_ids, attention_mask=prompt_mask,
-                           position_ids=tiled.prompt_positions, use_cache=True, logits_to_keep=1, **extra)
+            prompt = model(input_ids=tiled.prompt_ids, attention_mask=tiled.prompt_mask,
+                           position_ids=tiled.prompt_positions, use_cache=True, logits_to_keep=1)
             cache = getattr(prompt, cache_name)
             cache.batch_repeat_interleave(choices)
             choice_ids = tiled.choice_ids.reshape(rows * choices, length)
@@ -198,18 +199,34 @@ class MultipleChoiceScorer:
             start = tiled.prompt_positions[:, -1:].repeat_interleave(choices, dim=0) + 1
             continued = model(
                 input_ids=choice_ids,
-                attention_mask=torch.cat([prompt_mask.repeat_interleave(choices, dim=0), choice_mask], dim=1),
+                attention_mask=torch.cat([tiled.prompt_mask.repeat_interleave(choices, dim=0), choice_mask], dim=1),
                 position_ids=start + torch.arange(length, device=start.device),
                 use_cache=True,
                 **{cache_name: cache},
             )
             # Token 0 of a choice is predicted by the prompt's last position, token j by the choice's position j-1.
             logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(choices, dim=0), continued.logits[:, :-1]], 1)
-            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, choice_ids.unsqueeze(-1)).squeeze(-1)
-            summed = torch.where(choice_mask.bool(), picked, 0.0).double().sum(-1)
-            logprobs[:, batch.rows] = summed.cpu().view(copies or 1, -1, choices)
+            store(batch, logits.view(rows, choices * length, -1), tiled.choice_ids, tiled.choice_mask)
 
-        run_batches(self.batches, run)
+        def run_packed(batch) -> None:
+            tiled = tile_batch(batch, copies or 1)
+            dtype = state.keys_values[0][0].dtype
+            visible = torch.cat([tiled.visible.new_ones(*tiled.visible.shape[:2], state.length), tiled.visible], 2)
+            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+                ~visible, torch.finfo(dtype).min)
+            output = model(input_ids=tiled.input_ids, attention_mask=mask.unsqueeze(1), position_ids=tiled.positions,
+                           logits_to_keep=tiled.predictor, use_cache=True,
+                           **{cache_name: state.cache(batch.rows.numel())})
+            store(batch, output.logits, tiled.choice_ids, tiled.choice_mask)
+
+        def store(batch, logits: torch.Tensor, choice_ids: torch.Tensor, choice_mask: torch.Tensor) -> None:
+            """Sum each choice's token log-probabilities; ``logits (rows, C * La, V)`` predict its tokens."""
+            rows, choices, length = choice_ids.shape
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, choice_ids.view(rows, -1, 1)).squeeze(-1)
+            summed = torch.where(choice_mask.view(rows, -1).bool(), picked, 0.0).view(rows, choices, length)
+            logprobs[:, batch.rows] = summed.double().sum(-1).cpu().view(copies or 1, -1, choices)
+
+        run_batches(self.batches, run if state is None else run_packed)
         logprobs = logprobs.masked_fill(~self.real_choices, -math.inf)
         return logprobs if copies is not None else logprobs[0]
 

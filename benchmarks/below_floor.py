@@ -1,0 +1,303 @@
+"""Below the floor: shared few-shot prefixes run once per candidate, the greedy decoding loop, and (on a GPU)
+several candidates per forward pass.
+
+    python -m benchmarks.below_floor [--preset tiny] [--shots 5] [--repeats 5] [--threads 1]
+    python -m benchmarks.below_floor --gpu-candidates --device cuda      # part 4, needs a GPU to mean anything
+
+1. *Shared prefix*: k-shot versions of zoo tasks (k demonstrations drawn from the validation file, as the task
+   spec's ``prefix``, before every other validation example; a generation task is also scored as language
+   modelling of prompt + answer after the same demonstrations). Each candidate (a random merge, written in place)
+   is scored by the plain path (``min_shared_prefix=None``) and the shared-prefix path, interleaved in one process;
+   median seconds per candidate, the ratio, and the largest difference between the two paths' per-example
+   log-likelihoods (multiple choice, language modelling) or the number of differing completions (generation).
+2. *Decoding loop*: the zoo's 0-shot generation task scored by the decoding loop of commit BASELINE (loaded from
+   git into this process) and by today's, interleaved; torch.profiler tables of both.
+3. *Candidates per pass* (``--gpu-candidates``): MergeProblem one candidate at a time (in-place merge) against
+   ``candidates_per_pass`` P = 4, 8, 16 on a small and a ~1B-parameter random-weight Qwen2 built from a config
+   (no download): candidates per second, peak GPU memory, the largest score difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from evox_merge.experts import ExpertSet
+from evox_merge.experts.merger import shared_merger
+from evox_merge.problems.merge_problem import MergeProblem
+from evox_merge.tasks import Task, TaskSpec, read_task
+from evox_merge.tasks.scoring import GenerationScorer, build_scorer
+from evox_merge.util.machine import machine_markdown
+from evox_merge.zoo import build_zoo, load_zoo
+
+BASELINE = "35fd3d2"  # the commit before this benchmark's changes: its decoding loop is the "before"
+TASKS = ("reverse", "digit_sum", "choose_next_skip")  # a generation and two multiple-choice zoo tasks
+
+
+def fewshot_tasks(zoo, names, shots: int, seed: int, root: Path) -> list[Task]:
+    """k-shot versions of the named zoo tasks (validation files), plus language modelling of the first
+    generation task's prompt + answer after the same demonstrations."""
+    tasks = []
+    for spec in [s for s in zoo.tasks if s.name in names]:
+        records = [json.loads(line) for line in Path(spec.path).read_text().splitlines() if line.strip()]
+        rng = random.Random(f"{seed}-{spec.name}")
+        picked = set(rng.sample(range(len(records)), shots))
+        demos = [records[i] for i in sorted(picked)]
+        rest = [r for i, r in enumerate(records) if i not in picked]
+        answer = (lambda r: r["answer"]) if spec.type == "generation" else (lambda r: r["choices"][r["answer"]])
+        prefix = "".join(r["prompt"] + answer(r) + "\n" for r in demos)
+        path = root / f"{spec.name}_{shots}shot.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rest))
+        fields = {**spec.__dict__, "name": f"{spec.name}_{shots}shot", "path": str(path), "test_path": None}
+        tasks.append(read_task(TaskSpec(**{**fields, "prefix": prefix})))
+        if spec.type == "generation" and not any(t.spec.type == "language_modeling" for t in tasks):
+            lm_path = root / f"{spec.name}_lm_{shots}shot.jsonl"
+            lm_path.write_text("".join(json.dumps({"text": r["prompt"] + r["answer"]}) + "\n" for r in rest))
+            tasks.append(read_task(TaskSpec(name=f"{spec.name}_lm_{shots}shot", type="language_modeling",
+                                            path=str(lm_path), prefix=prefix)))
+    return tasks
+
+
+def per_example(scorer, model):
+    """What must not change: per-example log-likelihoods (MC, LM) or completions (generation)."""
+    if isinstance(scorer, GenerationScorer):
+        return scorer.completions(model)
+    if scorer.task.spec.type == "multiple_choice":
+        return scorer.choice_logprobs(model)[scorer.real_choices]
+    sums, _ = scorer.row_logprobs(model)
+    return sums[0]
+
+
+def difference(a, b) -> str:
+    if isinstance(a, list):
+        return f"{sum(x != y for x, y in zip(a, b))} of {len(a)} completions differ"
+    return f"max abs log-lik. diff {(a - b).abs().max().item():.1e}"
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def profile_table(function, rows: int = 12) -> tuple[str, float, float]:
+    """torch.profiler's self-CPU table of one call, the call's wall seconds and the ops' total self CPU seconds."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        function()
+        wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in averages) / 1e6
+    return averages.table(sort_by="self_cpu_time_total", row_limit=rows), wall, total
+
+
+def legacy_greedy():
+    """`greedy_completions` as of commit BASELINE, executed from git (one list of strings or None per batch)."""
+    source = subprocess.run(["git", "show", f"{BASELINE}:evox_merge/tasks/generation.py"], check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType("baseline_generation")
+    exec(compile(source, f"{BASELINE}:evox_merge/tasks/generation.py", "exec"), module.__dict__)
+    return module.greedy_completions
+
+
+def shared_prefix_rows(args, experts, root: Path) -> list[str]:
+    zoo = load_zoo(build_zoo(preset=args.preset))
+    model, tokenizer = experts.model, experts.tokenizer
+    merger = shared_merger(experts)
+    generator = torch.Generator().manual_seed(args.seed)
+    candidates = torch.randn(args.repeats, experts.num_experts, generator=generator) * 0.5
+    lines = []
+    for task in fewshot_tasks(zoo, args.tasks, args.shots, args.seed, root):
+        plain = build_scorer(task, tokenizer, args.batch_size, "cpu", min_shared_prefix=None)
+        shared = build_scorer(task, tokenizer, args.batch_size, "cpu")  # the default minimum
+        assert shared.prefix is not None, task.name
+        with merger.merged(candidates[0]):
+            check = difference(per_example(plain, model), per_example(shared, model))
+            score_plain, score_shared = plain.score(model), shared.score(model)
+        times = {"plain": [], "shared": []}
+        for coefficients in candidates:  # one candidate per repeat, both paths interleaved under the same merge
+            with merger.merged(coefficients):
+                for name, scorer in (("plain", plain), ("shared", shared)):
+                    times[name].append(timed(lambda: scorer.score(model)))
+        a, b = statistics.median(times["plain"]), statistics.median(times["shared"])
+        tokens = sum(len(tokenizer(r.get("prompt", r.get("text", "")))["input_ids"]) for r in task.records)
+        lines.append(f"| {task.name} | {task.spec.type} | {len(task.records)} | {shared.prefix.length} | "
+                     f"{tokens / len(task.records) + shared.prefix.length:.0f} | {a:.3f} | {b:.3f} | {a / b:.2f} | "
+                     f"{check}; score {score_plain:.4f} vs {score_shared:.4f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def decoding_rows(args, experts) -> tuple[list[str], list[str]]:
+    zoo = load_zoo(build_zoo(preset=args.preset))
+    spec = next(s for s in zoo.tasks if s.name == args.profile_task)
+    scorer = build_scorer(read_task(spec), experts.tokenizer, args.batch_size, "cpu")
+    model, tokenizer = experts.model, experts.tokenizer
+    old = legacy_greedy()
+
+    def before() -> list[str]:
+        texts = [""] * len(scorer.answers)
+        for batch in scorer.batches:
+            for row, text in zip(batch.rows.tolist(), old(model, tokenizer, batch, spec.max_new_tokens, spec.stop)):
+                texts[row] = text
+        return texts
+
+    def after() -> list[str]:
+        return scorer.completions(model)
+
+    same = before() == after()
+    times = {"before": [], "after": []}
+    for _ in range(args.repeats):
+        for name, function in (("before", before), ("after", after)):
+            times[name].append(timed(function))
+    a, b = statistics.median(times["before"]), statistics.median(times["after"])
+    rows = [f"| {spec.name} ({len(scorer.answers)} examples, max {spec.max_new_tokens} new tokens) | {a:.3f} | "
+            f"{b:.3f} | {a / b:.2f} | {'identical' if same else 'DIFFERENT'} |"]
+    print(rows[-1], flush=True)
+    tables = []
+    for name, function in (("before", before), ("after", after)):
+        table, wall, ops = profile_table(function)
+        tables.append(f"**{name}** ({'commit ' + BASELINE if name == 'before' else 'this commit'}): one scoring "
+                      f"under the profiler, wall {wall:.3f} s, ops' self CPU total {ops:.3f} s "
+                      f"({100 * (1 - ops / wall):.0f}% of the wall time outside torch ops)\n\n```\n{table}```\n")
+    return rows, tables
+
+
+def gpu_candidate_rows(args) -> list[str]:
+    """Candidates per second and peak memory of MergeProblem at P = 1 (in place) and P > 1 (rows path)."""
+    from benchmarks.throughput import build_setup
+
+    device = torch.device(args.device)
+    zoo = load_zoo(build_zoo(preset=args.preset))
+    lines = []
+    for label, hidden, layers in args.gpu_shapes:
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            base_dir, adapter_dirs, parameters = build_setup(root, 8, 8, hidden, layers, args.seed)
+            experts = ExpertSet.load(base_dir, adapter_dirs, device=device)
+            tasks = fewshot_tasks(zoo, args.tasks, args.shots, args.seed, root)
+            pop = torch.randn(args.population, experts.num_experts, generator=torch.Generator().manual_seed(0)) * 0.5
+            reference = None
+            for per_pass in args.per_pass:
+                problem = MergeProblem(experts, tasks, batch_size=args.batch_size, candidates_per_pass=per_pass)
+                problem.evaluate_per_task(pop[:per_pass])  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                scores = problem.evaluate_per_task(pop)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                reference = scores if reference is None else reference
+                lines.append(f"| {label} ({parameters / 1e6:.0f} M) | {per_pass} | {args.population / seconds:.2f} | "
+                             f"{memory:.2f} | {(scores - reference).abs().max().item():.1e} |")
+                print(lines[-1], flush=True)
+            del experts
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-task", default="reverse")
+    parser.add_argument("--gpu-candidates", action="store_true", help="part 3 only: candidates per forward pass")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--population", type=int, default=16)
+    parser.add_argument("--per-pass", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    args.gpu_shapes = [("small", 256, 4), ("1B-shaped", 1536, 28)]
+    torch.set_num_threads(args.threads)
+    load = [os.getloadavg()]
+    command = "python -m benchmarks.below_floor " + " ".join(os.sys.argv[1:])
+    if args.gpu_candidates:
+        lines = gpu_candidate_rows(args)
+        print(f"\n{command}\nload {load[0]} -> {os.getloadavg()}\n{machine_markdown()}")
+        return
+    zoo = load_zoo(build_zoo(preset=args.preset))
+    experts = ExpertSet.load(zoo.base_dir, zoo.adapter_dirs)
+    with tempfile.TemporaryDirectory() as folder:
+        prefix_lines = shared_prefix_rows(args, experts, Path(folder))
+    decoding, tables = decoding_rows(args, experts)
+    load.append(os.getloadavg())
+    report = render(args, command, load, prefix_lines, decoding, tables)
+    out = args.out or Path("benchmarks/results/below_floor.md")
+    out.write_text(report)
+    print(f"wrote {out}")
+
+
+def render(args, command, load, prefix_lines, decoding, tables) -> str:
+    return f"""# Below the floor: shared prefixes, the decoding loop, candidates per pass
+
+Command: `{command}` (load average over 1, 5, 15 min: {load[0][0]:.2f} / {load[0][1]:.2f} / {load[0][2]:.2f} at the
+start, {load[1][0]:.2f} / {load[1][1]:.2f} / {load[1][2]:.2f} at the end, on 2 cores: other jobs were running).
+
+Settings: `{args.preset}` zoo base model with its 8 experts, float32, {args.threads} thread(s), batch size
+{args.batch_size}, {args.repeats} repeats, one random merge candidate (coefficients ~ N(0, 0.5^2), written in place)
+per repeat, both paths timed under the same candidate one after the other; medians.
+
+## 1. Shared prefixes ({args.shots}-shot zoo tasks)
+
+{args.shots} demonstrations drawn from each validation file are the task's `prefix`; the other validation examples
+are scored. *Plain*: every row runs its whole prompt (`min_shared_prefix=None`). *Shared*: the scorer's default
+(`MIN_SHARED_PREFIX` tokens or more shared): the common token prefix once per candidate, every row continued
+from its KV cache. The `_lm_` task is language modelling of prompt + answer after the same demonstrations. The zoo
+base model was trained on 64 positions; 5-shot rows are longer, so its scores here mean nothing, only the speed
+and the agreement do.
+
+| task | type | examples | shared tokens | mean row tokens | plain s/candidate | shared s/candidate | speed-up | plain vs shared |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(prefix_lines)}
+
+## 2. Greedy decoding loop
+
+The zoo's 0-shot `{args.profile_task}` validation task (base model; no shared prefix: the zoo's prompts share under
+`MIN_SHARED_PREFIX` tokens). *Before*: `greedy_completions` of commit {BASELINE} (loaded from git into this
+process), which decoded every row's text after every token to look for the stop strings and grew the attention
+mask with `torch.cat`. *After*: stop checks on token ids (the stop string is one ASCII character), one decode per
+row at the end, a preallocated attention mask sliced per step, per-step bookkeeping in tensor ops with one sync.
+
+| task | before s | after s | speed-up | completions |
+| --- | --- | --- | --- | --- |
+{chr(10).join(decoding)}
+
+{chr(10).join(tables)}
+## 3. Several candidates per forward pass
+
+`MergeProblem(..., candidates_per_pass=P)` (`evox_merge/experts/rows.py`): the experts' factors run unmerged, with a
+coefficient per row. Tested on CPU for correctness only (`tests/test_batched_candidates.py`: equal to the in-place
+merge to 1e-4 for the three task types, with and without a shared prefix). **Its speed is unmeasured: no GPU was lent
+to this task.** A GPU user measures it, for a ~6 M-parameter and a ~1 B-parameter random-weight Qwen2 built from a
+config (no download), candidates/s and peak memory at P = 1 (in-place merge) against P = 4, 8, 16, with:
+
+```bash
+python -m benchmarks.below_floor --gpu-candidates --device cuda --population 16 --per-pass 1 4 8 16
+```
+
+## Machine
+
+{machine_markdown()}
+"""
+
+
+if __name__ == "__main__":
+    main()
