@@ -9,8 +9,10 @@ run's checkpoint saves and restores), and the run layer gives ``n_objs``. The fa
   and ``StdWorkflow(opt_direction="max")`` negates the whole matrix (a scalar -1 times it);
 * every candidate they hand the problem lies in ``[lb, ub]`` (polynomial mutation then a clamp);
 * NSGA-II, NSGA-III, RVEA and HypE evaluate ``pop_size`` candidates per step; MOEA/D evaluates them one at a time
-  (``pop_size`` evaluations of one candidate per step) and needs ``pop_size`` >= 10 or so (its neighbourhood is a
-  tenth of the population: with 8 it fails inside EvoX);
+  (``pop_size`` evaluations of one candidate per step), replaces ``pop_size`` by the number of uniform weight
+  vectors it draws (e.g. 12 -> 12 for 2 objectives, fewer or more for 3) and needs a neighbourhood (a tenth of the
+  population, rounded up) of at least 2, so at least 11 of them: `MergeMOEAD` refuses fewer (EvoX fails with an
+  IndexError);
 * RVEA keeps NaN rows in its own population for empty reference vectors; it never evaluates them.
 
 None of them exposes which individuals a child came from, so their records' parents are ``"none"``.
@@ -22,6 +24,8 @@ from typing import Any
 
 import torch
 from evox.algorithms import HypE, MOEAD, NSGA2, NSGA3, RVEA
+
+from evox_merge.util.errors import MergeInputError
 
 from .common import coefficient_bounds
 
@@ -64,6 +68,9 @@ class MergeMOEAD(_Parentless, MOEAD):
     def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
                  ub: float | torch.Tensor = 1.0, seed: int = 0, device: torch.device | None = None):
         _build(MOEAD, self, num_experts, pop_size, n_objs, lb, ub, seed, device=device)
+        if self.n_neighbor < 2:
+            raise MergeInputError(f"pop_size: MOEA/D turns pop_size {pop_size} into {self.pop_size} weight vectors for "
+                                  f"{n_objs} objectives and needs at least 11 (a neighbourhood of ceil(P / 10) >= 2)")
 
 
 class MergeRVEA(_Parentless, RVEA):

@@ -60,7 +60,8 @@ class Objectives:
     def values(self, problem: Any, task_scores: torch.Tensor) -> torch.Tensor:
         """Raw per-task scores ``(P, K)`` -> objective values ``(P, M)`` float64, higher is better, NaN kept."""
         normalised = problem.normalisation.apply(task_scores.reshape(-1, len(problem.task_names)))
-        return normalised @ self.weights(problem).T
+        weights = self.weights(problem)[None]  # (1, M, K); a NaN outside a group must not reach its objective
+        return torch.where(weights > 0, normalised[:, None, :] * weights, 0.0).sum(-1)
 
     def fitness(self, problem: Any, task_scores: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(P, M)`` fitness of a multi-objective algorithm: `values` with NaN as `INVALID_OBJECTIVE`."""
