@@ -353,6 +353,19 @@ CASES = [
          MergeInputError, r"expert_1/adapter_model\.safetensors: not a readable safetensors file"),
     Case("expert_too_few", "one expert", lambda ws: search(ws, experts=["expert_0"]), MergeInputError,
          r"experts: List should have at least 2 items"),
+    # 9. Objective groups (issue 16).
+    Case("objectives_unknown_task", "`objectives: {kind: pareto, groups: [[choice, nope], [text]]}`",
+         lambda ws: search(ws, objectives={"kind": "pareto", "groups": [["choice", "nope"], ["text"]]}),
+         MergeInputError, r"objectives\.groups\[0\]: unknown task 'nope'; the tasks are \['choice', 'copy', 'text'\]"),
+    Case("objectives_task_in_two_groups", "`objectives: {kind: pareto, groups: [[choice, copy], [copy, text]]}`",
+         lambda ws: search(ws, objectives={"kind": "pareto", "groups": [["choice", "copy"], ["copy", "text"]]}),
+         MergeInputError, r"objectives\.groups\[1\]: task 'copy' is already in objectives\.groups\[0\]"),
+    Case("objectives_empty_group", "`objectives: {kind: pareto, groups: [[choice], []]}`",
+         lambda ws: search(ws, objectives={"kind": "pareto", "groups": [["choice"], []]}),
+         MergeInputError, r"objectives\.groups\[1\]: empty group; expected at least one task name"),
+    Case("objectives_mean_with_nsga2", "`algorithm.name: nsga2` with `objectives: mean`",
+         lambda ws: search(ws, algorithm={"name": "nsga2", "pop_size": 4}), MergeInputError,
+         r"algorithm\.name: 'nsga2' is multi-objective; set objectives: pareto"),
 ]
 
 
