@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,6 +103,20 @@ def profile_table(function, rows: int = 12) -> tuple[str, float, float]:
     return averages.table(sort_by="self_cpu_time_total", row_limit=rows), wall, total
 
 
+@contextmanager
+def forward_timer(model, total: list[float]):
+    """Adds the seconds spent inside the model's forward calls to ``total[0]`` while active."""
+    started = []
+    handles = [model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+               model.register_forward_hook(lambda *_: total.__setitem__(0, total[0] + time.perf_counter()
+                                                                         - started.pop()))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def legacy_greedy():
     """`greedy_completions` as of commit BASELINE, executed from git (one list of strings or None per batch)."""
     source = subprocess.run(["git", "show", f"{BASELINE}:evox_merge/tasks/generation.py"], check=True,
@@ -117,7 +132,7 @@ def shared_prefix_rows(args, experts, root: Path) -> list[str]:
     merger = shared_merger(experts)
     generator = torch.Generator().manual_seed(args.seed)
     candidates = torch.randn(args.repeats, experts.num_experts, generator=generator) * 0.5
-    lines = []
+    lines, tables = [], []
     for task in fewshot_tasks(zoo, args.tasks, args.shots, args.seed, root):
         plain = build_scorer(task, tokenizer, args.batch_size, "cpu", min_shared_prefix=None)
         shared = build_scorer(task, tokenizer, args.batch_size, "cpu")  # the default minimum
@@ -131,12 +146,22 @@ def shared_prefix_rows(args, experts, root: Path) -> list[str]:
                 for name, scorer in (("plain", plain), ("shared", shared)):
                     times[name].append(timed(lambda: scorer.score(model)))
         a, b = statistics.median(times["plain"]), statistics.median(times["shared"])
-        tokens = sum(len(tokenizer(r.get("prompt", r.get("text", "")))["input_ids"]) for r in task.records)
+        context = [task.spec.prefix + r["text"] if "text" in r else r["prompt"] for r in task.records]
+        tokens = statistics.mean(len(tokenizer(text)["input_ids"]) for text in context)
+        choices = [sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in r["choices"])
+                   for r in task.records if "choices" in r]
+        tokens = f"{tokens:.0f}" + (f" + {statistics.mean(choices):.0f} in choices" if choices else "")
         lines.append(f"| {task.name} | {task.spec.type} | {len(task.records)} | {shared.prefix.length} | "
-                     f"{tokens / len(task.records) + shared.prefix.length:.0f} | {a:.3f} | {b:.3f} | {a / b:.2f} | "
+                     f"{tokens} | {a:.3f} | {b:.3f} | {a / b:.2f} | "
                      f"{check}; score {score_plain:.4f} vs {score_shared:.4f} |")
         print(lines[-1], flush=True)
-    return lines
+        if task.spec.type == "multiple_choice" and not tables:
+            with merger.merged(candidates[0]):
+                for name, scorer in (("plain", plain), ("shared", shared)):
+                    table, wall, ops = profile_table(lambda: scorer.score(model), rows=8)
+                    tables.append(f"**{task.name}, {name}**: wall {wall:.3f} s, ops' self CPU total {ops:.3f} s"
+                                  f"\n\n```\n{table}```\n")
+    return lines, tables
 
 
 def decoding_rows(args, experts) -> tuple[list[str], list[str]]:
@@ -158,12 +183,19 @@ def decoding_rows(args, experts) -> tuple[list[str], list[str]]:
 
     same = before() == after()
     times = {"before": [], "after": []}
+    outside = {"before": [], "after": []}
+    inside = [0.0]
     for _ in range(args.repeats):
         for name, function in (("before", before), ("after", after)):
-            times[name].append(timed(function))
+            with forward_timer(model, inside):
+                inside[0] = 0.0
+                times[name].append(timed(function))
+            outside[name].append(times[name][-1] - inside[0])
     a, b = statistics.median(times["before"]), statistics.median(times["after"])
+    oa, ob = statistics.median(outside["before"]), statistics.median(outside["after"])
     rows = [f"| {spec.name} ({len(scorer.answers)} examples, max {spec.max_new_tokens} new tokens) | {a:.3f} | "
-            f"{b:.3f} | {a / b:.2f} | {'identical' if same else 'DIFFERENT'} |"]
+            f"{b:.3f} | {a / b:.2f} | {oa:.3f} ({100 * oa / a:.0f}%) | {ob:.3f} ({100 * ob / b:.0f}%) | "
+            f"{'identical' if same else 'DIFFERENT'} |"]
     print(rows[-1], flush=True)
     tables = []
     for name, function in (("before", before), ("after", after)):
@@ -180,7 +212,9 @@ def gpu_candidate_rows(args) -> list[str]:
 
     device = torch.device(args.device)
     zoo = load_zoo(build_zoo(preset=args.preset))
-    lines = []
+    lines = ["| model | candidates per pass | candidates/s | peak GPU GiB | max abs score diff vs P=1 |",
+             "| --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
     for label, hidden, layers in args.gpu_shapes:
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
@@ -223,9 +257,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--per-pass", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--shapes", nargs="+", choices=["small", "1b"], default=["small", "1b"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    args.gpu_shapes = [("small", 256, 4), ("1B-shaped", 1536, 28)]
+    shapes = {"small": ("small", 256, 4), "1b": ("1B-shaped", 1536, 28)}
+    args.gpu_shapes = [shapes[name] for name in args.shapes]
     torch.set_num_threads(args.threads)
     load = [os.getloadavg()]
     command = "python -m benchmarks.below_floor " + " ".join(os.sys.argv[1:])
@@ -236,16 +272,16 @@ def main() -> None:
     zoo = load_zoo(build_zoo(preset=args.preset))
     experts = ExpertSet.load(zoo.base_dir, zoo.adapter_dirs)
     with tempfile.TemporaryDirectory() as folder:
-        prefix_lines = shared_prefix_rows(args, experts, Path(folder))
+        prefix_lines, prefix_tables = shared_prefix_rows(args, experts, Path(folder))
     decoding, tables = decoding_rows(args, experts)
     load.append(os.getloadavg())
-    report = render(args, command, load, prefix_lines, decoding, tables)
+    report = render(args, command, load, prefix_lines, prefix_tables, decoding, tables)
     out = args.out or Path("benchmarks/results/below_floor.md")
     out.write_text(report)
     print(f"wrote {out}")
 
 
-def render(args, command, load, prefix_lines, decoding, tables) -> str:
+def render(args, command, load, prefix_lines, prefix_tables, decoding, tables) -> str:
     return f"""# Below the floor: shared prefixes, the decoding loop, candidates per pass
 
 Command: `{command}` (load average over 1, 5, 15 min: {load[0][0]:.2f} / {load[0][1]:.2f} / {load[0][2]:.2f} at the
@@ -264,10 +300,18 @@ from its KV cache. The `_lm_` task is language modelling of prompt + answer afte
 base model was trained on 64 positions; 5-shot rows are longer, so its scores here mean nothing, only the speed
 and the agreement do.
 
-| task | type | examples | shared tokens | mean row tokens | plain s/candidate | shared s/candidate | speed-up | plain vs shared |
+| task | type | examples | shared tokens | mean tokens per example | plain s/candidate | shared s/candidate | speed-up | plain vs shared |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(prefix_lines)}
 
+What the shared prefix cannot remove bounds the speed-up: each example's own tokens after the prefix, and for
+multiple choice all of its choices (every path runs them; the `+ N in choices` above), so a task with long choices
+gains less than one with short ones. Multiple choice after a shared prefix packs each example's choices into one row (`PackedChoiceBatch`: the prompt's
+own tokens, then every choice in a slot of its own, a 4D mask letting each choice see only the prefix, its prompt
+and itself), so the prefix's KV cache is expanded over the examples of a batch, not over examples x choices. Where
+the time goes (torch.profiler, one scoring of the first multiple-choice task):
+
+{chr(10).join(prefix_tables)}
 ## 2. Greedy decoding loop
 
 The zoo's 0-shot `{args.profile_task}` validation task (base model; no shared prefix: the zoo's prompts share under
@@ -276,9 +320,17 @@ process), which decoded every row's text after every token to look for the stop 
 mask with `torch.cat`. *After*: stop checks on token ids (the stop string is one ASCII character), one decode per
 row at the end, a preallocated attention mask sliced per step, per-step bookkeeping in tensor ops with one sync.
 
-| task | before s | after s | speed-up | completions |
-| --- | --- | --- | --- | --- |
+| task | before s | after s | speed-up | before: outside the model's forward s | after: outside s | completions |
+| --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(decoding)}
+
+*Outside the model's forward*: wall time minus the time inside the model's forward calls (timed by hooks on the
+model), i.e. the decoding loop's own Python and tensor bookkeeping: all that a change to the loop can cut, and a
+small share of the time to begin with. Most of the gap between wall time and torch-op time in the profiles below is
+inside transformers' forward (module dispatch, mask creation, cache updates, output objects), once per generated
+token, whatever the loop around it does. A transformers `StaticCache` in the same loop gave the same tokens and no gain in eager
+mode on this CPU (a scratch comparison, one 32-row batch of this task, 15 interleaved repeats: 0.129 s with it,
+0.129 s without), so it is not used; it pays off with `torch.compile` or CUDA graphs, not tried here.
 
 {chr(10).join(tables)}
 ## 3. Several candidates per forward pass

@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -119,3 +120,40 @@ def test_stop_checks_on_token_ids_equal_string_checks_and_generate(tiny_experts,
             model, tokenizer, batch, 10, stop, stop_ids=None)[0]]
         order = [row for batch in scorer.batches for row in batch.rows.tolist()]
         assert [ours[row] for row in order] == by_strings
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits, for row r, the tokens of ``script[r]`` one per step (greedy picks them), whatever the input."""
+
+    def __init__(self, script: list[list[int]], vocab: int) -> None:
+        super().__init__()
+        self.script, self.vocab, self.calls = script, vocab, 0
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0,
+                cache=None):
+        logits = torch.zeros(len(self.script), 1, self.vocab)
+        for row, tokens in enumerate(self.script):
+            logits[row, 0, tokens[min(self.calls, len(tokens) - 1)]] = 1.0
+        self.calls += 1
+        return types.SimpleNamespace(logits=logits, cache=None)
+
+
+def test_stop_tokens_eos_and_string_stops_cut_scripted_rows_alike(tiny_experts):
+    """EOS (not part of the completion), a stop token, a two-character stop string spanning tokens, and a row
+    that never stops: the token-id path and the string path give the same texts, and decoding ends early."""
+    from evox_merge.tasks.batching import prompt_batches
+    from evox_merge.tasks.generation import greedy_completions, stop_token_ids
+
+    tokenizer = tiny_experts.tokenizer
+    ids = {c: tokenizer.convert_tokens_to_ids(c) for c in "abc\n"}
+    eos = tokenizer.eos_token_id
+    script = [[ids["a"], ids["b"], eos, ids["c"]], [ids["a"], ids["\n"], ids["c"], ids["c"]],
+              [ids["b"], ids["b"], ids["c"], ids["a"]], [eos, ids["a"], ids["a"], ids["a"]]]
+    (batch,) = prompt_batches([[ids["a"]]] * 4, 0, 4, "cpu")
+    cases = {("\n",): ["ab", "a", "bbca", ""], ("\n", "c"): ["ab", "a", "bb", ""], ("bc",): ["ab", "a\ncc", "b", ""]}
+    for stop, expected in cases.items():
+        for stop_ids in (stop_token_ids(tokenizer, stop), None):
+            model = ScriptedModel(script, len(tokenizer))
+            assert greedy_completions(model, tokenizer, batch, 4, stop, stop_ids=stop_ids) == [expected]
+        if stop == ("\n", "c"):
+            assert model.calls == 3  # every row had stopped after the third token

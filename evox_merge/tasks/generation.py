@@ -84,30 +84,30 @@ def greedy_completions(
     done = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
     finite = torch.ones(copies, dtype=torch.bool, device=tokens.device)
     active = torch.ones(copies, dtype=torch.bool, device=tokens.device)  # copies with a row still decoding
-    if stop_ids is not None:
-        stop_ids = stop_ids.to(tokens.device)
+    ends = torch.tensor([] if eos_id is None else [eos_id], dtype=torch.long, device=tokens.device)
+    if stop_ids is not None:  # a row ends at EOS (dropped from its tokens at the end) or a stop token
+        ends = torch.cat([stop_ids.to(tokens.device), ends])
     for step in range(max_new_tokens):
         logits = output.logits[:, -1]
-        finite &= ~active | torch.isfinite(logits).all(-1).view(copies, per_copy).all(-1)
+        if copies == 1:  # while decoding, the one copy is active
+            finite &= torch.isfinite(logits).all()
+        else:
+            finite &= ~active | torch.isfinite(logits).all(-1).view(copies, per_copy).all(-1)
         next_tokens = logits.argmax(-1)
         tokens[:, step] = next_tokens
-        if eos_id is not None:
-            ended = (next_tokens == eos_id) & ~done
-            lengths.masked_fill_(ended, step)  # EOS is not part of the completion
-            done |= ended
-        if stop_ids is not None:
-            stopped = torch.isin(next_tokens, stop_ids) & ~done
-        else:
-            stopped = torch.zeros_like(done)
-            for row in (~done).nonzero().flatten().tolist():
-                stopped[row] = _cut_at_stop(tokenizer.decode(tokens[row, : step + 1].tolist()), stop)[1]
-        lengths.masked_fill_(stopped, step + 1)
-        done |= stopped
+        ended = torch.isin(next_tokens, ends) & ~done
+        if stop_ids is None:
+            for row in (~(done | ended)).nonzero().flatten().tolist():
+                ended[row] = _cut_at_stop(tokenizer.decode(tokens[row, : step + 1].tolist()), stop)[1]
+        lengths.masked_fill_(ended, step + 1)
+        done |= ended
         active = ~done.view(copies, per_copy).all(-1)
         if step == max_new_tokens - 1 or not bool((active & finite).any()):
             break
         width += 1
         output = model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention_mask[:, :width],
                        position_ids=positions + step, use_cache=True, **{cache_name: getattr(output, cache_name)})
+    if eos_id is not None:  # EOS ends a row without being part of its completion
+        lengths -= (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == eos_id).long()
     texts = [_cut_at_stop(tokenizer.decode(row[:n]), stop)[0] for row, n in zip(tokens.tolist(), lengths.tolist())]
     return [texts[p * per_copy : (p + 1) * per_copy] if ok else None for p, ok in enumerate(finite.tolist())]
