@@ -10,7 +10,7 @@ from evox_merge.tasks import TaskSpec, read_task
 from evox_merge.tasks.prefix import SharedPrefix, common_prefix_length
 from evox_merge.tasks.scoring import build_scorer
 from evox_merge.util.errors import TaskFormatError
-from test_scoring import full_sequence_logprob
+from test_scoring import assert_equals_full_sequences
 
 FEWSHOT = "rev ab: ba\nrev abc: cba\nrev hello: olleh\n"
 WORDS = ["ab", "hello", "xyzzy", "a", "merge", "evolution", "q", "tiny", "pick", "zz"]
@@ -59,11 +59,7 @@ def test_multiple_choice_with_shared_prefix_equals_full_sequences(tiny_experts, 
     plain = build_scorer(fewshot_choice, tokenizer, batch_size, "cpu", min_shared_prefix=None)
     assert shared.prefix.length == len(tokenizer(FEWSHOT + "rev ")["input_ids"]) and plain.prefix is None
     ours = shared.choice_logprobs(model)
-    for index, record in enumerate(fewshot_choice.records):
-        choices = record["choices"]
-        reference = [full_sequence_logprob(model, tokenizer, record["prompt"], c) for c in choices]
-        torch.testing.assert_close(ours[index, : len(choices)], torch.tensor(reference, dtype=torch.float64),
-                                   rtol=0, atol=1e-4)
+    assert_equals_full_sequences(model, tokenizer, fewshot_choice, ours)
     torch.testing.assert_close(ours, plain.choice_logprobs(model), rtol=0, atol=1e-4)
     assert shared.score(model) == plain.score(model)
 

@@ -38,13 +38,17 @@ def ragged_task(tmp_path):
 def test_cached_prompt_scoring_equals_full_sequences(tiny_experts, ragged_task, batch_size):
     model, tokenizer = tiny_experts.model, tiny_experts.tokenizer
     scorer = MultipleChoiceScorer(ragged_task, tokenizer, batch_size, "cpu")
-    ours = scorer.choice_logprobs(model)
-    for index, record in enumerate(ragged_task.records):
+    assert_equals_full_sequences(model, tokenizer, ragged_task, scorer.choice_logprobs(model))
+
+
+def assert_equals_full_sequences(model, tokenizer, task, logprobs: torch.Tensor) -> None:
+    """Every real choice's log-probability within 1e-4 of `full_sequence_logprob`, -inf for missing choices."""
+    for index, record in enumerate(task.records):
         choices = record["choices"]
         reference = [full_sequence_logprob(model, tokenizer, record["prompt"], c) for c in choices]
-        torch.testing.assert_close(ours[index, : len(choices)], torch.tensor(reference, dtype=torch.float64),
+        torch.testing.assert_close(logprobs[index, : len(choices)], torch.tensor(reference, dtype=torch.float64),
                                    rtol=0, atol=1e-4)
-        assert torch.all(ours[index, len(choices):] == -math.inf)
+        assert torch.all(logprobs[index, len(choices):] == -math.inf)
 
 
 def test_accuracy_is_argmax_of_the_real_choices(tiny_experts, ragged_task):
