@@ -99,6 +99,12 @@ class SharedPrefix:
     @torch.no_grad()
     def run(self, model: PreTrainedModel, copies: int = 1, logits: bool = False) -> PrefixState:
         """The prefix through `model` once per copy (each copy a candidate, see `evox_merge.experts.rows`)."""
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attention not in ("sdpa", "eager"):
+            raise NotImplementedError(
+                f"shared prefixes are built for sdpa and eager attention (padding inside the sequence, a 4D mask "
+                f"for multiple choice); this model uses {attention!r}: build its scorers with min_shared_prefix=None"
+            )
         output = model(input_ids=self.ids.expand(copies, -1), use_cache=True, logits_to_keep=0 if logits else 1)
         cache = getattr(output, cache_argument(model))
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
