@@ -67,6 +67,30 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert "Intended use:** tests" in (out / "README.md").read_text()
 
 
+def test_mean_objective_packet_is_unchanged_and_records_carry_evidence(finished_run, capsys):
+    from evox_merge.run.evidence import RUN_EVIDENCE_FIELDS, full_record
+    from evox_merge.run.monitor import EVIDENCE_FIELDS
+
+    result, _ = finished_run
+    out = result.output_dir
+    for name in ("champion", "specialists", "challengers", "pareto_front.png"):
+        assert not (out / name).exists(), name
+    header = (out / "history.csv").read_text().splitlines()[0]
+    assert header == "id,generation,round,fitness,choice,copy,text," + ",".join(f"c_expert_{i}" for i in range(4))
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["release_files"]["adapter"] == "best/adapter" and "pareto" not in recipe
+    run = json.loads((out / "run.json").read_text())
+    records = read_records(out / "records.jsonl")
+    for record in records:
+        assert set(EVIDENCE_FIELDS) <= set(record) and "objectives" not in record
+        assert set(RUN_EVIDENCE_FIELDS) <= set(full_record(record, run))
+    # EvoGM knows its parents: round 0's initial population comes from the experts, later ones from records.
+    assert records[0]["parents"] == [f"expert:expert_{i}" for i in range(4)]
+    assert all(p.startswith("record:") for p in records[-1]["parents"])
+    assert main(["lineage", str(out)]) == 0
+    assert "expert:" in capsys.readouterr().out
+
+
 def test_released_adapter_and_model_reproduce_the_recorded_scores(finished_run, tiny_setup, tmp_path):
     result, _ = finished_run
     spec_file = tmp_path / "tasks.yaml"
