@@ -340,3 +340,28 @@ def test_every_record_carries_every_evidence_field_and_lineage_draws_it(pareto_r
     dot = (out / f"lineage-{last}.dot").read_text()
     assert dot.startswith("digraph lineage") and f'"record:{last}"' in dot and "->" in dot
     assert main(["lineage", str(out), "--candidate", "9999"]) == 2
+
+
+@pytest.mark.parametrize("name", ["nsga2", "hype"])
+def test_multi_objective_algorithm_resumes_from_a_checkpoint(name, tmp_path):
+    """The run's checkpoint (`run/checkpoint.py`: workflow state + global RNG) continues an EvoX MO run exactly."""
+    from evox_merge.run.checkpoint import load_checkpoint, save_checkpoint
+
+    def workflow():
+        problem = Recording(TwoObjectives())
+        return build_workflow(registry.build_algorithm(name, 3, pop_size=6, seed=1, n_objs=2), problem), problem
+
+    straight, straight_problem = workflow()
+    straight.init_step()
+    for _ in range(3):
+        straight.step()
+    half, _ = workflow()
+    half.init_step()
+    save_checkpoint(tmp_path / "checkpoint.pt", half, {"records": 6})
+    torch.rand(5)  # the global RNG moves on in between
+    resumed, resumed_problem = workflow()
+    load_checkpoint(tmp_path / "checkpoint.pt", resumed)
+    for _ in range(2):
+        resumed.step()
+    resumed.step()
+    assert torch.equal(torch.cat(resumed_problem.seen), torch.cat(straight_problem.seen[1:]))
