@@ -312,9 +312,8 @@ from its KV cache. The agreement column and the scores are taken under the task'
 few-shot prefixes (the characters column), so the generation rows are a weak check of identical decoding; the
 strong one is `tests/test_prefix.py` (shared-prefix completions equal the plain path's and `model.generate`'s on a
 model that writes full-length completions). The `_lm_` task is language modelling of prompt + answer after the same demonstrations. The zoo
-base model was trained on 64 positions: 2-shot rows fit (its completions are real attempts, so "0 completions
-differ" means something), 5-shot rows do not (its 5-shot scores mean nothing, only the speed and the agreement
-do).
+base model was trained on 64 positions: 2-shot rows fit in them, 5-shot rows do not (its 5-shot scores mean
+nothing, only the speed and the agreement do).
 
 | task | type | examples | shared tokens | mean tokens per example | plain s/candidate | shared s/candidate | speed-up | plain vs shared |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
