@@ -345,7 +345,9 @@ small share of the time to begin with. Most of the gap between wall time and tor
 inside transformers' forward (module dispatch, mask creation, cache updates, output objects), once per generated
 token, whatever the loop around it does. A transformers `StaticCache` in the same loop gave the same tokens and no gain in eager
 mode on this CPU (a scratch comparison, one 32-row batch of this task, 15 interleaved repeats: 0.129 s with it,
-0.129 s without), so it is not used; it pays off with `torch.compile` or CUDA graphs, not tried here.
+0.129 s without), so it is not used; it pays off with `torch.compile` or CUDA graphs, not tried here. The two
+profiles below are one call each under a changing load: read them for where the time goes, not as a timing
+comparison (the interleaved medians in the table are that).
 
 {chr(10).join(tables)}
 ## 3. Several candidates per forward pass
