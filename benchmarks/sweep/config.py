@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from evox_merge.problems.static_merges import STATIC_MERGES
-from evox_merge.run.registry import algorithm_names
+from evox_merge.run.registry import algorithm_names, is_multi_objective
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.yaml_file import read_yaml
@@ -16,7 +16,7 @@ from evox_merge.util.strict import format_validation_errors
 
 SETTINGS = ("single_task_unseen", "multi_task_unseen", "multi_task_seen")
 STATIC_METHODS = tuple(STATIC_MERGES)  # every static merge the library knows
-SEARCH_METHODS = tuple(algorithm_names())  # every registered search algorithm
+SEARCH_METHODS = tuple(name for name in algorithm_names() if not is_multi_objective(name))  # scalar searches
 
 
 class SetupConfig(_Strict):

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evox_merge.tasks.batching import PromptBatch
-
-if TYPE_CHECKING:
-    from evox_merge.tasks.prefix import PrefixState
-
-
-def cache_argument(model: PreTrainedModel) -> str:
-    """The name under which this transformers version passes the KV cache (``cache`` since 5.x); a PEFT model
-    passes it through to its base model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+from evox_merge.tasks.prefix import PrefixState, cache_argument
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -51,7 +41,7 @@ def greedy_completions(
     stop: Sequence[str],
     *,
     stop_ids: torch.Tensor | None = None,
-    prefix: "PrefixState | None" = None,
+    prefix: PrefixState | None = None,
     copies: int = 1,
 ) -> list[list[str] | None]:
     """Greedy completions of a left-padded prompt batch, each cut at its first stop string or EOS.

@@ -10,6 +10,7 @@ attention mask is ``length`` ones followed by the batch's own (left- or right-pa
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +18,13 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from evox_merge.tasks.generation import cache_argument
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which this transformers version passes the KV cache (``cache`` since 5.x); a PEFT model
+    passes it through to its base model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
 
 # Below this many shared tokens the extra forward pass per candidate costs about what it saves: scorers keep the
 # plain path (the zoo's own tasks share only "BOS + task name", 3 to 8 tokens).

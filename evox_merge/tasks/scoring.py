@@ -19,7 +19,8 @@ from evox_merge.tasks.batching import (
     target_batches, tile_batch,
 )
 from evox_merge.util.errors import TaskFormatError
-from evox_merge.tasks.generation import cache_argument, greedy_completions, stop_token_ids
+from evox_merge.tasks.generation import greedy_completions, stop_token_ids
+from evox_merge.tasks.prefix import cache_argument
 from evox_merge.tasks.prefix import MIN_SHARED_PREFIX, SharedPrefix
 from evox_merge.tasks import Task
 
