@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -303,6 +304,7 @@ class ScoreCache:
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path = path
         self.scores: dict[tuple[str, str], list[float]] = {}
+        self.seconds = 0.0  # scoring time of every cached candidate, across runs
         if path.is_file():
             lines = path.read_text().splitlines()
             header = json.loads(lines[0]) if lines else {}
@@ -313,15 +315,18 @@ class ScoreCache:
                     except json.JSONDecodeError:  # a line cut short by a kill
                         continue
                     self.scores[(entry["split"], entry["name"])] = entry["scores"]
+                    self.seconds += entry.get("seconds", 0.0)
                 return
             os.replace(path, path.with_name(path.name + ".stale"))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
 
-    def add(self, split: str, name: str, scores: list[float]) -> None:
+    def add(self, split: str, name: str, scores: list[float], seconds: float) -> None:
         self.scores[(split, name)] = scores
+        self.seconds += seconds
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"split": split, "name": name, "scores": scores}) + "\n")
+            handle.write(json.dumps({"split": split, "name": name, "scores": scores, "seconds": round(seconds, 3)})
+                         + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -389,15 +394,14 @@ def main(argv: list[str] | None = None) -> None:
     fixed_rows = [i for i in range(num_linear) if i not in random_rows]
     dense_rows = list(range(num_linear, len(names)))
     correlation_rows = random_rows[: args.test_random]
-    seconds = {"scoring": 0.0}
-    command = "python benchmarks/zoo_evidence.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python benchmarks/zoo_evidence.py " + _shown_arguments(argv if argv is not None else os.sys.argv[1:])
 
     def report(partial: bool) -> None:
         validation, test = matrices["validation"], matrices["test"]
         result = analyse(names, validation, test, zoo, correlation_rows)
         done_v = int((~validation.isnan().any(dim=1)).sum())
         done_t = int((~test.isnan().any(dim=1)).sum())
-        context = _context(zoo, experts, args, names, pool, done_v, done_t, seconds["scoring"], ta_scales,
+        context = _context(zoo, experts, args, names, pool, done_v, done_t, cache.seconds, ta_scales,
                            dense_scales, correlation_rows)
         context.update(partial=partial, command=command, kept=_hand_written(out),
                        progress=f"{done_v}/{len(names)} candidates on validation, {done_t} on test so far; the run "
@@ -425,9 +429,8 @@ def main(argv: list[str] | None = None) -> None:
                 values = problems[split].evaluate_per_task(pool[r : r + 1])[0]
             else:
                 values = problems[split].evaluate_deltas(dense_deltas(problems[split], names[r], args.random_seed))
-            seconds["scoring"] += time.perf_counter() - begin
             matrices[split][r] = values
-            cache.add(split, names[r], values.tolist())
+            cache.add(split, names[r], values.tolist(), time.perf_counter() - begin)
             report(partial=True)
 
     score("validation", fixed_rows + dense_rows, "validation: static merges")
@@ -436,6 +439,23 @@ def main(argv: list[str] | None = None) -> None:
     score("test", test_plan(matrices["validation"]), "test: random picks and correlation rows")
     report(partial=False)
     print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _shown_arguments(argv: list[str]) -> str:
+    """The command-line arguments as a shell would need them, the (long) build note elided."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            shown.append('"..."')
+            skip = False
+        elif arg == "--build-note":
+            shown.append(arg)
+            skip = True
+        elif arg.startswith("--build-note="):
+            shown.append('--build-note="..."')
+        else:
+            shown.append(shlex.quote(arg))
+    return " ".join(shown)
 
 
 def _context(zoo, experts, args, names, pool, done_validation, done_test, eval_seconds, ta_scales, dense_scales,
