@@ -8,7 +8,8 @@ problem = MergeProblem(experts, zoo.unseen_tasks)
 ```
 
 Command line: ``evox-merge zoo build --out DIR --preset tiny --seed 0``. See `evox_merge.zoo.task_suite` for the
-task design and ``benchmarks/results/zoo.md`` for the evidence that merging helps on it.
+task design and ``benchmarks/results/zoo.md`` for the evidence that merging helps on it. ``--preset smollm2`` builds
+the same layout on a real pretrained model, SmolLM2-135M-Instruct (see `evox_merge.zoo.smollm2`).
 """
 
 from evox_merge.zoo.build import build_zoo, default_zoo_dir
