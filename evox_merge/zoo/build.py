@@ -17,14 +17,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
-import peft
-import tokenizers
 import torch
 import transformers
 
@@ -36,7 +33,7 @@ from evox_merge.zoo.expert_training import train_expert
 from evox_merge.zoo.families import FAMILIES
 from evox_merge.zoo.files import default_zoo_dir, sort_target_modules, write_specs
 from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, load_zoo
-from evox_merge.zoo.manifest import MANIFEST_NAME, write_manifest
+from evox_merge.zoo.manifest import MANIFEST_NAME, software_versions, write_manifest
 from evox_merge.zoo.presets import EXPERT_LORA, ZooPreset, get_preset
 from evox_merge.zoo.scores import base_and_expert_scores
 from evox_merge.zoo.task_suite import SEEN_TASKS, UNSEEN_TASKS, TaskDesign, draw_splits
@@ -210,13 +207,7 @@ def _build_into(root: Path, preset: ZooPreset, seed: int, progress: bool) -> Non
             "preset": preset.name,
             "seed": seed,
             "settings": preset.to_dict(),
-            "software": {
-                "python": ".".join(map(str, sys.version_info[:3])),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-                "tokenizers": tokenizers.__version__,
-            },
+            "software": software_versions(),
             "experts": list(FAMILIES),
             "tasks": {
                 name: {"group": design.group, "type": design.type, "families": list(design.families)}

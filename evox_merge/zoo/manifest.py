@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,20 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
                 f"zoo file {path} is corrupted (its SHA-256 differs from {root / MANIFEST_NAME}); "
                 f"rebuild the zoo with: {command}"
             )
+
+
+def software_versions(**extra: str) -> dict[str, str]:
+    """The library versions a zoo build depends on (for its manifest), plus `extra` ones."""
+    import peft
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "tokenizers": tokenizers.__version__,
+        **extra,
+    }

@@ -10,10 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-import peft
-import tokenizers
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,7 +18,7 @@ from evox_merge.tasks import TaskSpec
 from evox_merge.zoo.lm_training import ExampleStream, train
 from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE
 from evox_merge.zoo.files import sort_target_modules, write_specs
-from evox_merge.zoo.manifest import write_manifest
+from evox_merge.zoo.manifest import software_versions, write_manifest
 from evox_merge.zoo.scores import base_and_expert_scores
 from evox_merge.zoo.smollm2 import fetch
 from evox_merge.zoo.smollm2.convert import convert_gguf
@@ -86,14 +83,7 @@ def build_smollm2_into(root: Path, preset: Smollm2Preset, seed: int, progress: b
             "preset": preset.name,
             "seed": seed,
             "settings": preset.to_dict(),
-            "software": {
-                "python": ".".join(map(str, sys.version_info[:3])),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-                "tokenizers": tokenizers.__version__,
-                "gguf": _version("gguf"),
-            },
+            "software": software_versions(gguf=_version("gguf")),
             "base_model": {"name": "SmolLM2-135M-Instruct", "package": fetch.SMOLLM2_WHEEL.spec,
                            "gguf": fetch.GGUF_NAME, **base_record},
             "sources": {
