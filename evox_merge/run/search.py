@@ -357,7 +357,7 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
     statics = static_candidates(problem, static_names, seed=config.seed, progress=bar)
     selection_problem = splits.get("selection")
     winner = select_release(searched + statics, selection_problem, progress=bar)
-    best_searched = select_release(searched, selection_problem)
+    best_searched = select_release(searched, selection_problem)  # reuses the scores of the contest above
     merges = {"release": winner.merge, "best_searched": best_searched.merge,
               **{candidate.name: candidate.merge for candidate in statics}}
     scores = score_table(merges, splits, progress=bar)

@@ -85,7 +85,8 @@ def static_candidates(search_problem: MergeProblem, names: Sequence[str], seed: 
 
 def select_release(candidates: list[Candidate], selection_problem: MergeProblem | None,
                    progress: tqdm | None = None) -> Candidate:
-    """Score every candidate on the selection part and return the best (the first listed on ties).
+    """Score every candidate on the selection part (those not scored yet) and return the best (the first listed on
+    ties).
 
     Without a selection problem the best searched candidate (by search fitness) is returned.
     """
@@ -93,6 +94,8 @@ def select_release(candidates: list[Candidate], selection_problem: MergeProblem 
         searched = [c for c in candidates if c.kind == "searched"]
         return max(searched or candidates, key=lambda c: c.search_fitness)
     for candidate in candidates:
+        if candidate.selection_fitness is not None:
+            continue  # already scored on this selection part (e.g. the searched candidates of the release contest)
         if progress is not None:
             progress.set_postfix_str(f"selection part: {candidate.name}")
         scores = candidate.merge.score(selection_problem)
