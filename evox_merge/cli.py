@@ -146,7 +146,13 @@ def _bench(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise EvoxMergeError(f"the benchmark sweep runs from a checkout of the evox-merge repository (its "
                              f"benchmarks/ folder) with the bench extra installed: {error}") from None
-    path = run_sweep(args.config, progress=not args.quiet)
+    from benchmarks.sweep.runner import parse_only
+
+    try:
+        only = parse_only(args.only)
+    except ValueError as error:
+        raise EvoxMergeError(str(error)) from None
+    path = run_sweep(args.config, progress=not args.quiet, only=only, workers=args.workers)
     print(f"sweep results in {path}")
 
 
@@ -225,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark sweep (resumable)")
     bench.add_argument("config", help="sweep config (YAML)")
     bench.add_argument("--quiet", action="store_true")
+    bench.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE[,VALUE]",
+                       help="run a slice of the grid: setting, method, seed or budget (repeat for several fields)")
+    bench.add_argument("--workers", type=int, default=None, help="worker processes (overrides the config's)")
     bench.set_defaults(handler=_bench)
 
     algorithms = commands.add_parser("algorithms", help="list the search algorithms algorithm.name accepts")

@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import yaml
 
 from benchmarks.sweep.config import load_sweep_config
 from benchmarks.sweep.report import welch_p
-from benchmarks.sweep.runner import run_sweep
+from benchmarks.sweep.runner import parse_only, run_sweep
 
 
 def sweep_config(setup, tmp_path, methods, seeds=(0, 1)):
@@ -109,3 +110,17 @@ def test_grid_restricts_single_task_searches_and_large_budget_methods(tiny_setup
     assert len(cells) == 5 + 5 + 2
     with pytest.raises(MergeInputError, match="single_task_tasks: \\['choice'\\] are not unseen"):
         grid(config.model_copy(update={"single_task_tasks": ["choice"]}), setup)
+
+
+def test_only_runs_a_slice_and_the_rest_resumes(tiny_setup, tmp_path):
+    path = sweep_config(tiny_setup, tmp_path, ["base", "random"], seeds=(0,))
+    rows_path = tmp_path / "out" / "rows.jsonl"
+    results = run_sweep(path, progress=False, only=parse_only(["setting=multi_task_unseen", "method=random"]))
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert {(r["setting"], r["method"]) for r in rows} == {("multi_task_unseen", "random")} and len(rows) == 2
+    assert all(r["host"] for r in rows) and "still to run" in results.read_text()
+    run_sweep(path, progress=False)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert len(rows) == 2 * 2 + 1 + 2 and len({(r["setting"], r["method"], r["budget"], str(r["tasks"])) for r in rows}) == 7
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_only(["colour=red"])

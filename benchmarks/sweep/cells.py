@@ -19,6 +19,7 @@ from evox_merge.run.registry import build_algorithm, is_evogm
 from evox_merge.run.selection import searched_candidates, select_release, static_candidates
 from evox_merge.tasks import read_task, split_task
 from evox_merge.util.errors import MergeInputError
+from evox_merge.util.machine import host_description
 
 
 @dataclass(frozen=True)
@@ -144,4 +145,5 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     row["test_normalised"] = float(test.aggregate(test_scores.unsqueeze(0))[0])
     row["test_tasks"] = dict(zip(test.task_names, test_scores.tolist()))
     row["wall_seconds"] = time.perf_counter() - started
+    row["host"] = host_description()
     return row

@@ -18,10 +18,11 @@ from benchmarks.sweep.config import STATIC_METHODS, SweepConfig, load_sweep_conf
 from benchmarks.sweep.report import write_report
 from benchmarks.sweep.setup import load_setup
 from evox_merge.util.atomic import write_text_atomic
-from evox_merge.util.machine import machine_markdown
+from evox_merge.util.machine import host_description, machine_markdown
 
 logger = logging.getLogger(__name__)
 ROWS_NAME = "rows.jsonl"
+HOST = host_description()
 TIMING_NAME = "timing.jsonl"
 
 
@@ -36,12 +37,16 @@ def _finished(path: Path) -> dict[str, dict]:
     return rows
 
 
-def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report_only: bool = False) -> Path:
+def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report_only: bool = False,
+              only: dict[str, set[str]] | None = None, workers: int | None = None) -> Path:
     """Run (or finish) a sweep and write rows.jsonl, results.md, the convergence plots and the exact config.
 
-    Time is recorded in timing.jsonl after every finished cell (one entry per invocation), so a sweep stopped
-    midway and resumed in several sittings still reports its whole wall time. With `report_only`, no cell runs:
-    results.md is written from the rows finished so far (a partial report says how many cells remain).
+    Time is recorded in timing.jsonl after every finished cell (one entry per invocation, with the machine it ran
+    on), so a sweep stopped midway and resumed in several sittings, or split over machines, still reports its whole
+    wall time. With `report_only`, no cell runs: results.md is written from the rows finished so far (a partial
+    report says how many cells remain). `only` runs a slice of the grid (e.g. ``{"setting": {"multi_task_seen"}}``:
+    a cell runs when each named field's value is one of those given), `workers` overrides the config's; the
+    report still covers the whole grid.
 
     Returns:
         the path of results.md.
@@ -54,10 +59,12 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
     cells = grid(config, setup)
     rows_path = out / ROWS_NAME
     done = _finished(rows_path)
-    todo = [cell for cell in cells if cell.key not in done]
+    todo = [cell for cell in cells if cell.key not in done and _selected(cell, only or {})]
+    if workers is not None:
+        config = config.model_copy(update={"workers": workers})
     if not report_only:
         (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
+        logger.info("sweep: %d cells, %d already done, %d to run now", len(cells), len(done), len(todo))
         _run_cells(todo, config, out, len(cells), progress)
         done = _finished(rows_path)
     wanted = {cell.key for cell in cells}
@@ -68,6 +75,24 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
         preamble += (f"\n**Partial results: {len(rows)} of {len(cells)} cells finished, {remaining} still to run** "
                      "(rerun the sweep command to finish; it resumes).\n")
     return write_report(rows, config.methods, out, preamble, config.product_statics)
+
+
+CELL_FIELDS = ("setting", "method", "seed", "budget")
+
+
+def parse_only(values: list[str]) -> dict[str, set[str]]:
+    """``["setting=multi_task_seen,multi_task_unseen", "budget=large"]`` -> ``{"setting": {...}, "budget": {...}}``."""
+    only: dict[str, set[str]] = {}
+    for value in values:
+        field, _, choices = value.partition("=")
+        if field not in CELL_FIELDS or not choices:
+            raise ValueError(f"--only {value!r}: expected FIELD=VALUE[,VALUE...] with FIELD one of {CELL_FIELDS}")
+        only.setdefault(field, set()).update(choice.strip() for choice in choices.split(","))
+    return only
+
+
+def _selected(cell: Cell, only: dict[str, set[str]]) -> bool:
+    return all(str(getattr(cell, field)) in choices for field, choices in only.items())
 
 
 def _run_cells(todo: list[Cell], config: SweepConfig, out: Path, total: int, progress: bool) -> None:
@@ -99,7 +124,7 @@ def _run_cells(todo: list[Cell], config: SweepConfig, out: Path, total: int, pro
 def _record_time(path: Path, start_date: str, cells: int, seconds: float, workers: int) -> None:
     """Write this invocation's entry (cells finished, seconds so far) into timing.jsonl, replacing its last one."""
     entries = [entry for entry in _invocations(path) if entry["date"] != start_date]
-    entries.append({"date": start_date, "cells": cells, "seconds": seconds, "workers": workers})
+    entries.append({"date": start_date, "cells": cells, "seconds": seconds, "workers": workers, "host": HOST})
     write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in entries))
 
 
@@ -116,7 +141,7 @@ def _timing_summary(invocations: list[dict]) -> str:
         return "no recorded time (timing.jsonl is missing)"
     minutes = sum(entry["seconds"] for entry in invocations) / 60
     parts = ", ".join(f"{e['cells']} cells in {e['seconds'] / 60:.1f} min with {e['workers']} worker processes on "
-                      f"{e['date'][:10]}" for e in invocations)
+                      f"{e['date'][:10]}" + (f" ({e['host']})" if e.get("host") else "") for e in invocations)
     return f"{minutes:.1f} minutes in all ({parts}; from timing.jsonl)"
 
 

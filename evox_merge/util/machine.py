@@ -35,6 +35,13 @@ def describe_machine() -> dict[str, str]:
     return description
 
 
+def host_description() -> str:
+    """One line naming the CPU and its core count (and the GPU, if one is visible): which machine timed a row."""
+    machine = describe_machine()
+    text = f"{machine['cpu']}, {machine['cores']} cores"
+    return text + (f", {machine['gpu']}" if "gpu" in machine else "")
+
+
 def machine_markdown() -> str:
     """`describe_machine` as a Markdown bullet list."""
     return "\n".join(f"- {key}: {value}" for key, value in describe_machine().items())
