@@ -278,7 +278,10 @@ def main() -> None:
     command = " ".join(["python -m benchmarks.below_floor", *argv])
     if args.gpu_candidates:
         lines = gpu_candidate_rows(args)
-        print(f"\n{command}\nload {load[0]} -> {os.getloadavg()}\n{machine_markdown()}")
+        load.append(os.getloadavg())
+        out = args.out or Path("benchmarks/results/below_floor_gpu.md")
+        out.write_text(render_gpu(args, command, load, lines))
+        print(f"wrote {out}")
         return
     zoo = load_zoo(build_zoo(preset=args.preset))
     experts = ExpertSet.load(zoo.base_dir, zoo.adapter_dirs)
@@ -290,6 +293,28 @@ def main() -> None:
     out = args.out or Path("benchmarks/results/below_floor.md")
     out.write_text(report)
     print(f"wrote {out}")
+
+
+def render_gpu(args, command, load, lines) -> str:
+    return f"""# Several candidates per forward pass, on a GPU
+
+Command: `{command}` (load average over 1, 5, 15 min: {load[0][0]:.2f} / {load[0][1]:.2f} / {load[0][2]:.2f} at the
+start, {load[1][0]:.2f} / {load[1][1]:.2f} / {load[1][2]:.2f} at the end, on {os.cpu_count()} cores). {args.note}
+
+`MergeProblem(..., candidates_per_pass=P)` scores {args.population} random candidates (coefficients ~ N(0, 0.5^2))
+on the `{args.preset}` zoo's {", ".join(args.tasks)} validation tasks at {max(args.shots)}-shot, plus language
+modelling of the first generation task after the same demonstrations, batch size {args.batch_size}, float32, over
+random-weight Qwen2 bases built from a config (no download) with 8 rank-8 LoRA experts. P = 1 is the in-place
+merge (one forward pass per candidate); P > 1 runs the experts' factors unmerged with a coefficient per row. One
+timed pass over the population after a warm-up, synchronised; the last column is the largest score difference
+from P = 1 over all tasks and candidates.
+
+{chr(10).join(lines)}
+
+## Machine
+
+{machine_markdown()}
+"""
 
 
 def render(args, command, load, prefix_lines, prefix_tables, decoding, tables) -> str:
@@ -353,10 +378,9 @@ comparison (the interleaved medians in the table are that).
 ## 3. Several candidates per forward pass
 
 `MergeProblem(..., candidates_per_pass=P)` (`evox_merge/experts/rows.py`): the experts' factors run unmerged, with a
-coefficient per row. Tested on CPU for correctness only (`tests/test_batched_candidates.py`: equal to the in-place
-merge to 1e-4 for the three task types, with and without a shared prefix). **Its speed is unmeasured: no GPU was lent
-to this task.** A GPU user measures it, for a ~6 M-parameter and a ~1 B-parameter random-weight Qwen2 built from a
-config (no download), candidates/s and peak memory at P = 1 (in-place merge) against P = 4, 8, 16, with:
+coefficient per row. Correctness is tested on CPU (`tests/test_batched_candidates.py`: equal to the in-place merge
+to 1e-4 for the three task types, with and without a shared prefix). Its speed is a GPU matter, measured on an
+NVIDIA H100 in [below_floor_gpu.md](below_floor_gpu.md) with
 
 ```bash
 python -m benchmarks.below_floor --gpu-candidates --device cuda --population 16 --per-pass 1 4 8 16
