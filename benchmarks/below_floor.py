@@ -386,6 +386,11 @@ NVIDIA H100 in [below_floor_gpu.md](below_floor_gpu.md) with
 python -m benchmarks.below_floor --gpu-candidates --device cuda --population 16 --per-pass 1 4 8 16
 ```
 
+## 4. Racing
+
+Opt-in racing (`racing:` in a search or sweep config, `evox_merge/problems/racing.py`): its benchmark and a first
+probe are in [racing.md](racing.md).
+
 ## Machine
 
 {machine_markdown()}

@@ -366,6 +366,12 @@ CASES = [
     Case("objectives_mean_with_nsga2", "`algorithm.name: nsga2` with `objectives: mean`",
          lambda ws: search(ws, algorithm={"name": "nsga2", "pop_size": 4}), MergeInputError,
          r"algorithm\.name: 'nsga2' is multi-objective; set objectives: pareto"),
+    Case("racing_with_pso", "`racing: {}` with `algorithm.name: pso`",
+         lambda ws: search(ws, algorithm={"name": "pso", "pop_size": 4}, racing={}), MergeInputError,
+         r"racing: algorithm 'pso' does not say which candidates it ranks by"),
+    Case("racing_stages_not_increasing", "`racing: {stages: [0.5, 0.4, 1.0]}`",
+         lambda ws: search(ws, racing={"stages": [0.5, 0.4, 1.0]}), MergeInputError,
+         r"racing\.stages: .*expected fractions increasing within \(0, 1\] and ending at 1"),
 ]
 
 

@@ -8,6 +8,7 @@ import yaml
 from benchmarks.sweep.config import load_sweep_config
 from benchmarks.sweep.report import welch_p
 from benchmarks.sweep.runner import parse_only, run_sweep
+from evox_merge.run.config import RacingConfig
 
 
 def sweep_config(setup, tmp_path, methods, seeds=(0, 1)):
@@ -124,3 +125,12 @@ def test_only_runs_a_slice_and_the_rest_resumes(tiny_setup, tmp_path):
     assert len(rows) == 2 * 2 + 1 + 2 and len({(r["setting"], r["method"], r["budget"], str(r["tasks"])) for r in rows}) == 7
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_only(["colour=red"])
+
+
+def test_a_raced_sweep_records_the_examples_scored(tiny_setup, tmp_path):
+    path = sweep_config(tiny_setup, tmp_path, ["cmaes"], seeds=(0,))
+    config = load_sweep_config(path).model_copy(update={"racing": RacingConfig(confidence=0.8)})
+    run_sweep(config, progress=False, only=parse_only(["setting=multi_task_unseen", "budget=paper"]))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0 < rows[0]["examples_fraction"] <= 1
+    assert "examples scored" in (tmp_path / "out" / "results.md").read_text()

@@ -15,7 +15,7 @@ from benchmarks.sweep.setup import BenchSetup, load_setup
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import TaskNormalisation, anchor_normalisation
 from evox_merge.run.loop import search
-from evox_merge.run.registry import build_algorithm, is_evogm
+from evox_merge.run.registry import build_algorithm, is_evogm, racing_for
 from evox_merge.run.selection import searched_candidates, select_release, static_candidates
 from evox_merge.tasks import read_task, split_task
 from evox_merge.util.errors import MergeInputError
@@ -130,6 +130,9 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     else:
         algorithm, generations = build_search_algorithm(cell.method, setup.experts.num_experts,
                                                         config.budgets[cell.budget], cell.seed, config.evogm_params)
+        if config.racing is not None:
+            search_problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages,
+                                            config.selection_top_k))
         search_started = time.perf_counter()
         monitor = search(algorithm, search_problem, generations)
         search_seconds = time.perf_counter() - search_started
@@ -138,7 +141,9 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
         row.update(validation=curve[-1], evaluations=len(curve), curve=curve, search_seconds=search_seconds,
                    evaluation_seconds=monitor.evaluation_seconds,
                    algorithm_seconds=search_seconds - monitor.evaluation_seconds,
-                   coefficients=candidate.merge.coefficients.tolist(), pick=candidate.name)
+                   coefficients=candidate.merge.coefficients.tolist(), pick=candidate.name,
+                   examples_fraction=sum(r.get("examples_scored", search_problem.examples_total)
+                                         for r in monitor.records) / (len(monitor.records) * search_problem.examples_total))
     test_scores = candidate.merge.score(test)
     row["selection"] = candidate.selection_fitness
     row["test"] = float(test_scores.double() @ test.task_weights)

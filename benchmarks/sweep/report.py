@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -126,24 +126,38 @@ def convergence_plot(rows: list[Row], methods: list[str], path: str | Path, titl
 
 
 def cost_table(rows: list[Row], methods: list[str]) -> str:
-    """Per method: runs, mean evaluations, wall seconds, and seconds inside the algorithm vs inside evaluation."""
-    lines = ["| method | runs | evaluations | wall s | algorithm s | evaluation s | algorithm share |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """Per method: runs, mean evaluations, the share of validation examples scored (below 100% only with
+    racing), wall seconds, seconds inside the algorithm vs inside evaluation, and which machines ran the runs
+    (wall times compare only within one machine)."""
+    lines = ["| method | runs | evaluations | examples scored | wall s | algorithm s | evaluation s | algorithm share "
+             "| ran on |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in methods:
         chosen = [row for row in rows if row["method"] == method]
         if not chosen:
             continue
         wall = statistics.mean(row["wall_seconds"] for row in chosen)
+        hosts = Counter(_host_label(row.get("host")) for row in chosen)
+        ran_on = ", ".join(f"{label} x{count}" for label, count in sorted(hosts.items()))
         if chosen[0]["evaluations"] is None:
-            lines.append(f"| {method} | {len(chosen)} | static | {wall:.1f} | | | |")
+            lines.append(f"| {method} | {len(chosen)} | static | | {wall:.1f} | | | | {ran_on} |")
             continue
         algorithm = statistics.mean(row["algorithm_seconds"] for row in chosen)
         evaluation = statistics.mean(row["evaluation_seconds"] for row in chosen)
         evaluations = statistics.mean(row["evaluations"] for row in chosen)
+        examples = statistics.mean(row.get("examples_fraction", 1.0) for row in chosen)
         share = algorithm / (algorithm + evaluation) if algorithm + evaluation > 0 else 0.0
-        lines.append(f"| {method} | {len(chosen)} | {evaluations:.0f} | {wall:.1f} | {algorithm:.2f} | "
-                     f"{evaluation:.1f} | {share:.1%} |")
+        lines.append(f"| {method} | {len(chosen)} | {evaluations:.0f} | {examples:.0%} | {wall:.1f} | "
+                     f"{algorithm:.2f} | {evaluation:.1f} | {share:.1%} | {ran_on} |")
     return "\n".join(lines)
+
+
+def _host_label(host: str | None) -> str:
+    """A short machine label from a row's host description (rows from before hosts were recorded: this repo's
+    2-core benchmark machine)."""
+    if not host:
+        return "2 cores"
+    parts = [part.strip() for part in host.split(",")]
+    return " + ".join(part for part in parts[1:] if part) or host
 
 
 def write_report(rows: list[Row], methods: list[str], out_dir: str | Path, preamble: str,

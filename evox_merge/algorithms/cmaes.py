@@ -8,7 +8,7 @@ import torch
 from evox.algorithms import CMAES
 from evox.algorithms.so.es_variants.sort_utils import sort_by_key
 
-from .common import coefficient_bounds, rank_key
+from .common import coefficient_bounds, kth_best, rank_key
 
 __all__ = ["BoundedCMAES", "repair"]
 
@@ -85,6 +85,10 @@ class BoundedCMAES(CMAES):
         self.register_buffer("ub", upper.to(device), persistent=False)
         self.boundary = boundary
         self._rng = torch.Generator().manual_seed(seed)
+
+    def racing_threshold(self, lower_bounds: torch.Tensor) -> float:
+        """Racing quota (`evox_merge.algorithms.common.RacingQuota`): the mu-th best lower bound (the parents)."""
+        return kth_best(lower_bounds, self.mu)
 
     def step(self) -> None:
         """Sample P points from N(mean, sigma^2 C), repair them into the box, evaluate, update mean, paths, C, sigma."""

@@ -15,6 +15,7 @@ EvoX's own ``record_step`` hook is left to EvoX monitors (it must return tensors
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -28,6 +29,17 @@ class CandidateAnnotations(Protocol):
 
     def candidate_annotations(self) -> dict[str, Any]:
         """Per-candidate annotations (lists of length P) or shared values, JSON-serialisable."""
+        ...
+
+
+@runtime_checkable
+class RacingQuota(Protocol):
+    """An algorithm that says which candidates of a population it will use, so that racing
+    (`evox_merge.problems.racing`) may stop scoring the rest once they confidently cannot be among them."""
+
+    def racing_threshold(self, lower_bounds: torch.Tensor) -> float:
+        """Given the population's fitness lower bounds ``(P,)`` (higher is better, the problem's scale), the
+        fitness a candidate must be able to reach to be used (+inf: only the run's best candidates matter)."""
         ...
 
 
@@ -124,3 +136,12 @@ def split_winners_losers(
     num_finite = int(torch.isfinite(fitness).sum())
     num_winners = min(max(1, int(len(fitness) * winner_ratio)), num_finite)
     return order[:num_winners], order[num_winners:]
+
+
+def kth_best(values: torch.Tensor, k: int) -> float:
+    """The k-th largest of `values` (-inf when there are fewer than k; +inf for k < 1: nothing reaches it)."""
+    if k < 1:
+        return math.inf
+    if values.numel() < k:
+        return -math.inf
+    return float(torch.sort(values.double().nan_to_num(nan=-math.inf), descending=True).values[k - 1])

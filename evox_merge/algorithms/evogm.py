@@ -10,6 +10,7 @@ docstring of `EvoGM`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from evox.core import Algorithm, Mutable, Parameter
 
 from evox_merge.util.errors import MergeInputError
 
-from .common import coefficient_bounds, hybrid_population, rank_key, rank_order, split_winners_losers
+from .common import coefficient_bounds, hybrid_population, kth_best, rank_key, rank_order, split_winners_losers
 from .pareto import dominates, pareto_order, split_pareto_winners
 from .evogm_history import EvoGMHistory
 from .evogm_variants import (
@@ -297,6 +298,17 @@ class EvoGM(Algorithm):
     def record_step(self) -> dict[str, torch.Tensor]:
         """The current population in the original expert basis (P, N) and its fitness (P,), for EvoX monitors."""
         return {"pop": self.pop @ self.bases[-1].to(self.pop.device), "fit": self.fit}
+
+    def racing_threshold(self, lower_bounds: torch.Tensor) -> float:
+        """Racing quota (`evox_merge.algorithms.common.RacingQuota`): a candidate is used if it can enter the
+        round archive's winner share ``rho`` or its best P (carried into the next round, and the initial
+        population kept), i.e. reach the m-th best of the archive so far and this population's lower bounds,
+        ``m = max(ceil(rho (H + P)), P)``. The archive holds minimised fitness; the problem's is maximised."""
+        _, _, fitness = self._round_data()
+        archive = -fitness.double() if fitness.ndim == 1 else torch.empty(0, dtype=torch.float64)
+        pool = torch.cat([archive, lower_bounds.double()])
+        m = max(math.ceil(float(self.winner_ratio) * len(pool)), self.pop_size)
+        return kth_best(pool, m)
 
     def candidate_annotations(self) -> dict[str, Any]:
         """Annotations of the population evaluated in the last step (`evox_merge.algorithms.common` protocol).

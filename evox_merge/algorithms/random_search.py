@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,6 +50,10 @@ class RandomSearch(Algorithm):
         self.fit = Mutable(torch.full((pop_size,), torch.inf, device=device))
         self.best_coefficients = Mutable(torch.zeros(num_experts, device=device))
         self.best_fitness = Mutable(torch.tensor(torch.inf, device=device))
+
+    def racing_threshold(self, lower_bounds: torch.Tensor) -> float:
+        """Racing quota (`evox_merge.algorithms.common.RacingQuota`): none, only the run's best candidates matter."""
+        return math.inf
 
     def step(self) -> None:
         """Evaluate P fresh uniform draws ((P, N) population, (P,) fitness) and update the best."""

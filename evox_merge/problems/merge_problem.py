@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from evox.core import Problem
@@ -14,6 +14,7 @@ from evox_merge.experts import ExpertSet
 from evox_merge.experts.merger import shared_merger
 from evox_merge.experts.rows import candidate_rows
 from evox_merge.problems.normalisation import TaskNormalisation, identity_normalisation
+from evox_merge.problems.racing import Racing, RacingState, survivors, task_estimates
 from evox_merge.tasks.scoring import build_scorer
 from evox_merge.tasks import Task, TaskSpec, read_task
 
@@ -74,6 +75,32 @@ class MergeProblem(Problem):
         self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device) for task in self.tasks]
         self.merger = shared_merger(experts)
         self.normalisation = identity_normalisation(self.task_names)
+        self.batch_size = batch_size
+        self.racing: Racing | None = None
+        self.racing_state: RacingState | None = None
+        self.examples_total = sum(len(task.records) for task in self.tasks)
+        self.examples_scored: list[int] = []  # per candidate of the last evaluation
+
+    def race(self, racing: Racing | None, threshold: Callable[[torch.Tensor], float] | None = None) -> "MergeProblem":
+        """Score populations with racing from now on (`evox_merge.problems.racing`; None: off); returns self.
+
+        Args:
+            threshold: the algorithm's `racing_threshold` (`evox_merge.algorithms.common.RacingQuota`): the
+                population's lower bounds -> the fitness a candidate must be able to reach to be used. None: the
+                algorithm uses every candidate, so nothing is dropped."""
+        if racing is not None and (self.per_task_fitness or self.candidates_per_pass > 1):
+            raise MergeInputError("racing needs one fitness per candidate scored one candidate at a time: it does "
+                                  "not combine with per-task (multi-objective) fitness or candidates_per_pass > 1")
+        self.racing = racing
+        self._racing_threshold = threshold
+        self.racing_state = RacingState(racing.top_k) if racing is not None else None
+        self._stage_scorers = None
+        return self
+
+    def candidate_annotations(self) -> dict[str, list[int] | int]:
+        """For the run's records: how many validation examples each candidate of the last evaluation was
+        scored on, out of how many (fewer only under racing)."""
+        return {"examples_scored": list(self.examples_scored), "examples_total": self.examples_total}
 
     def normalise(self, normalisation: TaskNormalisation) -> "MergeProblem":
         """Use `normalisation` in the fitness from now on (its tasks must be this problem's); returns self."""
@@ -104,8 +131,12 @@ class MergeProblem(Problem):
         return pop.detach().float()
 
     def evaluate_per_task(self, pop: torch.Tensor) -> torch.Tensor:
-        """Scores of every candidate on every task: ``pop (P, N)`` -> ``(P, K)`` float64 (NaN where unscorable)."""
+        """Scores of every candidate on every task: ``pop (P, N)`` -> ``(P, K)`` float64 (NaN where unscorable).
+        Under racing, a dropped candidate's scores are its estimates (see `examples_scored`)."""
         pop = self.check_population(pop)
+        if self.racing is not None:
+            return self._evaluate_racing(pop)
+        self.examples_scored = [self.examples_total] * pop.shape[0]
         scores = torch.empty(pop.shape[0], len(self.scorers), dtype=torch.float64)
         if self.candidates_per_pass > 1:
             self.merger.restore()  # the rows path adds the deltas to W0 itself
@@ -122,6 +153,61 @@ class MergeProblem(Problem):
         finally:
             self.merger.restore()
         return scores
+
+    def _stages(self) -> list[list]:
+        """Per task, one scorer per racing stage over that stage's new examples (None where a stage adds none)."""
+        if self._stage_scorers is None:
+            device = next(self.experts.model.parameters()).device
+            self._stage_scorers = []
+            for task in self.tasks:
+                total, start, scorers = len(task.records), 0, []
+                for fraction in self.racing.stages:
+                    end = max(start, min(total, max(1, math.ceil(fraction * total))))
+                    part = Task(task.spec, task.records[start:end]) if end > start else None
+                    scorers.append(None if part is None else
+                                   build_scorer(part, self.experts.tokenizer, self.batch_size, device))
+                    start = end
+                self._stage_scorers.append(scorers)
+        return self._stage_scorers
+
+    def _evaluate_racing(self, pop: torch.Tensor) -> torch.Tensor:
+        """Score in stages, dropping candidates that cannot reach the part of the population the search uses."""
+        racing, stages = self.racing, self._stages()
+        count, tasks = pop.shape[0], len(self.tasks)
+        parts = [[([], []) for _ in range(tasks)] for _ in range(count)]
+        totals = [len(task.records) for task in self.tasks]
+        binary = [task.spec.type != "language_modeling" for task in self.tasks]
+        alive = torch.ones(count, dtype=torch.bool)
+        estimates = torch.full((count, tasks), math.nan, dtype=torch.float64)
+        slope = (self.normalisation.apply(torch.ones(1, tasks)) - self.normalisation.apply(torch.zeros(1, tasks)))[0]
+        for stage in range(len(racing.stages)):
+            try:
+                for p in alive.nonzero().flatten().tolist():
+                    self.merger.apply(pop[p])
+                    for k in range(tasks):
+                        if stages[k][stage] is not None:
+                            numerator, denominator = stages[k][stage].example_parts(self.experts.model)
+                            parts[p][k][0].append(numerator)
+                            parts[p][k][1].append(denominator)
+            finally:
+                self.merger.restore()
+            errors = torch.zeros(count, dtype=torch.float64)
+            for p in alive.nonzero().flatten().tolist():
+                task_scores, task_errors = task_estimates(
+                    [torch.cat(num) for num, _ in parts[p]], [torch.cat(den) for _, den in parts[p]], totals, binary,
+                    racing.z)
+                estimates[p] = task_scores
+                errors[p] = float(((slope * self.task_weights) ** 2 * task_errors ** 2).sum().sqrt())
+            if stage == len(racing.stages) - 1:
+                break
+            # Dropped candidates keep the estimate they were dropped with.
+            fitness = (self.normalisation.apply(estimates) @ self.task_weights).nan_to_num(nan=-math.inf)
+            alive = survivors(fitness, errors, alive, racing, self.racing_state, self._racing_threshold)
+        self.examples_scored = [sum(sum(n.numel() for n in num) for num, _ in parts[p]) for p in range(count)]
+        complete = [p for p in range(count) if self.examples_scored[p] == self.examples_total]
+        if complete:
+            self.racing_state.add(self.aggregate(estimates[complete]).tolist())
+        return estimates
 
     def evaluate_deltas(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``(K,)`` of the model ``W0 + delta`` per named target layer (for dense merges such as TIES)."""

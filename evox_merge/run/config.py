@@ -144,6 +144,21 @@ def check_objectives(objectives: "str | ObjectivesConfig", task_names: list[str]
     return problems
 
 
+class RacingConfig(_Strict):
+    """Opt-in racing (`evox_merge.problems.racing`): score each population in stages and stop scoring the
+    candidates that confidently cannot reach the share the algorithm ranks by or the release's top-k."""
+
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    stages: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, stages: list[float]) -> list[float]:
+        if stages[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *stages], stages)):
+            raise ValueError(f"expected fractions increasing within (0, 1] and ending at 1, got {stages}")
+        return stages
+
+
 class SearchConfig(_Strict):
     """Everything one search needs; paths are resolved against the config file's folder.
 
@@ -176,6 +191,21 @@ class SearchConfig(_Strict):
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     distributed: bool = False
     collective_timeout_s: float = Field(default=600.0, gt=0)
+    racing: RacingConfig | None = None
+
+    @model_validator(mode="after")
+    def _racing(self) -> "SearchConfig":
+        if self.racing is None:
+            return self
+        if self.distributed:
+            raise ValueError("racing: not with distributed: true (each rank would race its own shard)")
+        if self.objectives != "mean":
+            raise ValueError("racing: needs objectives: mean (one fitness per candidate to rank by)")
+        name = self.algorithm.name
+        if name in registry.ALGORITHMS and defines_racing_quota(name) is False:
+            raise ValueError(f"racing: algorithm {name!r} does not say which candidates it ranks by (PSO compares "
+                             "every particle with its own best and uses every fitness); use evogm, cmaes or random")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -206,6 +236,19 @@ def constructor_parameters(name: str) -> tuple[str, set[str], bool] | None:
     with `ast` so that checking params imports nothing; None when the source cannot be read that way (then
     `registry.check_params` imports the class). tests/test_errors.py checks this agrees with `inspect` for every
     registered name."""
+    node = _class_node(name)
+    if node is None:
+        return None
+    for item in node.body:
+        if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+            args = item.args
+            names = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self"}
+            return node.name, names, args.kwarg is not None
+    return None
+
+
+def _class_node(name: str) -> ast.ClassDef | None:
+    """The class definition of a registered algorithm, parsed from its source (None if it cannot be read)."""
     module, _, class_name = registry.ALGORITHMS[name].target.partition(":")
     try:
         top, _, rest = module.partition(".")
@@ -214,14 +257,16 @@ def constructor_parameters(name: str) -> tuple[str, set[str], bool] | None:
         tree = ast.parse(source.read_text(encoding="utf-8"))
     except (ImportError, AttributeError, TypeError, IndexError, OSError, SyntaxError, ValueError):
         return None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                    args = item.args
-                    names = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self"}
-                    return class_name, names, args.kwarg is not None
-    return None
+    return next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name), None)
+
+
+def defines_racing_quota(name: str) -> bool | None:
+    """Whether a registered algorithm's class defines ``racing_threshold`` (the
+    `evox_merge.algorithms.common.RacingQuota` protocol), read from its source; None when it cannot be read."""
+    node = _class_node(name)
+    if node is None:
+        return None
+    return any(isinstance(item, ast.FunctionDef) and item.name == "racing_threshold" for item in node.body)
 
 
 def check_algorithm_params(name: str, params: dict[str, Any]) -> None:

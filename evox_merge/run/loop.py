@@ -32,7 +32,10 @@ def run_generations(
     for generation in range(start, stop):
         workflow.init_step() if generation == 0 else workflow.step()
         algorithm = workflow.algorithm
-        monitor.flush(algorithm.candidate_annotations() if isinstance(algorithm, CandidateAnnotations) else None)
+        annotations = algorithm.candidate_annotations() if isinstance(algorithm, CandidateAnnotations) else {}
+        if getattr(workflow.problem, "racing", None) is not None:  # how many examples each candidate was scored on
+            annotations = {**annotations, **workflow.problem.candidate_annotations()}
+        monitor.flush(annotations)
         if after_generation is not None:
             after_generation(generation + 1)
 

@@ -173,3 +173,16 @@ def build_algorithm(
 def is_evogm(name: str) -> bool:
     """Whether `name` is EvoGM or one of its registered variants (they take rounds and iterations)."""
     return name in ALGORITHMS and ALGORITHMS[name].family == "evogm"
+
+
+def racing_for(algorithm: Any, confidence: float, stages: list[float], top_k: int):
+    """The `evox_merge.problems.racing.Racing` settings for a release that looks at the run's best `top_k`, and
+    `algorithm`'s racing threshold (pass both to `MergeProblem.race`); MergeInputError for an algorithm that does
+    not say which candidates it uses."""
+    from evox_merge.algorithms.common import RacingQuota
+    from evox_merge.problems.racing import Racing
+
+    if not isinstance(algorithm, RacingQuota):
+        raise MergeInputError(f"racing: {type(algorithm).__name__} does not say which candidates it uses (no "
+                              "racing_threshold()); racing works with evogm, cmaes and random")
+    return Racing(top_k=top_k, confidence=confidence, stages=tuple(stages)), algorithm.racing_threshold

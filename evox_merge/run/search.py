@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from evox_merge.run.loop import run_generations
-from evox_merge.run.registry import build_algorithm, is_multi_objective
+from evox_merge.run.registry import build_algorithm, is_multi_objective, racing_for
 from evox_merge.util.atomic import write_text_atomic
 from evox_merge.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_checkpoint_counters, save_checkpoint
 from evox_merge.run.config import SearchConfig, load_config
@@ -253,6 +253,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     algorithm = build_algorithm(config.algorithm.name, experts.num_experts, pop_size=config.algorithm.pop_size,
                                 lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
                                 params=config.algorithm.params, n_objs=len(objectives.names) if vector else None)
+    if config.racing is not None:
+        problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages, config.selection_top_k))
     generations = config.budget.generations_for(config.algorithm.pop_size)
     budget = generations * config.algorithm.pop_size
 
@@ -269,6 +271,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         monitor.restart(counters["records"], counters["generation"], counters["best"])
     if context.is_main:
         truncate_records(out / RECORDS_NAME, counters["records"])
+        if problem.racing_state is not None and counters["records"]:  # racing thresholds from the records kept
+            problem.racing_state.restore(read_records(out / RECORDS_NAME))
         monitor.progress = SearchProgress(budget, progress, done=counters["records"])
     elapsed_before = counters["elapsed"]
 

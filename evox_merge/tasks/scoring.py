@@ -130,6 +130,12 @@ class LanguageModelScorer:
         run_batches(self.batches, run)
         return sums, self._counts
 
+    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per text, ``(numerator, denominator)`` float64 of the task score: its summed log-probability and how
+        many tokens it scored (the score is ``sum(numerators) / sum(denominators)``; used by racing)."""
+        sums, counts = self.row_logprobs(model)
+        return sums[0], counts
+
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
         """Per copy: minus the mean NLL per scored token; NaN if any is not finite."""
         sums, counts = self.row_logprobs(model, copies)
@@ -231,6 +237,17 @@ class MultipleChoiceScorer:
         logprobs = logprobs.masked_fill(~self.real_choices, -math.inf)
         return logprobs if copies is not None else logprobs[0]
 
+    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, ``(1.0 if its answer won else 0.0, 1.0)`` float64 (NaN numerators if any choice's
+        log-probability is not finite); the accuracy is ``sum(numerators) / sum(denominators)``."""
+        logprobs = self.choice_logprobs(model)
+        ones = torch.ones(len(self._answers), dtype=torch.float64)
+        if not torch.isfinite(logprobs[self.real_choices]).all():
+            return ones * math.nan, ones
+        if self.task.spec.metric == "accuracy_norm":
+            logprobs = logprobs / self._choice_chars
+        return (logprobs.argmax(-1) == self._answers).double(), ones
+
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
         """Per copy: the task's accuracy; NaN if any choice's log-probability is not finite."""
         results = []
@@ -289,6 +306,16 @@ class GenerationScorer:
 
         run_batches(self.batches, run)
         return texts if copies is not None else texts[0]
+
+    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, ``(1.0 if its completion matches else 0.0, 1.0)`` float64 (NaN numerators if decoding
+        met non-finite logits); the accuracy is ``sum(numerators) / sum(denominators)``."""
+        texts = self.completions(model)
+        ones = torch.ones(len(self.answers), dtype=torch.float64)
+        if texts is None:
+            return ones * math.nan, ones
+        return torch.tensor([float(normalize_answer(t) == a) for t, a in zip(texts, self.answers)],
+                            dtype=torch.float64), ones
 
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
         """Per copy: exact-match accuracy; NaN if decoding met non-finite logits."""
