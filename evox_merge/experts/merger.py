@@ -35,9 +35,15 @@ class InPlaceMerger:
 
     @torch.no_grad()
     def apply(self, coefficients: torch.Tensor) -> None:
-        """Set every target layer to ``W0 + merged_delta(coefficients)`` with one fused ``addmm``; ``coefficients (N,)``."""
-        for name, factors in self._experts.layers.items():
-            a, b = merged_factors(factors, coefficients)
+        """Set every target layer to ``W0 + merged_delta(coefficients)`` with one fused ``addmm``; ``coefficients
+        (N,)`` for the whole model, or ``(L, N)``, one row per target layer in ``experts.layers`` order (a search
+        space's `layer_coefficients`, `evox_merge.experts.spaces`)."""
+        per_layer = coefficients.ndim == 2
+        if per_layer and coefficients.shape[0] != len(self._experts.layers):
+            raise ValueError(f"per-layer coefficients need {len(self._experts.layers)} rows (one per target layer), "
+                             f"got {tuple(coefficients.shape)}")
+        for index, (name, factors) in enumerate(self._experts.layers.items()):
+            a, b = merged_factors(factors, coefficients[index] if per_layer else coefficients)
             torch.addmm(self._originals[name], b, a, out=self._weights[name])
 
     @torch.no_grad()

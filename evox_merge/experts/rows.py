@@ -31,13 +31,14 @@ def _row_delta_hook(factors: LayerFactors, scales: torch.Tensor):
 
 @contextmanager
 def candidate_rows(experts: ExpertSet, population: torch.Tensor) -> Iterator[int]:
-    """Context in which the model scores ``population (P, N)`` at once: in every batch of ``P * b`` rows, rows
-    ``p * b ... p * b + b - 1`` see candidate ``p``'s merged model. Yields P. The base weights stay ``W0``
-    throughout (they must be ``W0`` on entry: no in-place merge applied)."""
+    """Context in which the model scores ``population (P, N)`` (or ``(P, L, N)``, per target layer) at once: in
+    every batch of ``P * b`` rows, rows ``p * b ... p * b + b - 1`` see candidate ``p``'s merged model. Yields P.
+    The base weights stay ``W0`` throughout (they must be ``W0`` on entry: no in-place merge applied)."""
     handles = []
     try:
-        for name, factors in experts.layers.items():
-            scales = population.to(factors.B_scaled)[:, factors.expert_of_rank]
+        for index, (name, factors) in enumerate(experts.layers.items()):
+            layer = population[:, index] if population.ndim == 3 else population
+            scales = layer.to(factors.B_scaled)[:, factors.expert_of_rank]
             handles.append(experts.target_module(name).register_forward_hook(_row_delta_hook(factors, scales)))
         yield population.shape[0]
     finally:

@@ -13,6 +13,7 @@ from evox_merge.util.errors import MergeInputError
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.merger import shared_merger
 from evox_merge.experts.rows import candidate_rows
+from evox_merge.experts.spaces import ExpertSpace, SearchSpace
 from evox_merge.problems.normalisation import TaskNormalisation, identity_normalisation
 from evox_merge.problems.racing import Racing, RacingState, survivors, task_estimates
 from evox_merge.tasks.scoring import build_scorer
@@ -41,6 +42,7 @@ class MergeProblem(Problem):
         per_task_fitness: bool = False,
         invalid_fitness: float = -math.inf,
         candidates_per_pass: int = 1,
+        space: SearchSpace | None = None,
     ) -> None:
         """
         Args:
@@ -53,6 +55,9 @@ class MergeProblem(Problem):
             candidates_per_pass: opt-in: score this many candidates in each forward pass, the experts' factors
                 run unmerged with a coefficient per row (`evox_merge.experts.rows`) instead of merged into the
                 weights; every batch then holds ``candidates_per_pass`` times `batch_size` rows. Meant for GPUs.
+            space: how a candidate vector becomes per-layer coefficients (`evox_merge.experts.spaces`; default:
+                one coefficient per expert). Candidates have `dim` entries; `in_space` writes expert-space
+                vectors (static merges, normalisation anchors) in it.
         """
         super().__init__()
         if not tasks:
@@ -74,6 +79,9 @@ class MergeProblem(Problem):
         device = next(experts.model.parameters()).device
         self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device) for task in self.tasks]
         self.merger = shared_merger(experts)
+        self.space = space if space is not None else ExpertSpace(tuple(experts.layers), tuple(experts.expert_names))
+        if list(self.space.layer_names) != list(experts.layers) or list(self.space.expert_names) != experts.expert_names:
+            raise MergeInputError("the search space was built for other target layers or experts than these")
         self.normalisation = identity_normalisation(self.task_names)
         self.batch_size = batch_size
         self.racing: Racing | None = None
@@ -112,8 +120,18 @@ class MergeProblem(Problem):
 
     @property
     def num_experts(self) -> int:
-        """N, the length of each coefficient vector."""
+        """N, the number of experts."""
         return self.experts.num_experts
+
+    @property
+    def dim(self) -> int:
+        """D, the length of each candidate vector (N in the default expert space)."""
+        return self.space.dim
+
+    def in_space(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Expert-space coefficients ``(P, N)`` written as candidates of this problem's space ``(P, D)`` (the same
+        merges)."""
+        return self.space.from_expert(coefficients)
 
     def check_population(self, pop: torch.Tensor) -> torch.Tensor:
         """Reject a population that is not a finite ``(P, N)`` float tensor; return it as float32 on CPU."""
@@ -121,10 +139,10 @@ class MergeProblem(Problem):
             raise MergeInputError(f"coefficients must be a tensor, got {type(pop).__name__}")
         if pop.ndim == 1:
             pop = pop.unsqueeze(0)
-        if pop.ndim != 2 or pop.shape[1] != self.num_experts:
-            raise MergeInputError(
-                f"coefficients must have shape (P, {self.num_experts}) (one per expert), got {tuple(pop.shape)}"
-            )
+        if pop.ndim != 2 or pop.shape[1] != self.dim:
+            what = "one per expert" if self.dim == self.num_experts and self.space.kind == "expert" else (
+                f"the {self.space.kind} space's dimensions")
+            raise MergeInputError(f"coefficients must have shape (P, {self.dim}) ({what}), got {tuple(pop.shape)}")
         if not torch.isfinite(pop).all():
             bad = sorted(set(torch.nonzero(~torch.isfinite(pop))[:, 0].tolist()))
             raise MergeInputError(f"coefficients of candidate(s) {bad} are NaN or infinite")
@@ -141,18 +159,25 @@ class MergeProblem(Problem):
         if self.candidates_per_pass > 1:
             self.merger.restore()  # the rows path adds the deltas to W0 itself
             for start in range(0, pop.shape[0], self.candidates_per_pass):
-                with candidate_rows(self.experts, pop[start : start + self.candidates_per_pass]) as copies:
+                chunk = pop[start : start + self.candidates_per_pass]
+                if self.space.kind != "expert":
+                    chunk = self.space.layer_coefficients(chunk)
+                with candidate_rows(self.experts, chunk) as copies:
                     for k, scorer in enumerate(self.scorers):
                         scores[start : start + copies, k] = torch.tensor(scorer.scores(self.experts.model, copies))
             return scores
         try:
             for p, coefficients in enumerate(pop):
-                self.merger.apply(coefficients)
+                self.merger.apply(self._layer_coefficients(coefficients))
                 for k, scorer in enumerate(self.scorers):
                     scores[p, k] = scorer.score(self.experts.model)
         finally:
             self.merger.restore()
         return scores
+
+    def _layer_coefficients(self, candidate: torch.Tensor) -> torch.Tensor:
+        """What the merger takes for one candidate: ``(N,)`` in the expert space, else ``(L, N)``."""
+        return candidate if self.space.kind == "expert" else self.space.layer_coefficients(candidate)
 
     def _stages(self) -> list[list]:
         """Per task, one scorer per racing stage over that stage's new examples (None where a stage adds none)."""
@@ -183,7 +208,7 @@ class MergeProblem(Problem):
         for stage in range(len(racing.stages)):
             try:
                 for p in alive.nonzero().flatten().tolist():
-                    self.merger.apply(pop[p])
+                    self.merger.apply(self._layer_coefficients(pop[p]))
                     for k in range(tasks):
                         if stages[k][stage] is not None:
                             numerator, denominator = stages[k][stage].example_parts(self.experts.model)

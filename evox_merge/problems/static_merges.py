@@ -44,13 +44,13 @@ class StaticMerge:
     def score(self, problem: MergeProblem) -> torch.Tensor:
         """Per-task scores ``(K,)`` of this merge on another problem over the same experts (e.g. the test split)."""
         if self.coefficients is not None:
-            return problem.evaluate_per_task(self.coefficients.unsqueeze(0))[0]
+            return problem.evaluate_per_task(problem.in_space(self.coefficients.unsqueeze(0)))[0]
         return problem.evaluate_deltas(self.deltas)
 
 
 def _best_of(problem: MergeProblem, name: str, candidates: torch.Tensor, settings: list[dict]) -> StaticMerge:
     """Score linear candidates ``(C, N)`` and keep the best one on the problem's fitness."""
-    scores = problem.evaluate_per_task(candidates)
+    scores = problem.evaluate_per_task(problem.in_space(candidates))
     fitness = problem.aggregate(scores)
     best = int(torch.argmax(fitness))
     return StaticMerge(name, settings[best], scores[best], float(fitness[best]), coefficients=candidates[best])

@@ -1,0 +1,148 @@
+"""Search spaces: how the flat vector an algorithm proposes becomes merge coefficients, layer by layer.
+
+Every space maps a vector ``x (D,)`` to a coefficient matrix ``(L, N)``, one row per target layer of the
+`ExpertSet` (in ``experts.layers`` order), so the in-place merge stays one fused ``addmm`` per target layer per
+candidate whatever the space (`evox_merge.experts.merger.InPlaceMerger.apply` takes the matrix).
+
+* `ExpertSpace`: ``D = N``, one coefficient per expert for the whole model (every row of the matrix is ``x``).
+* `LayerSpace`: ``D = N * K``, one coefficient per expert per group of target layers: ``K`` contiguous blocks of
+  transformer layers (``by="blocks"``), or the module type (``by="module"``: attention vs MLP, and any other
+  targeted module type as its own group). Dimension ``g * N + i`` is expert ``i`` in group ``g``; equal
+  coefficients in every group give exactly the expert space's merge.
+
+Each space names its dimensions (``names``) for records, recipe.json and plots, and says how to write any
+expert-space vector in its own coordinates (`from_expert`), so searches can start from the same points (one-hot
+experts, task-arithmetic scales) in every space.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from evox_merge.util.errors import MergeInputError
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+
+
+def _block_index(name: str) -> int | None:
+    match = _BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _module_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(key in lowered for key in ("attn", "attention")):
+        return "attention"
+    if any(key in lowered for key in ("mlp", "ffn", "feed_forward")):
+        return "mlp"
+    return name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ExpertSpace:
+    """One coefficient per expert for the whole model (today's default)."""
+
+    layer_names: tuple[str, ...]
+    expert_names: tuple[str, ...]
+    kind: Literal["expert"] = "expert"
+
+    @property
+    def dim(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.expert_names)
+
+    def layer_coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (D,)`` or ``(P, D)`` -> ``(L, N)`` or ``(P, L, N)``."""
+        return x.unsqueeze(-2).expand(*x.shape[:-1], len(self.layer_names), x.shape[-1])
+
+    def from_expert(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return coefficients.clone()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim, "names": self.names}
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    """One coefficient per expert per group of target layers (see the module docstring)."""
+
+    layer_names: tuple[str, ...]
+    expert_names: tuple[str, ...]
+    group_names: tuple[str, ...]
+    group_of_layer: tuple[int, ...]
+    by: Literal["blocks", "module"] = "blocks"
+    kind: Literal["layer"] = "layer"
+
+    @classmethod
+    def build(cls, layer_names: list[str], expert_names: list[str], by: str = "blocks",
+              groups: int | None = None) -> "LayerSpace":
+        """Group the target layers: ``by="blocks"`` into `groups` contiguous blocks of transformer layers (layers
+        whose name has no block index form a group of their own), ``by="module"`` by module type."""
+        if by == "module":
+            kinds = [_module_kind(name) for name in layer_names]
+            group_names = sorted(set(kinds), key=kinds.index)
+            return cls(tuple(layer_names), tuple(expert_names), tuple(group_names),
+                       tuple(group_names.index(kind) for kind in kinds), by="module")
+        if by != "blocks":
+            raise MergeInputError(f"space.by must be 'blocks' or 'module', got {by!r}")
+        blocks = [_block_index(name) for name in layer_names]
+        indexed = sorted({b for b in blocks if b is not None})
+        if not indexed:
+            raise MergeInputError("space: no target layer name has a block index (e.g. model.layers.3.); use "
+                                  "by: module")
+        if groups is None or not 1 <= groups <= len(indexed):
+            raise MergeInputError(f"space.groups must be an integer from 1 to {len(indexed)} (the transformer "
+                                  f"blocks the experts target), got {groups!r}")
+        position = {block: i for i, block in enumerate(indexed)}
+        group_of_block = {block: position[block] * groups // len(indexed) for block in indexed}
+        names = []
+        for g in range(groups):
+            members = [b for b in indexed if group_of_block[b] == g]
+            names.append(f"blocks {members[0]}-{members[-1]}" if len(members) > 1 else f"block {members[0]}")
+        group_of_layer = [group_of_block[b] if b is not None else groups for b in blocks]
+        if groups in group_of_layer:
+            names.append("other")
+        return cls(tuple(layer_names), tuple(expert_names), tuple(names), tuple(group_of_layer), by="blocks")
+
+    @property
+    def dim(self) -> int:
+        return len(self.group_names) * len(self.expert_names)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{group}/{expert}" for group in self.group_names for expert in self.expert_names]
+
+    def layer_coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (D,)`` or ``(P, D)`` -> ``(L, N)`` or ``(P, L, N)``: each layer takes its group's N coefficients."""
+        grouped = x.reshape(*x.shape[:-1], len(self.group_names), len(self.expert_names))
+        return grouped[..., list(self.group_of_layer), :]
+
+    def from_expert(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """The same merge as expert-space `coefficients (N,)` or ``(P, N)``: every group gets them."""
+        return coefficients.tile(len(self.group_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "by": self.by, "dim": self.dim, "groups": list(self.group_names),
+                "names": self.names,
+                "layers": {name: self.group_names[g] for name, g in zip(self.layer_names, self.group_of_layer)}}
+
+
+SearchSpace = ExpertSpace | LayerSpace
+
+
+def build_space(layer_names: list[str], expert_names: list[str], kind: str = "expert", **options: Any) -> SearchSpace:
+    """A space by kind (``expert`` or ``layer``, with `LayerSpace.build`'s options)."""
+    if kind == "expert":
+        if options:
+            raise MergeInputError(f"space: kind 'expert' takes no options, got {sorted(options)}")
+        return ExpertSpace(tuple(layer_names), tuple(expert_names))
+    if kind == "layer":
+        return LayerSpace.build(layer_names, expert_names, **options)
+    raise MergeInputError(f"space.kind must be 'expert' or 'layer', got {kind!r}")
