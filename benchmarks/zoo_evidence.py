@@ -338,7 +338,7 @@ def dense_deltas(problem: MergeProblem, name: str, seed: int) -> dict[str, torch
     method, density = DENSE_MERGES[kind]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return static_merges._dense_merge(problem, method, float(name[len(kind):]), density)
+        return static_merges.operator_deltas(problem, method, float(name[len(kind):]), density)
 
 
 def main(argv: list[str] | None = None) -> None:

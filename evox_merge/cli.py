@@ -91,9 +91,14 @@ def _read_run(run_dir: str) -> tuple[str, list[str], list[float] | None, dict]:
         experts = [expert["path"] for expert in recipe["experts"]]
         release = recipe["release"]
         coefficients = release["coefficients"]
-    except (KeyError, TypeError) as error:
+        space = recipe.get("search", {}).get("config", {}).get("space") or {"kind": "expert"}
+        if space.get("kind") == "operator":
+            space = {**space, "seed": recipe["space"]["seed"]}
+    except (KeyError, TypeError, AttributeError) as error:
         raise EvoxMergeError(f"--run: {folder / 'recipe.json'} lacks field {error}; expected a recipe written by "
                              "evox-merge search") from None
+    # A static merge that won the selection is in the expert space whatever space the search used.
+    release = {**release, "space": space if "coefficients_by_name" in release else {"kind": "expert"}}
     return base, experts, coefficients, release
 
 
@@ -106,7 +111,9 @@ def _apply(args: argparse.Namespace) -> None:
             raise EvoxMergeError(f"{args.run}: the release is the static merge {release.get('name')!r} (dense "
                                  f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
         coefficients = _parse_coefficients(",".join(str(c) for c in coefficients))
+        space_options = {key: value for key, value in release["space"].items() if value is not None}
     else:
+        space_options = {"kind": "expert"}
         if not (args.base and args.experts and args.coefficients):
             raise EvoxMergeError("apply needs --run DIR, or --base, --experts and --coefficients")
         base, experts = args.base, args.experts
@@ -123,10 +130,15 @@ def _apply(args: argparse.Namespace) -> None:
     from evox_merge.problems.static_merges import StaticMerge
     from evox_merge.run.release import write_merge
 
+    from evox_merge.experts.spaces import build_space
+
     expert_set = ExpertSet.load(base, experts)
-    if len(coefficients) != expert_set.num_experts:
-        raise EvoxMergeError(f"--coefficients has {len(coefficients)} values for {expert_set.num_experts} experts")
-    merge = StaticMerge("apply", {"coefficients": coefficients}, coefficients=torch.tensor(coefficients))
+    space = build_space(list(expert_set.layers), expert_set.expert_names, **space_options)
+    if len(coefficients) != space.dim:
+        raise EvoxMergeError(f"the release has {len(coefficients)} coefficients for the {space.kind} space's "
+                             f"{space.dim} dimensions")
+    merge = StaticMerge("apply", {"coefficients": coefficients}, coefficients=torch.tensor(coefficients),
+                        space=None if space.kind == "expert" else space)
     info = write_merge(expert_set, merge, out, args.rank, full_model=args.full_model)
     print(f"wrote {args.out}/adapter (max relative error {info['max_relative_error']:.3g})"
           + (f" and {args.out}/model" if args.full_model else ""))

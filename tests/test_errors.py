@@ -372,6 +372,12 @@ CASES = [
     Case("racing_stages_not_increasing", "`racing: {stages: [0.5, 0.4, 1.0]}`",
          lambda ws: search(ws, racing={"stages": [0.5, 0.4, 1.0]}), MergeInputError,
          r"racing\.stages: .*expected fractions increasing within \(0, 1\] and ending at 1"),
+    Case("space_layer_without_groups", "`space: {kind: layer}`",
+         lambda ws: search(ws, space={"kind": "layer"}), MergeInputError,
+         r"space: .*kind 'layer' with by: blocks needs groups: K"),
+    Case("space_too_many_groups", "`space: {kind: layer, groups: 9}` for experts targeting 2 blocks",
+         lambda ws: search(ws, space={"kind": "layer", "groups": 9}), MergeInputError,
+         r"space\.groups must be an integer from 1 to 2"),
 ]
 
 

@@ -29,8 +29,8 @@ def test_grouping_and_names(tiny_experts):
         layer_space(tiny_experts, by="blocks", groups=3)
     with pytest.raises(MergeInputError, match="'blocks' or 'module'"):
         layer_space(tiny_experts, by="heads")
-    with pytest.raises(MergeInputError, match="'expert' or 'layer'"):
-        build_space(list(tiny_experts.layers), tiny_experts.expert_names, "operator")
+    with pytest.raises(MergeInputError, match="'expert', 'layer' or 'operator'"):
+        build_space(list(tiny_experts.layers), tiny_experts.expert_names, "heads")
 
 
 def test_equal_coefficients_per_group_are_the_expert_space_merge(tiny_experts, tiny_setup):
@@ -70,3 +70,87 @@ def test_expert_space_is_the_default(tiny_experts, tiny_setup):
     problem = MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8)
     assert isinstance(problem.space, ExpertSpace) and problem.dim == tiny_experts.num_experts
     assert problem.space.names == tiny_experts.expert_names and not isinstance(problem.space, LayerSpace)
+
+
+@pytest.mark.slow
+def test_a_layer_space_search_releases_and_reapplies_its_layer_wise_merge(tiny_setup, tmp_path):
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from evox_merge.cli import main
+    from evox_merge.run.evaluate import evaluate_model
+    from evox_merge.run.monitor import read_records
+    from evox_merge.run.search import run_search
+    from tests.test_search import search_config
+
+    out = tmp_path / "out"
+    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 6}, budget={"generations": 2},
+                           space={"kind": "layer", "by": "blocks", "groups": 2}, release={"baselines": False})
+    result = run_search(config, progress="quiet")
+    recipe = json.loads((out / "recipe.json").read_text())
+    n = len(tiny_setup.adapter_dirs)
+    coefficients = recipe["release"]["coefficients"]
+    assert recipe["space"]["kind"] == "layer" and recipe["space"]["groups"] == ["block 0", "block 1"]
+    assert len(coefficients) == 2 * n and coefficients[:n] != coefficients[n:]
+    assert list(recipe["release"]["coefficients_by_name"])[n].startswith("block 1/")
+    assert all(len(r["coefficients"]) == 2 * n for r in read_records(out / "records.jsonl"))
+    spec_file = tmp_path / "tasks.yaml"
+    spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
+    scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=out / "best" / "adapter", split="test")
+    for name in (spec.name for spec in tiny_setup.tasks):
+        assert scores[name] == pytest.approx(result.scores["release"]["test"][name], abs=1e-5)
+    assert main(["apply", "--run", str(out), "--out", str(tmp_path / "applied")]) in (0, None)
+    released = load_file(out / "best" / "adapter" / "adapter_model.safetensors")
+    applied = load_file(tmp_path / "applied" / "adapter" / "adapter_model.safetensors")
+    assert released.keys() == applied.keys() and all(torch.equal(released[k], applied[k]) for k in released)
+    assert (out / "coefficients.png").stat().st_size > 0
+
+
+def test_the_operator_space_is_the_static_operator_with_searched_weights(tiny_experts, tiny_setup):
+    from evox_merge.problems.static_merges import dense_merge
+
+    space = build_space(list(tiny_experts.layers), tiny_experts.expert_names, "operator", method="ties")
+    n = tiny_experts.num_experts
+    assert space.dim == n + 1 and space.names[0] == "density" and space.names[1].startswith("scale/")
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8, space=space)
+    static = dense_merge(MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8), "ties", density=0.2,
+                         scalings=[0.5])
+    # density 0.2 <-> x[0] = -0.6; every weight 0.5: the static TIES merge exactly.
+    candidate = torch.cat([torch.tensor([-0.6]), torch.full((n,), 0.5)])
+    assert torch.equal(problem.evaluate_per_task(candidate.unsqueeze(0))[0], static.validation_scores)
+    deltas = space.deltas(candidate, tiny_experts.layers)
+    assert all(torch.equal(deltas[name], static.deltas[name]) for name in static.deltas)
+    dare = build_space(list(tiny_experts.layers), tiny_experts.expert_names, "operator", method="dare_ties", seed=3)
+    x = torch.cat([torch.tensor([0.0]), torch.full((n,), 0.7)])
+    first, again = dare.deltas(x, tiny_experts.layers), dare.deltas(x, tiny_experts.layers)
+    assert all(torch.equal(first[name], again[name]) for name in first)  # the masks come from the seed
+    with pytest.raises(MergeInputError, match="candidates_per_pass"):
+        MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8, space=space, candidates_per_pass=2)
+    with pytest.raises(MergeInputError, match="space.method"):
+        build_space(list(tiny_experts.layers), tiny_experts.expert_names, "operator", method="magic")
+
+
+@pytest.mark.slow
+def test_an_operator_space_search_releases_its_merge(tiny_setup, tmp_path):
+    import json
+
+    import yaml
+
+    from evox_merge.run.evaluate import evaluate_model
+    from evox_merge.run.search import run_search
+    from tests.test_search import search_config
+
+    out = tmp_path / "out"
+    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 6}, budget={"generations": 2},
+                           space={"kind": "operator", "method": "dare_ties"}, release={"baselines": False})
+    result = run_search(config, progress="quiet")
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["space"]["kind"] == "operator" and "dare_ties" in recipe["operator"]
+    assert list(recipe["release"]["coefficients_by_name"])[0] == "density"
+    spec_file = tmp_path / "tasks.yaml"
+    spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
+    scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=out / "best" / "adapter", split="test")
+    for name in (spec.name for spec in tiny_setup.tasks):  # the adapter is the exact dense delta (full rank)
+        assert scores[name] == pytest.approx(result.scores["release"]["test"][name], abs=1e-4)

@@ -8,7 +8,7 @@ import yaml
 from benchmarks.sweep.config import load_sweep_config
 from benchmarks.sweep.report import welch_p
 from benchmarks.sweep.runner import parse_only, run_sweep
-from evox_merge.run.config import RacingConfig
+from evox_merge.run.config import RacingConfig, SpaceConfig
 
 
 def sweep_config(setup, tmp_path, methods, seeds=(0, 1)):
@@ -134,3 +134,12 @@ def test_a_raced_sweep_records_the_examples_scored(tiny_setup, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 < rows[0]["examples_fraction"] <= 1
     assert "examples scored" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_sweep_in_a_layer_space_keeps_the_evaluation_budget(tiny_setup, tmp_path):
+    path = sweep_config(tiny_setup, tmp_path, ["evogm"], seeds=(0,))
+    config = load_sweep_config(path).model_copy(update={"space": SpaceConfig(kind="layer", groups=2)})
+    run_sweep(config, progress=False, only=parse_only(["setting=multi_task_unseen", "budget=paper"]))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    n = len(tiny_setup.adapter_dirs)
+    assert len(rows) == 1 and rows[0]["evaluations"] == 4 * 4 and len(rows[0]["coefficients"]) == 2 * n

@@ -12,6 +12,7 @@ from evox.core import Algorithm
 
 from benchmarks.sweep.config import STATIC_METHODS, BudgetSpec, SetupConfig, SweepConfig
 from benchmarks.sweep.setup import BenchSetup, load_setup
+from evox_merge.experts.spaces import build_space
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import TaskNormalisation, anchor_normalisation
 from evox_merge.run.loop import search
@@ -67,14 +68,17 @@ def grid(config: SweepConfig, setup: BenchSetup) -> list[Cell]:
 
 
 def build_search_algorithm(
-    method: str, num_experts: int, budget: BudgetSpec, seed: int, evogm_params: dict | None = None
+    method: str, num_experts: int, budget: BudgetSpec, seed: int, evogm_params: dict | None = None,
+    dim: int | None = None,
 ) -> tuple[Algorithm, int]:
     """The registry's algorithm for a search method, and how many generations the budget gives every method.
 
-    EvoGM and its variants get the budget's rounds and iterations (plus ``evogm_params``)."""
+    The population is ``pop_per_expert * num_experts`` whatever the search space, so every space gets the same
+    evaluations; `dim`: the space's dimension (default `num_experts`). EvoGM and its variants get the budget's
+    rounds and iterations (plus ``evogm_params``)."""
     params = {**(evogm_params or {}), "num_rounds": budget.rounds, "iterations_per_round": budget.iterations} if (
         is_evogm(method)) else {}
-    algorithm = build_algorithm(method, num_experts, pop_size=budget.pop_per_expert * num_experts, seed=seed,
+    algorithm = build_algorithm(method, dim or num_experts, pop_size=budget.pop_per_expert * num_experts, seed=seed,
                                 params=params)
     return algorithm, budget.generations
 
@@ -85,17 +89,20 @@ def _cached_setup(setup_json: str) -> BenchSetup:
     return load_setup(SetupConfig.model_validate_json(setup_json))
 
 
-def _problems(setup: BenchSetup, config: SweepConfig, names: tuple[str, ...]):
-    """Search part, selection part (None without one) and test problems of a task group, sharing one
-    normalisation anchored on the search part (measured once per worker process and task group)."""
+def _problems(setup: BenchSetup, config: SweepConfig, names: tuple[str, ...], seed: int = 0):
+    """Search part, selection part (None without one) and test problems of a task group in the config's search
+    space, sharing one normalisation anchored on the search part (measured once per worker process and task
+    group; the anchors are the same merges in every space)."""
     parts = [split_task(read_task(setup.specs[name]), config.selection_fraction, config.max_validation_examples)
              for name in names]
-    search_problem = MergeProblem(setup.experts, [search for search, _ in parts], batch_size=config.batch_size)
+    options = {**config.space.options(), **({"seed": seed} if config.space.kind == "operator" else {})}
+    space = build_space(list(setup.experts.layers), setup.experts.expert_names, **options)
+    batch = {"batch_size": config.batch_size, "space": space}
+    search_problem = MergeProblem(setup.experts, [search for search, _ in parts], **batch)
     selection = None
     if config.selection_fraction > 0:
-        selection = MergeProblem(setup.experts, [sel for _, sel in parts], batch_size=config.batch_size)
-    test = MergeProblem(setup.experts, [read_task(setup.specs[name].with_split("test")) for name in names],
-                        batch_size=config.batch_size)
+        selection = MergeProblem(setup.experts, [sel for _, sel in parts], **batch)
+    test = MergeProblem(setup.experts, [read_task(setup.specs[name].with_split("test")) for name in names], **batch)
     if config.normalise != "none":
         if names not in _NORMALISATIONS:
             _NORMALISATIONS[names] = anchor_normalisation(search_problem)
@@ -119,7 +126,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     torch.set_num_threads(1)
     started = time.perf_counter()
     setup = _cached_setup(config.setup.model_dump_json())
-    search_problem, selection, test = _problems(setup, config, cell.tasks)
+    search_problem, selection, test = _problems(setup, config, cell.tasks, cell.seed)
     torch.manual_seed(cell.seed)
     row: dict[str, Any] = asdict(cell)
     if cell.method in STATIC_METHODS:
@@ -129,14 +136,16 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
                    settings=candidate.merge.settings)
     else:
         algorithm, generations = build_search_algorithm(cell.method, setup.experts.num_experts,
-                                                        config.budgets[cell.budget], cell.seed, config.evogm_params)
+                                                        config.budgets[cell.budget], cell.seed, config.evogm_params,
+                                                        dim=search_problem.dim)
         if config.racing is not None:
             search_problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages,
                                             config.selection_top_k))
         search_started = time.perf_counter()
         monitor = search(algorithm, search_problem, generations)
         search_seconds = time.perf_counter() - search_started
-        candidate = select_release(searched_candidates(monitor.records, config.selection_top_k), selection)
+        space = None if search_problem.space.kind == "expert" else search_problem.space
+        candidate = select_release(searched_candidates(monitor.records, config.selection_top_k, space), selection)
         curve = monitor.best_so_far()
         row.update(validation=curve[-1], evaluations=len(curve), curve=curve, search_seconds=search_seconds,
                    evaluation_seconds=monitor.evaluation_seconds,

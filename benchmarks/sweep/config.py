@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from evox_merge.problems.static_merges import STATIC_MERGES
-from evox_merge.run.config import RacingConfig
+from evox_merge.run.config import RacingConfig, SpaceConfig
 from evox_merge.run.registry import algorithm_names, is_multi_objective
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.strict import StrictModel as _Strict
@@ -82,6 +82,7 @@ class SweepConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=2, ge=1)
     racing: RacingConfig | None = None  # opt-in racing for every search (`evox_merge.problems.racing`)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)  # the search space of every search
     output_dir: str = "benchmarks/results/sweep"
 
     @model_validator(mode="after")

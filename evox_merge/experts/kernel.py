@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft.utils import merge_utils
+
+OPERATORS = ("ties", "dare_linear", "dare_ties")
 
 
 @dataclass
@@ -50,3 +53,17 @@ def dense_task_vectors(layer: LayerFactors, num_experts: int) -> torch.Tensor:
     """Every expert's dense delta ``s_i B_i A_i`` of this layer, ``(N, out, in)`` (zeros where not targeted)."""
     eye = torch.eye(num_experts, dtype=layer.A_cat.dtype, device=layer.A_cat.device)
     return torch.stack([merged_delta(layer, eye[i]) for i in range(num_experts)])
+
+
+def operator_delta(layer: LayerFactors, num_experts: int, method: str, weights: torch.Tensor,
+                   density: float) -> torch.Tensor:
+    """One layer's merged delta ``(out, in)`` by a `peft.utils.merge_utils` operator over the experts' dense task
+    vectors: TIES (``ties``: keep the `density` largest entries, elect signs, weight by `weights (N,)`), DARE
+    (``dare_linear``: drop entries at random, keeping `density`, rescale) or DARE-TIES (``dare_ties``). DARE draws
+    its masks from torch's global RNG (seed it for reproducible masks)."""
+    if method not in OPERATORS:
+        raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    task_vectors = list(dense_task_vectors(layer, num_experts))
+    return getattr(merge_utils, method)(task_vectors, weights.to(task_vectors[0]), density)

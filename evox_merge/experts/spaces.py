@@ -1,14 +1,17 @@
 """Search spaces: how the flat vector an algorithm proposes becomes merge coefficients, layer by layer.
 
-Every space maps a vector ``x (D,)`` to a coefficient matrix ``(L, N)``, one row per target layer of the
-`ExpertSet` (in ``experts.layers`` order), so the in-place merge stays one fused ``addmm`` per target layer per
-candidate whatever the space (`evox_merge.experts.merger.InPlaceMerger.apply` takes the matrix).
+The expert and layer spaces map a vector ``x (D,)`` to a coefficient matrix ``(L, N)``, one row per target layer
+of the `ExpertSet` (in ``experts.layers`` order), so the in-place merge stays one fused ``addmm`` per target layer
+per candidate (`evox_merge.experts.merger.InPlaceMerger.apply` takes the matrix); the operator space maps it to a
+dense delta per layer.
 
 * `ExpertSpace`: ``D = N``, one coefficient per expert for the whole model (every row of the matrix is ``x``).
 * `LayerSpace`: ``D = N * K``, one coefficient per expert per group of target layers: ``K`` contiguous blocks of
   transformer layers (``by="blocks"``), or the module type (``by="module"``: attention vs MLP, and any other
   targeted module type as its own group). Dimension ``g * N + i`` is expert ``i`` in group ``g``; equal
   coefficients in every group give exactly the expert space's merge.
+* `OperatorSpace`: ``D = N + 1``, a static operator's hyperparameters (TIES / DARE density and per-expert
+  weights), so a search can improve on the static merge it starts from; a candidate is a dense delta per layer.
 
 Each space names its dimensions (``names``) for records, recipe.json and plots, and says how to write any
 expert-space vector in its own coordinates (`from_expert`), so searches can start from the same points (one-hot
@@ -17,30 +20,14 @@ experts, task-arithmetic scales) in every space.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from evox_merge.experts.kernel import OPERATORS, LayerFactors, operator_delta
 from evox_merge.util.errors import MergeInputError
-
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-
-
-def _block_index(name: str) -> int | None:
-    match = _BLOCK.search(name)
-    return int(match.group(1)) if match else None
-
-
-def _module_kind(name: str) -> str:
-    lowered = name.lower()
-    if any(key in lowered for key in ("attn", "attention")):
-        return "attention"
-    if any(key in lowered for key in ("mlp", "ffn", "feed_forward")):
-        return "mlp"
-    return name.rsplit(".", 1)[-1]
-
+from evox_merge.util.layer_names import block_index, module_kind
 
 @dataclass(frozen=True)
 class ExpertSpace:
@@ -86,13 +73,13 @@ class LayerSpace:
         """Group the target layers: ``by="blocks"`` into `groups` contiguous blocks of transformer layers (layers
         whose name has no block index form a group of their own), ``by="module"`` by module type."""
         if by == "module":
-            kinds = [_module_kind(name) for name in layer_names]
+            kinds = [module_kind(name) for name in layer_names]
             group_names = sorted(set(kinds), key=kinds.index)
             return cls(tuple(layer_names), tuple(expert_names), tuple(group_names),
                        tuple(group_names.index(kind) for kind in kinds), by="module")
         if by != "blocks":
             raise MergeInputError(f"space.by must be 'blocks' or 'module', got {by!r}")
-        blocks = [_block_index(name) for name in layer_names]
+        blocks = [block_index(name) for name in layer_names]
         indexed = sorted({b for b in blocks if b is not None})
         if not indexed:
             raise MergeInputError("space: no target layer name has a block index (e.g. model.layers.3.); use "
@@ -134,15 +121,68 @@ class LayerSpace:
                 "layers": {name: self.group_names[g] for name, g in zip(self.layer_names, self.group_of_layer)}}
 
 
-SearchSpace = ExpertSpace | LayerSpace
+@dataclass(frozen=True)
+class OperatorSpace:
+    """The hyperparameters of a static operator instead of raw coefficients: ``x = (d, s_1 .. s_N)``, the operator
+    (TIES, DARE or DARE-TIES, `evox_merge.experts.kernel.operator_delta`) keeping density
+    ``clamp((d + 1) / 2, 0.01, 1)`` of each task vector, expert i weighted ``s_i``. A candidate is a dense delta per
+    target layer (merged with `InPlaceMerger.apply_deltas`, not the fused low-rank update): per candidate it costs
+    every expert's dense task vector of every layer and the operator over them. DARE's random masks come from
+    `seed`, the same for every candidate, so a candidate's merge is a function of ``x``."""
+
+    layer_names: tuple[str, ...]
+    expert_names: tuple[str, ...]
+    method: str = "ties"
+    seed: int = 0
+    kind: Literal["operator"] = "operator"
+
+    def __post_init__(self) -> None:
+        if self.method not in OPERATORS:
+            raise MergeInputError(f"space.method must be one of {list(OPERATORS)}, got {self.method!r}")
+
+    @property
+    def dim(self) -> int:
+        return 1 + len(self.expert_names)
+
+    @property
+    def names(self) -> list[str]:
+        return ["density", *(f"scale/{expert}" for expert in self.expert_names)]
+
+    @staticmethod
+    def density(x: torch.Tensor) -> float:
+        return min(1.0, max(0.01, (float(x[0]) + 1) / 2))
+
+    def deltas(self, x: torch.Tensor, layers: dict[str, LayerFactors]) -> dict[str, torch.Tensor]:
+        """The merged delta per target layer of candidate ``x (D,)``."""
+        weights, density = x[1:].float(), self.density(x)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return {name: operator_delta(layers[name], len(self.expert_names), self.method, weights, density)
+                    for name in self.layer_names}
+
+    def from_expert(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Density 1 with the coefficients as weights (for ``dare_linear`` exactly the linear merge; TIES still
+        elects signs)."""
+        ones = torch.ones(*coefficients.shape[:-1], 1, dtype=coefficients.dtype)
+        return torch.cat([ones, coefficients], dim=-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "method": self.method, "seed": self.seed, "dim": self.dim, "names": self.names,
+                "density": "clamp((x[0] + 1) / 2, 0.01, 1)"}
+
+
+SearchSpace = ExpertSpace | LayerSpace | OperatorSpace
 
 
 def build_space(layer_names: list[str], expert_names: list[str], kind: str = "expert", **options: Any) -> SearchSpace:
-    """A space by kind (``expert`` or ``layer``, with `LayerSpace.build`'s options)."""
+    """A space by kind: ``expert``, ``layer`` (`LayerSpace.build`'s options) or ``operator`` (``method``,
+    ``seed``)."""
     if kind == "expert":
         if options:
             raise MergeInputError(f"space: kind 'expert' takes no options, got {sorted(options)}")
         return ExpertSpace(tuple(layer_names), tuple(expert_names))
     if kind == "layer":
         return LayerSpace.build(layer_names, expert_names, **options)
-    raise MergeInputError(f"space.kind must be 'expert' or 'layer', got {kind!r}")
+    if kind == "operator":
+        return OperatorSpace(tuple(layer_names), tuple(expert_names), **options)
+    raise MergeInputError(f"space.kind must be 'expert', 'layer' or 'operator', got {kind!r}")

@@ -82,6 +82,9 @@ class MergeProblem(Problem):
         self.space = space if space is not None else ExpertSpace(tuple(experts.layers), tuple(experts.expert_names))
         if list(self.space.layer_names) != list(experts.layers) or list(self.space.expert_names) != experts.expert_names:
             raise MergeInputError("the search space was built for other target layers or experts than these")
+        if self.space.kind == "operator" and candidates_per_pass > 1:
+            raise MergeInputError("candidates_per_pass > 1 runs the experts' factors unmerged, which an operator "
+                                  "space (a dense delta per layer) cannot; use 1")
         self.normalisation = identity_normalisation(self.task_names)
         self.batch_size = batch_size
         self.racing: Racing | None = None
@@ -168,16 +171,20 @@ class MergeProblem(Problem):
             return scores
         try:
             for p, coefficients in enumerate(pop):
-                self.merger.apply(self._layer_coefficients(coefficients))
+                self._write_candidate(coefficients)
                 for k, scorer in enumerate(self.scorers):
                     scores[p, k] = scorer.score(self.experts.model)
         finally:
             self.merger.restore()
         return scores
 
-    def _layer_coefficients(self, candidate: torch.Tensor) -> torch.Tensor:
-        """What the merger takes for one candidate: ``(N,)`` in the expert space, else ``(L, N)``."""
-        return candidate if self.space.kind == "expert" else self.space.layer_coefficients(candidate)
+    def _write_candidate(self, candidate: torch.Tensor) -> None:
+        """Write one candidate's merge into the model: ``(N,)`` coefficients in the expert space, ``(L, N)`` in a
+        layer space (both one fused update per layer), dense deltas in an operator space."""
+        if self.space.kind == "operator":
+            self.merger.apply_deltas(self.space.deltas(candidate, self.experts.layers))
+        else:
+            self.merger.apply(candidate if self.space.kind == "expert" else self.space.layer_coefficients(candidate))
 
     def _stages(self) -> list[list]:
         """Per task, one scorer per racing stage over that stage's new examples (None where a stage adds none)."""
@@ -208,7 +215,7 @@ class MergeProblem(Problem):
         for stage in range(len(racing.stages)):
             try:
                 for p in alive.nonzero().flatten().tolist():
-                    self.merger.apply(self._layer_coefficients(pop[p]))
+                    self._write_candidate(pop[p])
                     for k in range(tasks):
                         if stages[k][stage] is not None:
                             numerator, denominator = stages[k][stage].example_parts(self.experts.model)

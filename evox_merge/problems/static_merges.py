@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from peft.utils import merge_utils
 
-from evox_merge.experts.kernel import dense_task_vectors
+from evox_merge.experts.kernel import OPERATORS, operator_delta
 from evox_merge.problems.merge_problem import MergeProblem
 
 DEFAULT_SCALINGS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -30,8 +29,9 @@ class StaticMerge:
         settings: the hyperparameters used (the chosen ones where tuned).
         validation_scores: ``(K,)`` per-task scores on the problem it was chosen on.
         fitness: their weighted mean.
-        coefficients: ``(N,)`` for linear merges, else None.
+        coefficients: ``(N,)`` for linear merges (``(D,)`` in `space` for a searched candidate), else None.
         deltas: merged weight delta per target layer for TIES/DARE, else None.
+        space: the search space `coefficients` are in (`evox_merge.experts.spaces`; None: one per expert).
     """
 
     name: str
@@ -40,12 +40,37 @@ class StaticMerge:
     fitness: float = math.nan
     coefficients: torch.Tensor | None = None
     deltas: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    space: Any = field(default=None, repr=False)
 
     def score(self, problem: MergeProblem) -> torch.Tensor:
-        """Per-task scores ``(K,)`` of this merge on another problem over the same experts (e.g. the test split)."""
-        if self.coefficients is not None:
+        """Per-task scores ``(K,)`` of this merge on another problem over the same experts (e.g. the test split;
+        a merge in a search space is scored on problems of that space)."""
+        if self.coefficients is None:
+            return problem.evaluate_deltas(self.deltas)
+        if self.space is None:
             return problem.evaluate_per_task(problem.in_space(self.coefficients.unsqueeze(0)))[0]
-        return problem.evaluate_deltas(self.deltas)
+        if problem.space.to_dict() != self.space.to_dict():
+            raise ValueError(f"{self.name} is a merge in the {self.space.kind} space; this problem searches the "
+                             f"{problem.space.kind} space")
+        return problem.evaluate_per_task(self.coefficients.unsqueeze(0))[0]
+
+    @property
+    def dense(self) -> bool:
+        """Whether the merge is a dense delta per layer (TIES/DARE, or a candidate of an operator space)."""
+        return self.coefficients is None or (self.space is not None and self.space.kind == "operator")
+
+    def layer_coefficients(self) -> torch.Tensor:
+        """What the in-place merger and the adapter writer take: ``(N,)``, or ``(L, N)`` for a merge in a layer
+        space."""
+        if self.dense:
+            raise ValueError(f"{self.name} is a dense merge (deltas), not coefficients")
+        return self.coefficients if self.space is None else self.space.layer_coefficients(self.coefficients)
+
+    def merged_deltas(self, layers: dict) -> dict[str, torch.Tensor]:
+        """The dense delta per target layer of a `dense` merge (`layers`: the experts' `LayerFactors` by name)."""
+        if self.deltas is not None:
+            return self.deltas
+        return self.space.deltas(self.coefficients, layers)
 
 
 def _best_of(problem: MergeProblem, name: str, candidates: torch.Tensor, settings: list[dict]) -> StaticMerge:
@@ -80,20 +105,12 @@ def task_arithmetic(problem: MergeProblem, scalings: Sequence[float] = DEFAULT_S
     return _best_of(problem, "task_arithmetic", candidates, [{"scaling": s} for s in scalings])
 
 
-def _dense_merge(problem: MergeProblem, method: str, scaling: float, density: float) -> dict[str, torch.Tensor]:
-    """Merged delta per target layer by a `peft.utils.merge_utils` method, all experts weighted `scaling`."""
-    n = problem.num_experts
-    weights = torch.full((n,), scaling)
-    deltas = {}
-    for name, factors in problem.experts.layers.items():
-        task_vectors = list(dense_task_vectors(factors, n))
-        if method == "ties":
-            deltas[name] = merge_utils.ties(task_vectors, weights, density)
-        elif method == "dare_linear":
-            deltas[name] = merge_utils.dare_linear(task_vectors, weights, density)
-        else:
-            deltas[name] = merge_utils.dare_ties(task_vectors, weights, density)
-    return deltas
+def operator_deltas(problem: MergeProblem, method: str, scaling: float, density: float) -> dict[str, torch.Tensor]:
+    """Merged delta per target layer by a `peft.utils.merge_utils` operator (`evox_merge.experts.kernel.
+    operator_delta`), every expert weighted `scaling`."""
+    weights = torch.full((problem.num_experts,), scaling)
+    return {name: operator_delta(factors, problem.num_experts, method, weights, density)
+            for name, factors in problem.experts.layers.items()}
 
 
 def dense_merge(
@@ -109,15 +126,15 @@ def dense_merge(
     DARE drops entries at random: the drop masks come from `seed` (the same masks for every scaling), and the
     global RNG is left untouched.
     """
-    if method not in ("ties", "dare_linear", "dare_ties"):
-        raise ValueError(f"method must be 'ties', 'dare_linear' or 'dare_ties', got {method!r}")
+    if method not in OPERATORS:
+        raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     best: StaticMerge | None = None
     for scaling in scalings:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            deltas = _dense_merge(problem, method, scaling, density)
+            deltas = operator_deltas(problem, method, scaling, density)
         scores = problem.evaluate_deltas(deltas)
         fitness = float(problem.aggregate(scores.unsqueeze(0))[0])
         if best is None or fitness > best.fitness:

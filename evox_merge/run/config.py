@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evox_merge.util.errors import MergeInputError, TaskFormatError
+from evox_merge.util.layer_names import block_index, lora_layer_names
 from evox_merge.run import registry
 from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, task_spec_from_dict
 from evox_merge.util.hub import is_hub_id, local_path, read_model_config, resolve_model
@@ -144,6 +145,40 @@ def check_objectives(objectives: "str | ObjectivesConfig", task_names: list[str]
     return problems
 
 
+class SpaceConfig(_Strict):
+    """The search space (`evox_merge.experts.spaces`): ``expert`` (one coefficient per expert, the default),
+    ``layer`` (one per expert per group of target layers: ``by: blocks`` with ``groups: K`` contiguous blocks of
+    transformer layers, or ``by: module``, attention vs MLP) or ``operator`` (a TIES / DARE ``method``'s density
+    and per-expert weights; DARE's masks from the run's seed)."""
+
+    kind: Literal["expert", "layer", "operator"] = "expert"
+    by: Literal["blocks", "module"] | None = None
+    groups: int | None = Field(default=None, ge=1)
+    method: Literal["ties", "dare_linear", "dare_ties"] | None = None
+
+    @model_validator(mode="after")
+    def _options(self) -> "SpaceConfig":
+        if self.kind != "layer" and (self.by is not None or self.groups is not None):
+            raise ValueError(f"kind {self.kind!r} takes no by/groups (those group layers in kind 'layer')")
+        if self.kind != "operator" and self.method is not None:
+            raise ValueError(f"kind {self.kind!r} takes no method (the operator of kind 'operator')")
+        if self.kind == "layer":
+            by = self.by or "blocks"
+            if by == "blocks" and self.groups is None:
+                raise ValueError("kind 'layer' with by: blocks needs groups: K (contiguous blocks of layers)")
+            if by == "module" and self.groups is not None:
+                raise ValueError("by: module groups layers by module type; leave groups out")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `evox_merge.experts.spaces.build_space`."""
+        if self.kind == "expert":
+            return {"kind": "expert"}
+        if self.kind == "operator":
+            return {"kind": "operator", "method": self.method or "ties"}
+        return {"kind": "layer", "by": self.by or "blocks", **({"groups": self.groups} if self.groups else {})}
+
+
 class RacingConfig(_Strict):
     """Opt-in racing (`evox_merge.problems.racing`): score each population in stages and stop scoring the
     candidates that confidently cannot reach the share the algorithm ranks by or the release's top-k."""
@@ -192,6 +227,7 @@ class SearchConfig(_Strict):
     distributed: bool = False
     collective_timeout_s: float = Field(default=600.0, gt=0)
     racing: RacingConfig | None = None
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
 
     @model_validator(mode="after")
     def _racing(self) -> "SearchConfig":
@@ -299,6 +335,20 @@ def _resolve_model(value: str, what: str, base_dir: Path, problems: list[str], m
     return source.ref
 
 
+def _check_space(space: SpaceConfig, experts: list[str]) -> list[str]:
+    """A layer space's groups against the transformer blocks the experts target (from their safetensors headers)."""
+    if space.kind != "layer" or (space.by or "blocks") != "blocks":
+        return []
+    names = {name for expert in experts if Path(expert).is_dir() for name in lora_layer_names(expert)}
+    blocks = {block_index(name) for name in names} - {None}
+    if names and not blocks:
+        return ["space: no target layer name has a block index (e.g. model.layers.3.); use by: module"]
+    if blocks and space.groups > len(blocks):
+        return [f"space.groups must be an integer from 1 to {len(blocks)} (the transformer blocks the experts "
+                f"target), got {space.groups}"]
+    return []
+
+
 def _check_output_dir(out: Path) -> list[str]:
     if out.exists() and not out.is_dir():
         return [f"output_dir: {out} is a file; expected a directory (new, empty, or a previous run's)"]
@@ -343,6 +393,7 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
                 problems.append(f"tasks.{spec.name}.{key}: {error}")
     if specs:
         problems += check_objectives(config.objectives, [spec.name for spec in specs], config.algorithm.name)
+    problems += _check_space(config.space, experts)
     if config.algorithm.name in registry.ALGORITHMS:
         try:
             check_algorithm_params(config.algorithm.name, config.algorithm.params)

@@ -47,12 +47,17 @@ def tokenizer_check(experts: ExpertSet) -> dict[str, Any]:
     }
 
 
-def operator(merge_settings: dict[str, Any], name: str) -> str:
-    """How the released merge combines the experts, in words."""
+def operator(merge_settings: dict[str, Any], name: str, space: Any = None) -> str:
+    """How the released merge combines the experts, in words (`space`: the searched candidate's space, if any)."""
     if name in ("ties", "dare"):
         method = "TIES" if name == "ties" else "DARE-TIES"
         return (f"{method} (peft.utils.merge_utils) on the experts' dense task vectors s_i B_i A_i per target layer, "
                 f"density {merge_settings.get('density')}, scaling {merge_settings.get('scaling')}")
+    if space is not None and space.kind == "operator":
+        return (f"{space.method} (peft.utils.merge_utils) on the experts' dense task vectors s_i B_i A_i per target "
+                "layer, its density and per-expert weights searched (release.coefficients_by_name)")
+    if space is not None and space.kind == "layer":
+        return OPERATOR + ", with c_i per group of layers (release.coefficients_by_name, space.layers)"
     return OPERATOR
 
 
@@ -96,6 +101,7 @@ def build_recipe(
     adapter_info: dict,
     algorithm: Algorithm,
     resources: dict[str, Any],
+    space: Any = None,
 ) -> dict[str, Any]:
     """The recipe of a released merge (see the search module for where it is written)."""
     tasks = [{**spec.to_dict(), **spec.file_hashes()} for spec in specs]
@@ -105,6 +111,8 @@ def build_recipe(
     release["coefficients"] = winner.merge.coefficients.tolist() if winner.merge.coefficients is not None else None
     release["chosen_on"] = "selection part" if config.selection_fraction > 0 else "search part (no selection part)"
     release["static_merge_won"] = winner.kind == "static"
+    if space is not None and space.kind != "expert" and winner.merge.space is not None:
+        release["coefficients_by_name"] = dict(zip(space.names, release["coefficients"]))
     return {
         "name": f"{config.algorithm.name}-seed{config.seed}-{winner.name.replace(':', '')}",
         "base_model": {"path": experts.base_path, "sha256": experts.base_hash,
@@ -113,7 +121,7 @@ def build_recipe(
                           if experts.base_source is not None and experts.base_source.repo_id else {})},
         "experts": experts.metadata,
         "tokenizer": tokenizer_check(experts),
-        "operator": operator(winner.merge.settings, winner.name),
+        "operator": operator(winner.merge.settings, winner.name, winner.merge.space),
         "release": release,
         "best": {
             "record": best["id"],
@@ -131,6 +139,7 @@ def build_recipe(
             "best_searched": selection["best_searched"].name,
         },
         "normalisation": normalisation.to_dict(),
+        "space": space.to_dict() if space is not None else {"kind": "expert", "names": experts.expert_names},
         "release_files": {"adapter": "best/adapter", "full_model": "best/model" if config.release.full_model else None,
                           "adapter_compression": adapter_info},
         "evaluation": {"tasks": [spec.name for spec in specs], "task_files": tasks, "scores": selection["scores"],

@@ -40,7 +40,8 @@ def _truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
 def write_lora_adapter(
     experts: ExpertSet, coefficients: torch.Tensor, out_dir: str | Path, rank: int | None = None
 ) -> dict:
-    """Write the merge for ``coefficients (N,)`` as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads.
+    """Write the merge for ``coefficients (N,)`` (or ``(L, N)``, per target layer in ``experts.layers`` order) as a
+    PEFT LoRA adapter that `PeftModel.from_pretrained` loads.
 
     Args:
         rank: None writes the exact merge (per layer rank sum_r); an int compresses every layer to at most
@@ -50,8 +51,9 @@ def write_lora_adapter(
         ``{"exact": bool, "ranks": {layer: r}, "max_relative_error": float, "relative_errors": {layer: e}}``
         (errors are Frobenius-norm ratios of the dropped part of each layer's delta; 0 when exact).
     """
-    factors = {name: tuple(f.float().cpu() for f in merged_factors(layer, coefficients))
-               for name, layer in experts.layers.items()}
+    per_layer = coefficients.ndim == 2
+    factors = {name: tuple(f.float().cpu() for f in merged_factors(layer, coefficients[i] if per_layer else coefficients))
+               for i, (name, layer) in enumerate(experts.layers.items())}
     return _write_factors(experts, factors, out_dir, rank)
 
 
@@ -59,14 +61,15 @@ def write_merge(experts: ExpertSet, merge: StaticMerge, out_dir: str | Path, ran
                 full_model: bool = False) -> dict:
     """Write a selected merge (coefficients, or dense deltas for TIES/DARE) as ``adapter/`` (and ``model/``)."""
     out_dir = Path(out_dir)
-    if merge.coefficients is not None:
-        info = write_lora_adapter(experts, merge.coefficients, out_dir / "adapter", rank)
+    if not merge.dense:
+        info = write_lora_adapter(experts, merge.layer_coefficients(), out_dir / "adapter", rank)
     else:
         factors = {}
-        for name, delta in merge.deltas.items():  # (out, in): B = delta, A = identity, then SVD in _write_factors
+        deltas = merge.merged_deltas(experts.layers)
+        for name, delta in deltas.items():  # (out, in): B = delta, A = identity, then SVD in _write_factors
             delta = delta.float().cpu()
             factors[name] = (torch.eye(delta.shape[1]), delta)
-        full = {name: min(delta.shape) for name, delta in merge.deltas.items()}
+        full = {name: min(delta.shape) for name, delta in deltas.items()}
         info = _write_factors(experts, factors, out_dir / "adapter", rank if rank is not None else max(full.values()))
         info["exact"] = rank is None
     if full_model:
@@ -109,10 +112,10 @@ def _write_factors(experts: ExpertSet, factors: dict[str, tuple[torch.Tensor, to
 def _write_full_model(experts: ExpertSet, merge: StaticMerge, out_dir: Path) -> None:
     merger = shared_merger(experts)
     try:
-        if merge.coefficients is not None:
-            merger.apply(merge.coefficients)
+        if not merge.dense:
+            merger.apply(merge.layer_coefficients())
         else:
-            merger.apply_deltas(merge.deltas)
+            merger.apply_deltas(merge.merged_deltas(experts.layers))
         experts.model.save_pretrained(out_dir)
     finally:
         merger.restore()

@@ -87,6 +87,26 @@ def plot_coefficients(records: list[dict[str, Any]], expert_names: list[str], pa
     plt.close(figure)
 
 
+def plot_layer_coefficients(coefficients: list[float], group_names: list[str], expert_names: list[str],
+                            path: str | Path, title: str) -> None:
+    """A layer-space candidate as a heatmap: one row per group of layers, one column per expert."""
+    import numpy as np
+
+    grid = np.asarray(coefficients, dtype=float).reshape(len(group_names), len(expert_names))
+    limit = max(float(np.abs(grid).max()), 1e-9)
+    figure, axis = plt.subplots(figsize=(1.2 + 0.8 * len(expert_names), 1.2 + 0.5 * len(group_names)))
+    image = axis.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    axis.set_xticks(range(len(expert_names)), expert_names, rotation=45, ha="right", fontsize=7)
+    axis.set_yticks(range(len(group_names)), group_names, fontsize=7)
+    for (row, column), value in np.ndenumerate(grid):
+        axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    figure.colorbar(image, ax=axis, label="coefficient")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_task_scores(scores: dict[str, dict[str, float]], path: str | Path, title: str) -> None:
     """Grouped bars: per task, the score of each merge (``scores[merge][task]``)."""
     merges = list(scores)

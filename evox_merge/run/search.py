@@ -39,6 +39,7 @@ from evox_merge.run.config import SearchConfig, load_config
 from evox_merge.run.distributed import DistributedRunError, init_distributed, single_process
 from evox_merge.util.errors import MergeInputError, RunStateError
 from evox_merge.experts import ExpertSet
+from evox_merge.experts.spaces import build_space
 from evox_merge.util.machine import describe_machine
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation
@@ -50,7 +51,9 @@ from evox_merge.run.pareto_release import PARETO_FILES, release_pareto
 from evox_merge.run.recipe import build_recipe
 from evox_merge.run.monitor import RECORDS_NAME, RunMonitor, read_records, truncate_records
 from evox_merge.run.release import write_merge
-from evox_merge.run.report import plot_coefficients, plot_fitness, plot_task_scores, write_history_csv, write_model_card
+from evox_merge.run.report import (
+    plot_coefficients, plot_fitness, plot_layer_coefficients, plot_task_scores, write_history_csv, write_model_card,
+)
 from evox_merge.run.selection import score_table, searched_candidates, select_release, static_candidates
 from evox_merge.tasks import read_task, split_task
 from evox_merge.run.workflow import build_workflow
@@ -246,11 +249,13 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         dist.barrier()
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
              for spec in specs]
-    problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size)
+    seed = {"seed": config.seed} if config.space.kind == "operator" else {}
+    space = build_space(list(experts.layers), experts.expert_names, **config.space.options(), **seed)
+    problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size, space=space)
     if config.normalise != "none":
         problem.normalise(anchor_normalisation(problem))
     vector = objectives.pareto and is_multi_objective(config.algorithm.name)
-    algorithm = build_algorithm(config.algorithm.name, experts.num_experts, pop_size=config.algorithm.pop_size,
+    algorithm = build_algorithm(config.algorithm.name, problem.dim, pop_size=config.algorithm.pop_size,
                                 lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
                                 params=config.algorithm.params, n_objs=len(objectives.names) if vector else None)
     if config.racing is not None:
@@ -310,7 +315,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     wall_seconds = elapsed_before + time.perf_counter() - start_time
     recipe = build_recipe(
         config=config, experts=experts, specs=specs, records=records, selection=selection,
-        normalisation=problem.normalisation, adapter_info=adapter_info, algorithm=algorithm,
+        normalisation=problem.normalisation, adapter_info=adapter_info, algorithm=algorithm, space=problem.space,
         resources={
             "device": device_name,
             "wall_seconds": wall_seconds,
@@ -331,9 +336,14 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     if objectives.pareto:  # the champion's own copy, like every member's
         write_text_atomic(out / release_dir / "recipe.json", json.dumps(recipe, indent=2))
     write_model_card(recipe, out / "README.md")
-    write_history_csv(records, experts.expert_names, out / "history.csv", volumes)
+    write_history_csv(records, problem.space.names, out / "history.csv", volumes)
     plot_fitness(records, out / "fitness.png")
-    plot_coefficients(records, experts.expert_names, out / "coefficients.png")
+    if problem.space.kind == "layer":
+        best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
+        plot_layer_coefficients(best["coefficients"], list(problem.space.group_names), experts.expert_names,
+                                out / "coefficients.png", f"best searched candidate (record {best['id']}), by layer group")
+    else:
+        plot_coefficients(records, experts.expert_names, out / "coefficients.png")
     split = next(s for s in ("test", "selection", "search") if s in scores["release"])
     plot_task_scores({merge: s[split] for merge, s in scores.items()}, out / "task_scores.png",
                      f"{split} scores: the release against the static merges")
@@ -347,13 +357,14 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
     candidate and the static merges on the search part, the selection part and the test files."""
     splits = {"search": problem}
     if config.selection_fraction > 0:
-        splits["selection"] = MergeProblem(problem.experts, [sel for _, sel in parts],
-                                           batch_size=config.batch_size).normalise(problem.normalisation)
+        splits["selection"] = MergeProblem(problem.experts, [sel for _, sel in parts], batch_size=config.batch_size,
+                                           space=problem.space).normalise(problem.normalisation)
     tested = [spec.with_split("test") for spec in specs if spec.test_path]
     if len(tested) == len(specs):
-        splits["test"] = MergeProblem(problem.experts, tested,
-                                      batch_size=config.batch_size).normalise(problem.normalisation)
-    searched = searched_candidates(records, config.selection_top_k)
+        splits["test"] = MergeProblem(problem.experts, tested, batch_size=config.batch_size,
+                                      space=problem.space).normalise(problem.normalisation)
+    searched = searched_candidates(records, config.selection_top_k,
+                                   space=None if problem.space.kind == "expert" else problem.space)
     static_names = list(STATIC_MERGES) if config.release.baselines else []
     steps = len(static_names) + (len(searched) + len(static_names)) * ("selection" in splits)
     steps += len(splits) * (2 + len(static_names))

@@ -51,9 +51,9 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def searched_candidates(records: list[dict[str, Any]], top_k: int) -> list[Candidate]:
+def searched_candidates(records: list[dict[str, Any]], top_k: int, space: Any = None) -> list[Candidate]:
     """The `top_k` records with the best finite search fitness, distinct coefficient vectors only, best first
-    (the earlier record first on ties)."""
+    (the earlier record first on ties); `space`: the search space their coefficients are in (None: experts)."""
     finite = sorted((r for r in records if r["fitness"] is not None), key=lambda r: -r["fitness"])
     chosen, seen = [], set()
     for record in finite:
@@ -62,7 +62,7 @@ def searched_candidates(records: list[dict[str, Any]], top_k: int) -> list[Candi
             continue
         seen.add(key)
         merge = StaticMerge(f"record:{record['id']}", {"record": record["id"], "coefficients": record["coefficients"]},
-                            fitness=record["fitness"], coefficients=torch.tensor(record["coefficients"]))
+                            fitness=record["fitness"], coefficients=torch.tensor(record["coefficients"]), space=space)
         chosen.append(Candidate(merge.name, "searched", merge, record["fitness"]))
         if len(chosen) == top_k:
             break
