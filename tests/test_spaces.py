@@ -149,8 +149,22 @@ def test_an_operator_space_search_releases_its_merge(tiny_setup, tmp_path):
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["space"]["kind"] == "operator" and "dare_ties" in recipe["operator"]
     assert list(recipe["release"]["coefficients_by_name"])[0] == "density"
+    assert 0 < recipe["release"]["span_residual"]["relative"] <= 1  # TIES/DARE leave the experts' span
     spec_file = tmp_path / "tasks.yaml"
     spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
     scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=out / "best" / "adapter", split="test")
     for name in (spec.name for spec in tiny_setup.tasks):  # the adapter is the exact dense delta (full rank)
         assert scores[name] == pytest.approx(result.scores["release"]["test"][name], abs=1e-4)
+
+
+def test_the_span_residual_is_zero_for_linear_merges_and_positive_off_the_span(tiny_experts):
+    from evox_merge.experts.kernel import span_residual
+
+    n = tiny_experts.num_experts
+    coefficients = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(4)
+    for name, layer in tiny_experts.layers.items():
+        linear = merged_delta(layer, coefficients)
+        assert span_residual(layer, n, linear)[1] < 1e-6, name
+        off = linear + 0.1 * linear.norm() * torch.randn(linear.shape, generator=generator) / linear.numel() ** 0.5
+        assert span_residual(layer, n, off)[1] > 0.05, name

@@ -67,3 +67,28 @@ def operator_delta(layer: LayerFactors, num_experts: int, method: str, weights: 
         raise ValueError(f"density must be in (0, 1], got {density}")
     task_vectors = list(dense_task_vectors(layer, num_experts))
     return getattr(merge_utils, method)(task_vectors, weights.to(task_vectors[0]), density)
+
+
+def span_residual(layer: LayerFactors, num_experts: int, delta: torch.Tensor) -> tuple[float, float]:
+    """How far a layer's merged `delta (out, in)` lies outside the span of the experts' task vectors: the norm of
+    its part that no linear combination ``sum_i c_i s_i B_i A_i`` reaches (least squares over the flattened task
+    vectors, float64) and that norm relative to the delta's own (0 for any linear merge of these experts, up to
+    rounding; 1 for a delta orthogonal to all of them). Returns ``(residual norm, relative residual)``."""
+    basis = dense_task_vectors(layer, num_experts).reshape(num_experts, -1).double().T  # (out * in, N)
+    target = delta.reshape(-1, 1).double().to(basis.device)
+    solution = torch.linalg.lstsq(basis, target, driver="gelsd").solution
+    residual = float((target - basis @ solution).norm())
+    total = float(target.norm())
+    return residual, (residual / total if total > 0 else 0.0)
+
+
+def span_report(layers: dict[str, LayerFactors], num_experts: int, deltas: dict[str, torch.Tensor]) -> dict:
+    """`span_residual` of a dense merge per target layer and overall (the residuals' and the deltas' norms
+    pooled over layers): ``{"relative": float, "per_layer": {name: relative}}``."""
+    per_layer, residual_sq, total_sq = {}, 0.0, 0.0
+    for name, delta in deltas.items():
+        residual, relative = span_residual(layers[name], num_experts, delta)
+        per_layer[name] = relative
+        residual_sq += residual ** 2
+        total_sq += float(delta.double().norm()) ** 2
+    return {"relative": (residual_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0, "per_layer": per_layer}

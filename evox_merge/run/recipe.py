@@ -11,6 +11,7 @@ from evox.core import Algorithm
 from evox_merge.algorithms.common import RecipeFacts
 from evox_merge.run.config import SearchConfig
 from evox_merge.experts import ExpertSet
+from evox_merge.experts.kernel import span_report
 from evox_merge.problems.normalisation import TaskNormalisation
 from evox_merge.tasks import TaskSpec
 
@@ -111,6 +112,9 @@ def build_recipe(
     release["coefficients"] = winner.merge.coefficients.tolist() if winner.merge.coefficients is not None else None
     release["chosen_on"] = "selection part" if config.selection_fraction > 0 else "search part (no selection part)"
     release["static_merge_won"] = winner.kind == "static"
+    if winner.merge.dense:  # TIES/DARE or an operator-space candidate: how far outside the experts' span
+        release["span_residual"] = span_report(experts.layers, experts.num_experts,
+                                               winner.merge.merged_deltas(experts.layers))
     if space is not None and space.kind != "expert" and winner.merge.space is not None:
         release["coefficients_by_name"] = dict(zip(space.names, release["coefficients"]))
     return {
