@@ -77,7 +77,8 @@ def release_pareto(config: Any, problem: Any, splits: dict[str, Any], records: l
     judge = splits[judge_split]
     merges = [StaticMerge(f"record:{r['id']}", {"record": r["id"], "coefficients": r["coefficients"]},
                           fitness=r["fitness"] if r["fitness"] is not None else float("nan"),
-                          coefficients=torch.tensor(r["coefficients"])) for r in members]
+                          coefficients=torch.tensor(r["coefficients"]),
+                          space=None if problem.space.kind == "expert" else problem.space) for r in members]
     judged = torch.stack([objectives.values(judge, m.score(judge).unsqueeze(0))[0] for m in merges]) if merges else (
         torch.empty(0, len(objectives.names), dtype=torch.float64))
     winner = selection["winner"]
