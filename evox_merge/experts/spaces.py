@@ -21,9 +21,10 @@ experts, task-arithmetic scales) in every space.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
+from evox.triton_kernels.kernels.lora_noise import compute_counter_offsets, generate_lora_factors
 
 from evox_merge.experts.kernel import OPERATORS, LayerFactors, operator_delta
 from evox_merge.util.errors import MergeInputError
@@ -171,7 +172,64 @@ class OperatorSpace:
                 "density": "clamp((x[0] + 1) / 2, 0.01, 1)"}
 
 
-SearchSpace = ExpertSpace | LayerSpace | OperatorSpace
+class PerturbationSpace:
+    """MERGEvolve's space (`evox_merge.algorithms.mergevolve`): a candidate ``x = (seed, sign)`` is the centre's
+    dense delta per target layer plus ``sign * sigma_l * B A / sqrt(rank)``, a rank-`rank` Gaussian perturbation
+    regenerated from `seed` by EvoX's counter-based Philox streams (`evox.triton_kernels.kernels.lora_noise`), so
+    a candidate is its two numbers on every process and after a resume. ``sigma_l = sigma * rms(centre_l)`` (the
+    perturbation is relative to each layer's delta; layers whose centre is zero use the mean rms of the others).
+    The centre (the merge being evolved) starts as a merge of the experts and is moved by the algorithm."""
+
+    kind = "perturbation"
+
+    def __init__(self, layer_names: Sequence[str], expert_names: Sequence[str], centre: dict[str, torch.Tensor],
+                 rank: int, sigma: float) -> None:
+        if rank < 1 or sigma <= 0:
+            raise MergeInputError(f"perturbation rank must be >= 1 and sigma > 0, got rank {rank}, sigma {sigma}")
+        self.layer_names, self.expert_names = tuple(layer_names), tuple(expert_names)
+        self.rank, self.sigma = rank, float(sigma)
+        self.shapes = [tuple(centre[name].shape) for name in self.layer_names]
+        self.offsets = compute_counter_offsets(self.shapes, rank)
+        self.set_centre(centre)
+
+    def set_centre(self, centre: dict[str, torch.Tensor]) -> None:
+        self.centre = {name: centre[name].detach().float().clone() for name in self.layer_names}
+        rms = {name: float(delta.pow(2).mean().sqrt()) for name, delta in self.centre.items()}
+        fallback = sum(rms.values()) / max(sum(v > 0 for v in rms.values()), 1)
+        self.scales = {name: (value if value > 0 else fallback) for name, value in rms.items()}
+
+    @property
+    def dim(self) -> int:
+        return 2
+
+    @property
+    def names(self) -> list[str]:
+        return ["seed", "sign"]
+
+    def noise(self, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per layer, the unit perturbations ``B A / sqrt(rank)`` of `seeds (P,)` int64: ``(P, out, in)``."""
+        result = {}
+        for name, shape, offset in zip(self.layer_names, self.shapes, self.offsets):
+            a, b = generate_lora_factors(seeds, shape, self.rank, offset)
+            result[name] = torch.bmm(b, a) / self.rank ** 0.5
+        return result
+
+    def deltas(self, x: torch.Tensor, layers: dict | None = None) -> dict[str, torch.Tensor]:
+        """The dense delta per target layer of candidate ``x = (seed, sign)``."""
+        seed, sign = int(x[0]), float(x[1])
+        noise = self.noise(torch.tensor([seed], dtype=torch.int64))
+        return {name: self.centre[name] + sign * self.sigma * self.scales[name] * noise[name][0]
+                for name in self.layer_names}
+
+    def from_expert(self, coefficients: torch.Tensor) -> torch.Tensor:
+        raise MergeInputError("a perturbation space scores perturbations of its centre; expert-space merges (static "
+                              "merges, normalisation anchors) are scored on an expert-space problem")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "sigma": self.sigma, "names": self.names}
+
+
+SearchSpace = ExpertSpace | LayerSpace | OperatorSpace | PerturbationSpace
 
 
 def build_space(layer_names: list[str], expert_names: list[str], kind: str = "expert", **options: Any) -> SearchSpace:

@@ -82,7 +82,7 @@ class MergeProblem(Problem):
         self.space = space if space is not None else ExpertSpace(tuple(experts.layers), tuple(experts.expert_names))
         if list(self.space.layer_names) != list(experts.layers) or list(self.space.expert_names) != experts.expert_names:
             raise MergeInputError("the search space was built for other target layers or experts than these")
-        if self.space.kind == "operator" and candidates_per_pass > 1:
+        if self.space.kind in ("operator", "perturbation") and candidates_per_pass > 1:
             raise MergeInputError("candidates_per_pass > 1 runs the experts' factors unmerged, which an operator "
                                   "space (a dense delta per layer) cannot; use 1")
         self.normalisation = identity_normalisation(self.task_names)
@@ -181,7 +181,7 @@ class MergeProblem(Problem):
     def _write_candidate(self, candidate: torch.Tensor) -> None:
         """Write one candidate's merge into the model: ``(N,)`` coefficients in the expert space, ``(L, N)`` in a
         layer space (both one fused update per layer), dense deltas in an operator space."""
-        if self.space.kind == "operator":
+        if self.space.kind in ("operator", "perturbation"):
             self.merger.apply_deltas(self.space.deltas(candidate, self.experts.layers))
         else:
             self.merger.apply(candidate if self.space.kind == "expert" else self.space.layer_coefficients(candidate))

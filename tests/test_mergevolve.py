@@ -1,0 +1,60 @@
+"""MERGEvolve (evox_merge/algorithms/mergevolve.py): seeded perturbations, the centre's ES, leaving the span."""
+
+import torch
+
+from evox_merge.algorithms.mergevolve import MERGEvolve, centred_ranks
+from evox_merge.experts.kernel import merged_delta, span_report
+from evox_merge.experts.spaces import PerturbationSpace
+from evox_merge.problems.merge_problem import MergeProblem
+from evox_merge.run.loop import search
+
+
+def start(experts, sigma=0.3, rank=2):
+    coefficients = torch.full((experts.num_experts,), 0.5)
+    centre = {name: merged_delta(layer, coefficients) for name, layer in experts.layers.items()}
+    return PerturbationSpace(list(experts.layers), experts.expert_names, centre, rank=rank, sigma=sigma), centre
+
+
+def test_a_perturbation_regenerates_from_its_seed_and_sign_zero_is_the_centre(tiny_experts):
+    space, centre = start(tiny_experts)
+    x = torch.tensor([12345.0, 1.0])
+    first, again = space.deltas(x), space.deltas(x)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    minus = space.deltas(torch.tensor([12345.0, -1.0]))
+    assert all(torch.allclose(first[n] + minus[n], 2 * centre[n], atol=1e-6) for n in first)  # antithetic
+    still = space.deltas(torch.tensor([12345.0, 0.0]))
+    assert all(torch.equal(still[name], centre[name]) for name in still)
+    other = space.deltas(torch.tensor([54321.0, 1.0]))
+    assert any(not torch.equal(first[n], other[n]) for n in first)
+    # a fresh space (another process, a resumed run) draws the same perturbation
+    fresh, _ = start(tiny_experts)
+    assert all(torch.equal(fresh.deltas(x)[n], first[n]) for n in first)
+
+
+def test_the_span_residual_is_zero_at_the_start_and_positive_after_a_perturbation(tiny_experts):
+    space, centre = start(tiny_experts)
+    n = tiny_experts.num_experts
+    assert span_report(tiny_experts.layers, n, centre)["relative"] < 1e-6
+    assert span_report(tiny_experts.layers, n, space.deltas(torch.tensor([7.0, 1.0])))["relative"] > 0.05
+
+
+def test_centred_ranks():
+    assert torch.equal(centred_ranks(torch.tensor([3.0, 1.0, 2.0])), torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64))
+
+
+def test_mergevolve_runs_in_a_workflow_and_is_deterministic(tiny_experts, tiny_setup):
+    runs = []
+    for _ in range(2):
+        space, centre = start(tiny_experts)
+        problem = MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8, space=space)
+        algorithm = MERGEvolve(space, pairs=2, learning_rate=1.0, seed=5)
+        monitor = search(algorithm, problem, 3)
+        runs.append((monitor, algorithm.centre_deltas()))
+    (monitor, moved), (again, moved_again) = runs
+    assert len(monitor.records) == 3 * 5 and [r["coefficients"] for r in monitor.records] == [
+        r["coefficients"] for r in again.records]
+    assert [r["fitness"] for r in monitor.records] == [r["fitness"] for r in again.records]
+    assert all(torch.equal(moved[n], moved_again[n]) for n in moved)
+    assert any(not torch.equal(moved[n], centre[n]) for n in moved)  # the centre moved
+    assert span_report(tiny_experts.layers, tiny_experts.num_experts, moved)["relative"] > 0
+    assert all(r["coefficients"] == [0.0, 0.0] for r in monitor.records[::5])  # each generation scores the centre
