@@ -108,7 +108,7 @@ def _apply(args: argparse.Namespace) -> None:
     if args.run is not None:
         base, experts, coefficients, release = _read_run(args.run)
         if coefficients is None:
-            raise EvoxMergeError(f"{args.run}: the release is the static merge {release.get('name')!r} (dense "
+            raise EvoxMergeError(f"{args.run}: the release is the dense merge {release.get('name')!r} (dense "
                                  f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
         coefficients = _parse_coefficients(",".join(str(c) for c in coefficients))
         space_options = {key: value for key, value in release["space"].items() if value is not None}

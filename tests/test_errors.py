@@ -378,6 +378,9 @@ CASES = [
     Case("space_too_many_groups", "`space: {kind: layer, groups: 9}` for experts targeting 2 blocks",
          lambda ws: search(ws, space={"kind": "layer", "groups": 9}), MergeInputError,
          r"space\.groups must be an integer from 1 to 2"),
+    Case("mergevolve_with_pareto", "`mergevolve: {}` with `objectives: pareto`",
+         lambda ws: search(ws, algorithm={"name": "nsga2", "pop_size": 4}, objectives="pareto", mergevolve={}),
+         MergeInputError, r"mergevolve: runs after a mean-objective search in one process"),
 ]
 
 

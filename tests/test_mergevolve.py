@@ -58,3 +58,33 @@ def test_mergevolve_runs_in_a_workflow_and_is_deterministic(tiny_experts, tiny_s
     assert any(not torch.equal(moved[n], centre[n]) for n in moved)  # the centre moved
     assert span_report(tiny_experts.layers, tiny_experts.num_experts, moved)["relative"] > 0
     assert all(r["coefficients"] == [0.0, 0.0] for r in monitor.records[::5])  # each generation scores the centre
+
+
+def test_a_search_with_a_mergevolve_stage_records_it_and_releases_the_better_merge(tiny_setup, tmp_path):
+    import json
+
+    import pytest
+    import yaml
+
+    from evox_merge.run.evaluate import evaluate_model
+    from evox_merge.run.monitor import read_records
+    from evox_merge.run.search import run_search
+    from tests.test_search import search_config
+
+    out = tmp_path / "out"
+    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 4}, budget={"generations": 2},
+                           mergevolve={"generations": 2, "pairs": 1, "sigma": 0.5, "rank": 2},
+                           release={"baselines": False})
+    result = run_search(config, progress="quiet")
+    recipe = json.loads((out / "recipe.json").read_text())
+    stage = recipe["mergevolve"]
+    assert stage["evaluations"] == 2 * 3 and len(read_records(out / "mergevolve_records.jsonl")) == 6
+    assert stage["released"] == (stage["final_fitness"] > stage["start_fitness"])
+    assert stage["span_residual"]["relative"] > 0 and stage["start"].startswith("record:")
+    assert (recipe["release"]["name"] == "mergevolve") == stage["released"]
+    assert recipe["lineage"]["nodes"][-1]["kind"] == "release"
+    spec_file = tmp_path / "tasks.yaml"
+    spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
+    scores = evaluate_model(tiny_setup.base_dir, spec_file, adapter=out / "best" / "adapter", split="test")
+    for name in (spec.name for spec in tiny_setup.tasks):
+        assert scores[name] == pytest.approx(result.scores["release"]["test"][name], abs=1e-4)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from evox_merge.experts.kernel import OPERATORS, operator_delta
+from evox_merge.experts.kernel import OPERATORS, merged_delta, operator_delta
 from evox_merge.problems.merge_problem import MergeProblem
 
 DEFAULT_SCALINGS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -67,10 +67,14 @@ class StaticMerge:
         return self.coefficients if self.space is None else self.space.layer_coefficients(self.coefficients)
 
     def merged_deltas(self, layers: dict) -> dict[str, torch.Tensor]:
-        """The dense delta per target layer of a `dense` merge (`layers`: the experts' `LayerFactors` by name)."""
+        """The merge's dense delta per target layer (`layers`: the experts' `LayerFactors` by name, in order)."""
         if self.deltas is not None:
             return self.deltas
-        return self.space.deltas(self.coefficients, layers)
+        if self.dense:
+            return self.space.deltas(self.coefficients, layers)
+        coefficients = self.layer_coefficients()
+        return {name: merged_delta(layer, coefficients[i] if coefficients.ndim == 2 else coefficients)
+                for i, (name, layer) in enumerate(layers.items())}
 
 
 def _best_of(problem: MergeProblem, name: str, candidates: torch.Tensor, settings: list[dict]) -> StaticMerge:

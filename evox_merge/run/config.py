@@ -194,6 +194,17 @@ class RacingConfig(_Strict):
         return stages
 
 
+class MergevolveConfig(_Strict):
+    """An optional last stage: MERGEvolve (`evox_merge.algorithms.mergevolve`) from the selected release, on the
+    search part; its final centre replaces the release only if it scores higher on the selection part."""
+
+    generations: int = Field(default=10, ge=1)
+    pairs: int = Field(default=4, ge=1)
+    sigma: float = Field(default=0.3, gt=0)
+    rank: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=1.0, gt=0)
+
+
 class SearchConfig(_Strict):
     """Everything one search needs; paths are resolved against the config file's folder.
 
@@ -228,6 +239,14 @@ class SearchConfig(_Strict):
     collective_timeout_s: float = Field(default=600.0, gt=0)
     racing: RacingConfig | None = None
     space: SpaceConfig = Field(default_factory=SpaceConfig)
+    mergevolve: MergevolveConfig | None = None
+
+    @model_validator(mode="after")
+    def _mergevolve(self) -> "SearchConfig":
+        if self.mergevolve is not None and (self.objectives != "mean" or self.distributed):
+            raise ValueError("mergevolve: runs after a mean-objective search in one process (not with pareto "
+                             "objectives or distributed: true)")
+        return self
 
     @model_validator(mode="after")
     def _racing(self) -> "SearchConfig":

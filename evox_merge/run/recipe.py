@@ -54,6 +54,9 @@ def operator(merge_settings: dict[str, Any], name: str, space: Any = None) -> st
         method = "TIES" if name == "ties" else "DARE-TIES"
         return (f"{method} (peft.utils.merge_utils) on the experts' dense task vectors s_i B_i A_i per target layer, "
                 f"density {merge_settings.get('density')}, scaling {merge_settings.get('scaling')}")
+    if name == "mergevolve":
+        return ("MERGEvolve: the selected merge's dense delta per target layer, moved by an evolution strategy over "
+                "seeded low-rank Gaussian perturbations (recipe.mergevolve)")
     if space is not None and space.kind == "operator":
         return (f"{space.method} (peft.utils.merge_utils) on the experts' dense task vectors s_i B_i A_i per target "
                 "layer, its density and per-expert weights searched (release.coefficients_by_name)")
@@ -80,6 +83,17 @@ def lineage(records: list[dict[str, Any]], release: dict[str, Any], expert_names
                 f"expert:{name}" for name in expert_names
             ]
             edges += [{"from": source, "to": node} for source in sources]
+    if release["name"] == "mergevolve":  # evolved from the release it started from: that one's lineage, then it
+        start = release["settings"]["start"]
+        searched = start.startswith("record:")
+        graph = lineage(records, {"name": start, "kind": "searched" if searched else "static",
+                                  "settings": {"record": int(start.removeprefix("record:"))} if searched else {}},
+                        expert_names)
+        origin = graph["nodes"][-1]
+        origin["kind"] = "MERGEvolve start"
+        graph["nodes"].append({"id": "mergevolve:centre", "kind": "release"})
+        graph["edges"].append({"from": origin["id"], "to": "mergevolve:centre"})
+        return graph
     parents = [f"expert:{name}" for name in expert_names]
     if release["kind"] == "searched":
         record = next(r for r in records if r["id"] == release["settings"]["record"])

@@ -49,6 +49,7 @@ from evox_merge.run.evidence import run_evidence
 from evox_merge.run.objectives import hypervolume_by_generation, objectives_from_config
 from evox_merge.run.pareto_release import PARETO_FILES, release_pareto
 from evox_merge.run.recipe import build_recipe
+from evox_merge.run.mergevolve_stage import mergevolve_stage
 from evox_merge.run.monitor import RECORDS_NAME, RunMonitor, read_records, truncate_records
 from evox_merge.run.release import write_merge
 from evox_merge.run.report import (
@@ -307,6 +308,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     if not any(r["fitness"] is not None for r in records):
         raise MergeInputError("every candidate scored NaN: nothing to release (see records.jsonl)")
     selection = _select_and_score(config, problem, parts, specs, records, progress == "bar")
+    evolved = mergevolve_stage(config, problem, selection, out) if config.mergevolve is not None else None
     winner = selection["winner"]
     release_dir = "champion" if objectives.pareto else "best"
     adapter_info = write_merge(experts, winner.merge, out / release_dir, config.release.adapter_rank,
@@ -324,6 +326,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
             "seconds_per_candidate": sum(r["seconds"] for r in records) / len(records),
         },
     )
+    if evolved is not None:
+        recipe["mergevolve"] = evolved
     scores = selection["scores"]
     volumes = None
     if objectives.pareto:
