@@ -3,6 +3,7 @@ input, and that its files load with the ecosystem's own loaders."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -114,6 +115,19 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(micro_zoo, tm
 def test_an_intact_zoo_is_reused_not_rebuilt(zoo_copy, monkeypatch):
     monkeypatch.setattr(zoo_build, "_build_into", lambda *a: pytest.fail("rebuilt an intact zoo"))
     assert build_zoo(zoo_copy, preset="micro", seed=0, progress=False) == zoo_copy
+
+
+def test_a_zoo_built_from_other_preset_settings_is_rebuilt(zoo_copy, monkeypatch, caplog):
+    from evox_merge.zoo.presets import get_preset
+
+    micro = get_preset("micro")
+    changed = dataclasses.replace(micro, base_steps=micro.base_steps + 1)
+    monkeypatch.setattr(zoo_build, "get_preset", lambda name: changed)
+    rebuilt = []
+    monkeypatch.setattr(zoo_build, "_build_into", lambda *a: rebuilt.append(a) or pytest.fail("rebuilding"))
+    with caplog.at_level("WARNING"), pytest.raises(pytest.fail.Exception, match="rebuilding"):
+        build_zoo(zoo_copy, preset="micro", seed=0, progress=False)
+    assert rebuilt and "built from other micro settings (base_steps differ)" in caplog.text
 
 
 def test_default_directory_is_a_per_user_cache(monkeypatch, tmp_path):

@@ -71,7 +71,7 @@ def build_zoo(
     """
     settings = get_preset(preset)
     root = Path(out_dir) if out_dir is not None else default_zoo_dir(preset, seed)
-    if _reusable(root, preset, seed):
+    if _reusable(root, preset, seed, settings.to_dict()):
         logger.info("zoo %s is built and intact; reusing it", root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +97,11 @@ def build_zoo(
     return root
 
 
-def _reusable(root: Path, preset: str, seed: int) -> bool:
-    """True for an intact zoo of this preset and seed; False for nothing, an empty dir, or a broken zoo (which is
-    rebuilt); raises for a valid zoo of other settings or a directory of other files."""
+def _reusable(root: Path, preset: str, seed: int, settings: dict) -> bool:
+    """True for an intact zoo of this preset, seed and these preset `settings`; False for nothing, an empty dir, a
+    broken zoo, or one built from other settings of the same preset (a preset changed since: rebuilt, with a
+    warning naming the settings that differ); raises for a zoo of another preset or seed or a directory of other
+    files."""
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return False
     if not root.is_dir():
@@ -117,6 +119,13 @@ def _reusable(root: Path, preset: str, seed: int) -> bool:
             f"{root / MANIFEST_NAME} is a zoo of preset {zoo.preset!r}, seed {zoo.seed}, not preset {preset!r}, "
             f"seed {seed}; choose another --out or delete it"
         )
+    built = zoo.manifest.get("settings")
+    wanted = json.loads(json.dumps(settings))
+    if built != wanted:
+        changed = sorted(k for k in set(built or {}) | set(wanted) if (built or {}).get(k) != wanted.get(k))
+        logger.warning("rebuilding the zoo in %s: it was built from other %s settings (%s differ)", root, preset,
+                       ", ".join(changed))
+        return False
     return True
 
 
