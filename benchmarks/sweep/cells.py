@@ -95,8 +95,7 @@ def _problems(setup: BenchSetup, config: SweepConfig, names: tuple[str, ...], se
     group; the anchors are the same merges in every space)."""
     parts = [split_task(read_task(setup.specs[name]), config.selection_fraction, config.max_validation_examples)
              for name in names]
-    options = {**config.space.options(), **({"seed": seed} if config.space.kind == "operator" else {})}
-    space = build_space(list(setup.experts.layers), setup.experts.expert_names, **options)
+    space = build_space(list(setup.experts.layers), setup.experts.expert_names, **config.space.options(seed))
     batch = {"batch_size": config.batch_size, "space": space}
     search_problem = MergeProblem(setup.experts, [search for search, _ in parts], **batch)
     selection = None
@@ -113,6 +112,11 @@ def _problems(setup: BenchSetup, config: SweepConfig, names: tuple[str, ...], se
 
 
 _NORMALISATIONS: dict[tuple[str, ...], TaskNormalisation] = {}
+
+
+def _examples_fraction(records: list[dict], total: int) -> float:
+    """The share of the search part's examples the run's candidates were scored on (below 1 only with racing)."""
+    return sum(r.get("examples_scored", total) for r in records) / (len(records) * total)
 
 
 def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
@@ -151,8 +155,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
                    evaluation_seconds=monitor.evaluation_seconds,
                    algorithm_seconds=search_seconds - monitor.evaluation_seconds,
                    coefficients=candidate.merge.coefficients.tolist(), pick=candidate.name,
-                   examples_fraction=sum(r.get("examples_scored", search_problem.examples_total)
-                                         for r in monitor.records) / (len(monitor.records) * search_problem.examples_total))
+                   examples_fraction=_examples_fraction(monitor.records, search_problem.examples_total))
     test_scores = candidate.merge.score(test)
     row["selection"] = candidate.selection_fitness
     row["test"] = float(test_scores.double() @ test.task_weights)

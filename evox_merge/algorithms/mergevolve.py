@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from evox.core import Algorithm, Mutable
+from evox.triton_kernels.kernels.lora_noise import lora_gradient
 
 from evox_merge.experts.spaces import PerturbationSpace
 from evox_merge.util.errors import MergeInputError
@@ -86,10 +87,12 @@ class MERGEvolve(Algorithm):
         fitness = self.evaluate(population).double().cpu()  # minimised (the workflow negates the problem's)
         ranks = centred_ranks(fitness.nan_to_num(nan=float("inf")))
         weights = ranks[1::2] - ranks[2::2]  # > 0 where +perturbation was worse (higher minimised fitness)
-        noise = self.space.noise(self._seeds(generation))
+        factors = self.space.factors(self._seeds(generation))  # the pairs' factors, never K dense perturbations
         moved = []
-        for name in self.space.layer_names:
-            direction = torch.einsum("k,kij->ij", weights.float(), noise[name]) / self.pairs
+        for name, shape in zip(self.space.layer_names, self.space.shapes):
+            a, b = factors[name]
+            # sum_k w_k B_k A_k / K (EvoX's estimator with sigma 1), in units of the unit perturbation
+            direction = lora_gradient(weights.float(), a, b, self.pairs, 1.0, shape) / self.space.rank ** 0.5
             scale = self.space.sigma * self.space.scales[name]
             moved.append((self.space.centre[name] - self.learning_rate * scale * direction).reshape(-1))
         self.centre = torch.cat(moved)

@@ -13,11 +13,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from evox_merge.util.errors import MergeInputError
+from evox_merge.util.layer_names import LORA_KEY
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SUPPORTED_PEFT_TYPES = ("LORA",)
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _split_factors(tensors: dict[str, torch.Tensor], weights_path: Path) -> tupl
     lora_A: dict[str, torch.Tensor] = {}
     lora_B: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             raise MergeInputError(
                 f"{weights_path}: tensor {key!r} is not a LoRA A/B factor of a Linear layer; only plain LoRA "

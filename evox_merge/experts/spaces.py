@@ -206,13 +206,15 @@ class PerturbationSpace:
     def names(self) -> list[str]:
         return ["seed", "sign"]
 
+    def factors(self, seeds: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the perturbation factors of `seeds (P,)` int64: ``A (P, rank, in)``, ``B (P, out, rank)``
+        (the unit perturbation is ``B A / sqrt(rank)``)."""
+        return {name: generate_lora_factors(seeds, shape, self.rank, offset)
+                for name, shape, offset in zip(self.layer_names, self.shapes, self.offsets)}
+
     def noise(self, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per layer, the unit perturbations ``B A / sqrt(rank)`` of `seeds (P,)` int64: ``(P, out, in)``."""
-        result = {}
-        for name, shape, offset in zip(self.layer_names, self.shapes, self.offsets):
-            a, b = generate_lora_factors(seeds, shape, self.rank, offset)
-            result[name] = torch.bmm(b, a) / self.rank ** 0.5
-        return result
+        return {name: torch.bmm(b, a) / self.rank ** 0.5 for name, (a, b) in self.factors(seeds).items()}
 
     def deltas(self, x: torch.Tensor, layers: dict | None = None) -> dict[str, torch.Tensor]:
         """The dense delta per target layer of candidate ``x = (seed, sign)``."""

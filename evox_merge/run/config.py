@@ -170,12 +170,13 @@ class SpaceConfig(_Strict):
                 raise ValueError("by: module groups layers by module type; leave groups out")
         return self
 
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments of `evox_merge.experts.spaces.build_space`."""
+    def options(self, seed: int = 0) -> dict[str, Any]:
+        """Keyword arguments of `evox_merge.experts.spaces.build_space` (`seed`: DARE's masks in an operator
+        space)."""
         if self.kind == "expert":
             return {"kind": "expert"}
         if self.kind == "operator":
-            return {"kind": "operator", "method": self.method or "ties"}
+            return {"kind": "operator", "method": self.method or "ties", "seed": seed}
         return {"kind": "layer", "by": self.by or "blocks", **({"groups": self.groups} if self.groups else {})}
 
 

@@ -250,8 +250,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         dist.barrier()
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
              for spec in specs]
-    seed = {"seed": config.seed} if config.space.kind == "operator" else {}
-    space = build_space(list(experts.layers), experts.expert_names, **config.space.options(), **seed)
+    space = build_space(list(experts.layers), experts.expert_names, **config.space.options(config.seed))
     problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size, space=space)
     if config.normalise != "none":
         problem.normalise(anchor_normalisation(problem))
@@ -345,7 +344,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     if problem.space.kind == "layer":
         best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
         plot_layer_coefficients(best["coefficients"], list(problem.space.group_names), experts.expert_names,
-                                out / "coefficients.png", f"best searched candidate (record {best['id']}), by layer group")
+                                out / "coefficients.png",
+                                f"best searched candidate (record {best['id']}), by layer group")
     else:
         plot_coefficients(records, experts.expert_names, out / "coefficients.png")
     split = next(s for s in ("test", "selection", "search") if s in scores["release"])

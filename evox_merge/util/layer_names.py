@@ -12,7 +12,8 @@ import struct
 from pathlib import Path
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_[AB](?:\.[^.]+)?\.weight$")
+# A PEFT LoRA adapter's safetensors key: its module path (relative to the causal-LM model) and factor A or B.
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 
 
 def block_index(name: str) -> int | None:
@@ -41,5 +42,5 @@ def lora_layer_names(adapter_dir: str | Path) -> list[str]:
             header = json.loads(handle.read(size))
     except (OSError, ValueError, struct.error):
         return []
-    names = {match.group(1) for key in header if (match := _LORA_KEY.match(key))}
+    names = {match["module"] for key in header if (match := LORA_KEY.match(key))}
     return sorted(names)
