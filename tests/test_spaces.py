@@ -168,3 +168,40 @@ def test_the_span_residual_is_zero_for_linear_merges_and_positive_off_the_span(t
         assert span_residual(layer, n, linear)[1] < 1e-6, name
         off = linear + 0.1 * linear.norm() * torch.randn(linear.shape, generator=generator) / linear.numel() ** 0.5
         assert span_residual(layer, n, off)[1] > 0.05, name
+
+
+@pytest.mark.parametrize("kind, options", [("layer", {"by": "blocks", "groups": 2}), ("operator", {"method": "ties"})])
+def test_searches_start_from_the_same_merges_in_every_space(tiny_experts, kind, options):
+    """EvoGM's round-0 rows, PSO's hybrid swarm and CMA-ES's mean are the expert space's average, task-arithmetic
+    and one-hot merges written in the space's coordinates, not one-hots of the space's own dimensions."""
+    from evox.core import Problem
+    from evox.workflows import StdWorkflow
+
+    from evox_merge.algorithms.common import hybrid_population
+    from evox_merge.run.registry import build_algorithm
+
+    class Sphere(Problem):
+        def evaluate(self, pop):
+            return -(pop ** 2).sum(-1)
+
+    n = tiny_experts.num_experts
+    space = build_space(list(tiny_experts.layers), tiny_experts.expert_names, kind, **options)
+    structured = torch.cat([torch.full((1, n), 1 / n), torch.full((1, n), 0.5), torch.eye(n)])
+    pop = 2 * n + 4
+    evogm = build_algorithm("evogm", space.dim, pop_size=pop, seed=3, space=space,
+                            params={"task_arithmetic_scales": [0.5], "train_steps": 2})
+    StdWorkflow(evogm, Sphere(), opt_direction="max").init_step()
+    first = evogm.history.original_coefficients
+    assert first.shape == (pop, space.dim)
+    assert torch.allclose(first[: n + 2], torch.clamp(space.from_expert(structured), -1, 1))
+    if kind == "layer":  # every group gets the expert-space row: the same merge, layer by layer
+        expert_space = ExpertSpace(space.layer_names, space.expert_names)
+        assert torch.equal(space.layer_coefficients(first[1]), expert_space.layer_coefficients(structured[1]))
+    cmaes = build_algorithm("cmaes", space.dim, pop_size=pop, seed=3, space=space)
+    assert torch.allclose(cmaes.mean.cpu(), torch.clamp(space.from_expert(structured[0]), -1, 1))
+    pso = build_algorithm("pso", space.dim, pop_size=pop, seed=3, space=space)
+    assert torch.allclose(pso.pop.cpu()[: n + 1], torch.clamp(space.from_expert(structured[[0, *range(2, n + 2)]]),
+                                                              -1, 1))
+    # The expert space's rows are unchanged: average, one-hots, then random draws.
+    plain = hybrid_population(n, pop, -torch.ones(n), torch.ones(n), torch.Generator().manual_seed(0))
+    assert torch.equal(plain[: n + 1], torch.cat([structured[:1], torch.eye(n)]))

@@ -12,7 +12,7 @@ from evox.core import Algorithm
 
 from benchmarks.sweep.config import STATIC_METHODS, BudgetSpec, SetupConfig, SweepConfig
 from benchmarks.sweep.setup import BenchSetup, load_setup
-from evox_merge.experts.spaces import build_space
+from evox_merge.experts.spaces import SearchSpace, build_space
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import TaskNormalisation, anchor_normalisation
 from evox_merge.run.loop import search
@@ -69,17 +69,18 @@ def grid(config: SweepConfig, setup: BenchSetup) -> list[Cell]:
 
 def build_search_algorithm(
     method: str, num_experts: int, budget: BudgetSpec, seed: int, evogm_params: dict | None = None,
-    dim: int | None = None,
+    space: SearchSpace | None = None,
 ) -> tuple[Algorithm, int]:
     """The registry's algorithm for a search method, and how many generations the budget gives every method.
 
     The population is ``pop_per_expert * num_experts`` whatever the search space, so every space gets the same
-    evaluations; `dim`: the space's dimension (default `num_experts`). EvoGM and its variants get the budget's
-    rounds and iterations (plus ``evogm_params``)."""
+    evaluations; `space`: the problem's search space (default one coefficient per expert), where the search starts
+    from the same merges as in the expert space (`build_algorithm`). EvoGM and its variants get the budget's rounds
+    and iterations (plus ``evogm_params``)."""
     params = {**(evogm_params or {}), "num_rounds": budget.rounds, "iterations_per_round": budget.iterations} if (
         is_evogm(method)) else {}
-    algorithm = build_algorithm(method, dim or num_experts, pop_size=budget.pop_per_expert * num_experts, seed=seed,
-                                params=params)
+    algorithm = build_algorithm(method, space.dim if space is not None else num_experts,
+                                pop_size=budget.pop_per_expert * num_experts, seed=seed, params=params, space=space)
     return algorithm, budget.generations
 
 
@@ -95,7 +96,7 @@ def _problems(setup: BenchSetup, config: SweepConfig, names: tuple[str, ...], se
     group; the anchors are the same merges in every space)."""
     parts = [split_task(read_task(setup.specs[name]), config.selection_fraction, config.max_validation_examples)
              for name in names]
-    space = build_space(list(setup.experts.layers), setup.experts.expert_names, **config.space.options(seed))
+    space = build_space(setup.experts.target_names, setup.experts.expert_names, **config.space.options(seed))
     batch = {"batch_size": config.batch_size, "space": space}
     search_problem = MergeProblem(setup.experts, [search for search, _ in parts], **batch)
     selection = None
@@ -141,7 +142,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     else:
         algorithm, generations = build_search_algorithm(cell.method, setup.experts.num_experts,
                                                         config.budgets[cell.budget], cell.seed, config.evogm_params,
-                                                        dim=search_problem.dim)
+                                                        space=search_problem.space)
         if config.racing is not None:
             search_problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages,
                                             config.selection_top_k))

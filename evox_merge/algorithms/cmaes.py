@@ -8,7 +8,7 @@ import torch
 from evox.algorithms import CMAES
 from evox.algorithms.so.es_variants.sort_utils import sort_by_key
 
-from .common import coefficient_bounds, kth_best, rank_key
+from .common import coefficient_bounds, expert_average, kth_best, rank_key
 
 __all__ = ["BoundedCMAES", "repair"]
 
@@ -58,6 +58,7 @@ class BoundedCMAES(CMAES):
         mean_init: torch.Tensor | None = None,
         boundary: Literal["clip", "reflect"] = "clip",
         device: torch.device | None = None,
+        space: Any = None,
     ):
         """
         Args:
@@ -68,14 +69,17 @@ class BoundedCMAES(CMAES):
             ub: upper bound, a float or an (N,) tensor. Default 1.
             seed: seed of the private `torch.Generator`.
             sigma: initial step size. Default 0.25 * mean(ub - lb).
-            mean_init: (N,) initial mean. Default the uniform average 1/N, clipped into the box.
+            mean_init: (N,) initial mean. Default the uniform average 1/N (in a search `space`'s coordinates where
+                one is given: `expert_average`), clipped into the box.
             boundary: "clip" or "reflect", how samples outside the box are repaired.
             device: device of the state and of the populations handed to the problem.
+            space: the search space (`evox_merge.experts.spaces`) when it is not one coefficient per expert
+                (``num_experts`` is then its dimension); only the default mean depends on it.
         """
         device = torch.get_default_device() if device is None else torch.device(device)
         lower, upper = coefficient_bounds(num_experts, lb, ub)
         if mean_init is None:
-            mean_init = torch.clamp(torch.full((num_experts,), 1.0 / num_experts, device="cpu"), lower, upper)
+            mean_init = torch.clamp(expert_average(num_experts, space), lower, upper)
         if sigma is None:
             sigma = 0.25 * float((upper - lower).mean())
         super().__init__(mean_init=mean_init.to(device), sigma=sigma, pop_size=pop_size, device=device)

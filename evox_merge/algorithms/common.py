@@ -85,6 +85,7 @@ def hybrid_population(
     ub: torch.Tensor,
     rng: torch.Generator,
     task_arithmetic_scales: tuple[float, ...] = (),
+    space: Any = None,
 ) -> torch.Tensor:
     """EvoGM's initial population (arXiv 2605.29295, "Population Initialization"), (P, N) float32 on CPU.
 
@@ -92,14 +93,29 @@ def hybrid_population(
     rows and clipped into the box. The average comes first *(ours; the authors' code puts the one-hots first)*, so a
     population smaller than N + 1 keeps the average merge, the strongest static baseline, and drops a one-hot.
     `task_arithmetic_scales` *(ours)* adds a row s * ones (task arithmetic with scale s) per scale after the average.
+
+    With a search `space` (`evox_merge.experts.spaces`; ``num_experts`` is then the space's dimension D) the average,
+    the task-arithmetic rows and the one-hots are the same *merges* written in the space's coordinates
+    (``space.from_expert``), one per expert of the space; only the random rows are drawn in the space itself.
     """
-    average = torch.full((1, num_experts), 1.0 / num_experts, device="cpu")
-    scaled = torch.tensor([[float(s)] * num_experts for s in task_arithmetic_scales], device="cpu")
-    one_hot = torch.eye(num_experts, device="cpu")
-    num_random = max(pop_size - num_experts - 1 - len(task_arithmetic_scales), 0)
+    experts = len(space.expert_names) if space is not None else num_experts
+    average = torch.full((1, experts), 1.0 / experts, device="cpu")
+    scaled = torch.tensor([[float(s)] * experts for s in task_arithmetic_scales], device="cpu").reshape(-1, experts)
+    structured = torch.cat([average, scaled, torch.eye(experts, device="cpu")])
+    if space is not None:
+        structured = space.from_expert(structured).float()
+    num_random = max(pop_size - len(structured), 0)
     random = lb + (ub - lb) * torch.rand(num_random, num_experts, generator=rng, device="cpu")
-    rows = [average, scaled.reshape(-1, num_experts), one_hot, random]
-    return torch.clamp(torch.cat(rows)[:pop_size], lb, ub)
+    return torch.clamp(torch.cat([structured, random])[:pop_size], lb, ub)
+
+
+def expert_average(num_experts: int, space: Any = None) -> torch.Tensor:
+    """The uniform average merge (1/N per expert) as a ``(num_experts,)`` vector, or in a search `space`'s
+    coordinates (``space.from_expert``; ``num_experts`` is then the space's dimension): where CMA-ES starts."""
+    if space is None:
+        return torch.full((num_experts,), 1.0 / num_experts, device="cpu")
+    experts = len(space.expert_names)
+    return space.from_expert(torch.full((experts,), 1.0 / experts, device="cpu")).float()
 
 
 def rank_key(fitness: torch.Tensor) -> torch.Tensor:

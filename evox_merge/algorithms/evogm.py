@@ -145,6 +145,7 @@ class EvoGM(Algorithm):
         max_condition: float | None = None,
         objectives: str = "scalar",
         n_objs: int = 1,
+        space: Any = None,
     ):
         """Defaults are the authors' public settings (JiangTao97/evogm, config/method/evogm.yaml) plus the default
         variant's switches; `variant="paper"` turns every switch off.
@@ -178,6 +179,9 @@ class EvoGM(Algorithm):
                 basis shift, the carried elites) is by non-dominated rank, then crowding distance, then age
                 (`evox_merge.algorithms.pareto.pareto_order`); a mutation succeeds when the child dominates its
                 parent. Everything else is unchanged; "scalar" is the ablation back.
+            space: the search space (`evox_merge.experts.spaces`) when it is not one coefficient per expert
+                (``num_experts`` is then its dimension): round 0's average, task-arithmetic rows and one-hot
+                experts are those merges in the space's coordinates (`hybrid_population`).
             n_objs: the number of objectives with ``objectives="pareto"`` (1 otherwise).
 
         Raises:
@@ -209,6 +213,7 @@ class EvoGM(Algorithm):
             },
         )
         self.num_experts = num_experts
+        self.space = space
         self.pop_size = pop_size
         self.num_rounds = num_rounds
         self.iterations_per_round = iterations_per_round
@@ -347,8 +352,10 @@ class EvoGM(Algorithm):
     # --- rounds -----------------------------------------------------------------------------------------------
 
     def _begin_round(self) -> None:
-        scales = self.switches.task_arithmetic_scales if self.current_round == 0 else ()
-        population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng, scales)
+        first = self.current_round == 0
+        scales = self.switches.task_arithmetic_scales if first else ()
+        population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng, scales,
+                                       space=self.space if first else None)
         if self.switches.archive:
             population = self._replace_cached(population, around=False)
         self._evaluating_parents = "experts" if self.current_round == 0 else list(self.basis_records[-1])

@@ -45,6 +45,7 @@ class BoundedPSO(PSO):
         phi_g: float = 0.8,
         init: Literal["hybrid", "uniform"] = "hybrid",
         device: torch.device | None = None,
+        space: Any = None,
     ):
         """
         Args:
@@ -58,6 +59,8 @@ class BoundedPSO(PSO):
             phi_g: social (global-best) weight (EvoX's default 0.8).
             init: "hybrid" (EvoGM's initial population) or "uniform" (uniform in the box).
             device: device of the state and of the populations handed to the problem.
+            space: the search space (`evox_merge.experts.spaces`) when it is not one coefficient per expert
+                (``num_experts`` is then its dimension): the hybrid swarm's structured rows are written in it.
         """
         device = torch.get_default_device() if device is None else torch.device(device)
         lower, upper = coefficient_bounds(num_experts, lb, ub)
@@ -66,7 +69,7 @@ class BoundedPSO(PSO):
         self._rng = torch.Generator().manual_seed(seed)
         width = upper - lower
         if init == "hybrid":
-            pop = hybrid_population(num_experts, pop_size, lower, upper, self._rng)
+            pop = hybrid_population(num_experts, pop_size, lower, upper, self._rng, space=space)
         else:
             pop = lower + width * torch.rand(pop_size, num_experts, generator=self._rng, device="cpu")
         velocity = width * (2 * torch.rand(pop_size, num_experts, generator=self._rng, device="cpu") - 1)

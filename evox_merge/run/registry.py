@@ -122,7 +122,7 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             search sets itself.
     """
     cls = algorithm_class(name)
-    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *reserved_params(name)} if name in ALGORITHMS else {
+    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", "space", *reserved_params(name)} if name in ALGORITHMS else {
         "pop_size", "lb", "ub", "n_objs"}
     accepted = inspect.signature(cls.__init__).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
@@ -137,7 +137,7 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 
 def build_algorithm(
     name: str, num_experts: int, *, pop_size: int, lb: float = -1.0, ub: float = 1.0, seed: int = 0,
-    params: dict[str, Any] | None = None, n_objs: int | None = None,
+    params: dict[str, Any] | None = None, n_objs: int | None = None, space: Any = None,
 ):
     """Construct the algorithm `name` for `num_experts` coefficients.
 
@@ -145,6 +145,10 @@ def build_algorithm(
     `params`, and a multi-objective one ``n_objs`` (required for it). A foreign EvoX algorithm gets ``pop_size``,
     ``lb`` and ``ub`` (as ``(N,)`` tensors) and ``n_objs`` where its constructor takes them, plus `params`; torch's
     global RNG is seeded with `seed` first, since EvoX algorithms draw their initial population from it.
+
+    `space`: the problem's search space (`evox_merge.experts.spaces`), whose dimension is then ``num_experts``.
+    Registered algorithms that start from particular merges (EvoGM's average and one-hot experts, CMA-ES's
+    average, PSO's hybrid swarm) take it to write those merges in its coordinates; the expert space needs nothing.
     """
     import torch
 
@@ -156,7 +160,10 @@ def build_algorithm(
             if n_objs is None:
                 raise MergeInputError(f"algorithm.name: {name!r} is multi-objective; set objectives: pareto")
             params["n_objs"] = n_objs
-        return entry.load()(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
+        cls = entry.load()
+        if space is not None and space.kind != "expert" and "space" in inspect.signature(cls.__init__).parameters:
+            params["space"] = space
+        return cls(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
     cls = _foreign_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     offered = {"pop_size": pop_size, "lb": torch.full((num_experts,), lb), "ub": torch.full((num_experts,), ub),

@@ -240,7 +240,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     start_time = time.perf_counter()
     specs = config.task_specs()
     experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
-                             dtype=DTYPES[config.dtype])
+                             dtype=DTYPES[config.dtype], progress=progress == "bar", **config.dense.options())
     device_name = (torch.cuda.get_device_name(0) if config.device.startswith("cuda")
                    else describe_machine()["cpu"])
     objectives = objectives_from_config(config.objectives, [spec.name for spec in specs])
@@ -250,14 +250,15 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
         dist.barrier()
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
              for spec in specs]
-    space = build_space(list(experts.layers), experts.expert_names, **config.space.options(config.seed))
+    space = build_space(experts.target_names, experts.expert_names, **config.space.options(config.seed))
     problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size, space=space)
     if config.normalise != "none":
         problem.normalise(anchor_normalisation(problem))
     vector = objectives.pareto and is_multi_objective(config.algorithm.name)
     algorithm = build_algorithm(config.algorithm.name, problem.dim, pop_size=config.algorithm.pop_size,
                                 lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
-                                params=config.algorithm.params, n_objs=len(objectives.names) if vector else None)
+                                params=config.algorithm.params, n_objs=len(objectives.names) if vector else None,
+                                space=space)
     if config.racing is not None:
         problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages, config.selection_top_k))
     generations = config.budget.generations_for(config.algorithm.pop_size)
