@@ -99,6 +99,9 @@ def _read_run(run_dir: str) -> tuple[str, list[str], list[float] | None, dict]:
                              "evox-merge search") from None
     # A static merge that won the selection is in the expert space whatever space the search used.
     release = {**release, "space": space if "coefficients_by_name" in release else {"kind": "expert"}}
+    dense = recipe.get("search", {}).get("config", {}).get("dense") or {}
+    release["dense_options"] = {"dense_mode": dense.get("mode", "memory"), "dense_rank": dense.get("rank"),
+                                "dense_targets": dense.get("targets")}
     return base, experts, coefficients, release
 
 
@@ -112,8 +115,9 @@ def _apply(args: argparse.Namespace) -> None:
                                  f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
         coefficients = _parse_coefficients(",".join(str(c) for c in coefficients))
         space_options = {key: value for key, value in release["space"].items() if value is not None}
+        dense_options = release["dense_options"]
     else:
-        space_options = {"kind": "expert"}
+        space_options, dense_options = {"kind": "expert"}, {}
         if not (args.base and args.experts and args.coefficients):
             raise EvoxMergeError("apply needs --run DIR, or --base, --experts and --coefficients")
         base, experts = args.base, args.experts
@@ -132,14 +136,17 @@ def _apply(args: argparse.Namespace) -> None:
 
     from evox_merge.experts.spaces import build_space
 
-    expert_set = ExpertSet.load(base, experts)
-    space = build_space(list(expert_set.layers), expert_set.expert_names, **space_options)
+    expert_set = ExpertSet.load(base, experts, **dense_options)
+    space = build_space(expert_set.target_names, expert_set.expert_names, **space_options)
     if len(coefficients) != space.dim:
         raise EvoxMergeError(f"the release has {len(coefficients)} coefficients for the {space.kind} space's "
                              f"{space.dim} dimensions")
     merge = StaticMerge("apply", {"coefficients": coefficients}, coefficients=torch.tensor(coefficients),
                         space=None if space.kind == "expert" else space)
     info = write_merge(expert_set, merge, out, args.rank, full_model=args.full_model)
+    if expert_set.dense:
+        print(f"wrote {args.out}/model (dense experts: the merged full model)")
+        return
     print(f"wrote {args.out}/adapter (max relative error {info['max_relative_error']:.3g})"
           + (f" and {args.out}/model" if args.full_model else ""))
 

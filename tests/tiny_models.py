@@ -115,3 +115,33 @@ def write_tiny_tasks(out_dir: str | Path, seed: int = 0, examples: int = 12) -> 
         TaskSpec(name="copy", type="generation", max_new_tokens=8, **paths("copy")),
         TaskSpec(name="text", type="language_modeling", **paths("text")),
     ]
+
+
+# Which parameters each dense test expert changes (regular expressions; None: every parameter).
+DENSE_CHANGES = (None, r"mlp|norm", r"self_attn|embed_tokens")
+
+
+def write_dense_experts(base_dir: str | Path, out_dir: str | Path, count: int = 3, seed: int = 0,
+                        scale: float = 0.05) -> list[Path]:
+    """Write `count` full models "fine-tuned" from the base at `base_dir`: each adds seeded Gaussian noise to the
+    parameters `DENSE_CHANGES` names (the third is saved in shards), with the base's tokenizer beside it."""
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    paths = []
+    for index in range(count):
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        generator = torch.Generator().manual_seed(seed * 100 + index)
+        pattern = DENSE_CHANGES[index % len(DENSE_CHANGES)]
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if pattern is None or re.search(pattern, name):
+                    parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+        path = out_dir / f"dense_{index}"
+        model.save_pretrained(path, max_shard_size="100KB" if index == 2 else "5GB")
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths

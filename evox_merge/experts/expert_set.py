@@ -1,4 +1,6 @@
-"""ExpertSet: a base model and N LoRA experts, validated against it and stacked per target layer."""
+"""ExpertSet: a base model and N experts (PEFT LoRA adapters and/or fully fine-tuned models), validated against it
+and kept per target: LoRA factors stacked per target layer, dense task vectors per parameter
+(`evox_merge.experts.dense`)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evox_merge.experts.adapters import CONFIG_NAME, LoraAdapter, read_lora_adapter
+from evox_merge.experts.dense import (DenseExpert, DenseTarget, build_dense_targets, read_dense_expert,
+                                      safetensors_index)
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hashing import directory_sha256
-from evox_merge.util.hub import ModelSource, is_hub_id, read_model_config, resolve_model
+from evox_merge.util.hub import ModelSource, is_dense_expert, is_hub_id, read_model_config, resolve_model
 from evox_merge.experts.kernel import LayerFactors
 
 logger = logging.getLogger(__name__)
@@ -27,17 +31,23 @@ MIN_VOCABULARY_FILL = 0.9
 
 @dataclass(eq=False)
 class ExpertSet:
-    """A base causal LM, its tokenizer and N LoRA experts trained from it.
+    """A base causal LM, its tokenizer and N experts trained from it: PEFT LoRA adapters, fully fine-tuned models
+    (dense experts, `evox_merge.experts.dense`), or a mix.
 
-    Build it with `ExpertSet.load`. ``layers`` maps each Linear layer that any expert targets (module path
-    relative to the model, e.g. ``model.layers.0.self_attn.q_proj``) to its `LayerFactors`.
+    Build it with `ExpertSet.load`. ``layers`` maps each Linear layer that any LoRA expert (or an SVD-compressed
+    dense one) targets (module path relative to the model, e.g. ``model.layers.0.self_attn.q_proj``) to its
+    `LayerFactors`; ``dense`` maps each parameter a dense expert changes (parameter name, e.g.
+    ``model.norm.weight``) to its `DenseTarget`. ``target_names`` lists both, layers first: the order of a search
+    space's per-target coefficient rows.
     """
 
     base_path: str
     model: PreTrainedModel = field(repr=False)
     tokenizer: PreTrainedTokenizerBase = field(repr=False)
-    adapters: list[LoraAdapter] = field(repr=False)
+    adapters: list[LoraAdapter | DenseExpert] = field(repr=False)
     layers: dict[str, LayerFactors] = field(repr=False)
+    dense: dict[str, DenseTarget] = field(default_factory=dict, repr=False)
+    dense_options: dict[str, Any] = field(default_factory=dict, repr=False)
     base_source: ModelSource | None = field(default=None, repr=False)
     adapter_sources: list[ModelSource] = field(default_factory=list, repr=False)
     tokenizer_info: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -46,6 +56,16 @@ class ExpertSet:
     def num_experts(self) -> int:
         """N, the length of every coefficient vector."""
         return len(self.adapters)
+
+    @property
+    def target_names(self) -> list[str]:
+        """Every merge target: the LoRA-factored layers (module paths), then the dense parameters (names)."""
+        return [*self.layers, *self.dense]
+
+    @property
+    def targets(self) -> dict[str, "LayerFactors | DenseTarget"]:
+        """``target_names`` -> their `LayerFactors` or `DenseTarget`, in that order."""
+        return {**self.layers, **self.dense}
 
     @property
     def expert_names(self) -> list[str]:
@@ -61,21 +81,31 @@ class ExpertSet:
         tokenizer: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        dense_mode: str = "memory",
+        dense_rank: int | None = None,
+        dense_targets: Sequence[str] | None = None,
+        progress: bool = False,
     ) -> "ExpertSet":
-        """Load a base model and N PEFT LoRA adapter directories, validating everything before any compute.
+        """Load a base model and N experts, validating everything before any compute.
 
         Args:
             base: a Hugging Face model directory, or a Hub id (``org/name[@revision]``) resolved through the local
                 Hub cache (`evox_merge.util.hub`).
-            adapters: N >= 2 PEFT LoRA adapter directories (or Hub ids) trained from `base`. Ranks, alphas, rsLoRA
-                and target modules may differ between experts; a layer an expert does not target gets zero from it.
+            adapters: N >= 2 experts trained from `base`: PEFT LoRA adapter directories, full model directories
+                (`save_pretrained` with safetensors, sharded or not: dense experts), or Hub ids of either. Ranks,
+                alphas, rsLoRA and target modules may differ between LoRA experts; a layer or parameter an expert
+                does not change gets zero from it.
             tokenizer: tokenizer directory or Hub id; defaults to `base`.
             device: where the model, its factors and the scoring run.
             dtype: the model's dtype (factors are kept in the same dtype).
+            dense_mode, dense_rank, dense_targets: how dense experts' task vectors are kept (``memory``,
+                ``stream`` or ``svd`` with a rank) and which parameters are merged (regular expressions; default
+                every parameter that differs): `evox_merge.experts.dense`.
+            progress: show a progress bar while dense task vectors are computed.
 
         Everything but the weights' fit to the loaded layers is checked before the model loads: the adapters'
-        files and tensors (finite), their recorded base, the base's config.json and the tokenizer's vocabulary
-        against the base's ``vocab_size``.
+        files and tensors (finite), their recorded base, the dense experts' configs and tensor headers against the
+        base's, the base's config.json and the tokenizer's vocabulary against the base's ``vocab_size``.
 
         Raises:
             MergeInputError: fewer than 2 experts, duplicates, unreadable files, unsupported adapter types, an
@@ -87,15 +117,21 @@ class ExpertSet:
         sources = [resolve_model(a, f"experts[{i}]") for i, a in enumerate(adapters)]
         adapter_paths = [Path(source.path) for source in sources]
         _check_adapter_list(adapter_paths)
-        loaded = []
+        base_tensors = (safetensors_index(base_source.path) if any(is_dense_expert(p) for p in adapter_paths)
+                        else {})
+        loaded: list[LoraAdapter | DenseExpert] = []
         for source, path in zip(sources, adapter_paths):
-            adapter = read_lora_adapter(path)
+            if is_dense_expert(path):
+                adapter = read_dense_expert(path, base_config, base_tensors, base_source.ref)
+            else:
+                adapter = read_lora_adapter(path)
             if source.repo_id is not None:
                 adapter.name = source.repo_id.split("/")[-1]
             loaded.append(adapter)
-        _check_no_duplicate_weights(loaded)
+        lora = [adapter for adapter in loaded if isinstance(adapter, LoraAdapter)]
+        _check_no_duplicate_weights(lora)
         base_name = base_source.repo_id or base_source.path
-        _check_recorded_base(loaded, base_config, base_name)
+        _check_recorded_base(lora, base_config, base_name)
         tokenizer_source = resolve_model(tokenizer, "tokenizer") if tokenizer is not None else base_source
         try:
             loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source.path)
@@ -110,17 +146,29 @@ class ExpertSet:
         model = _load_base_model(base_source.path, base_source.ref, device, dtype)
         rows = model.get_input_embeddings().num_embeddings
         info = _check_vocabulary(loaded_tokenizer, tokenizer_source.ref, rows, "the base model's embedding")
-        for adapter in loaded:
+        for adapter in lora:
             _check_adapter_fits_model(adapter, model)
+        dense_experts = [(i, a) for i, a in enumerate(loaded) if isinstance(a, DenseExpert)]
+        dense, dense_options = {}, {}
+        if dense_experts:
+            dense = build_dense_targets(dense_experts, model, base_tensors, dense_mode, dense_rank, dense_targets,
+                                        progress=progress)
+            dense_options = {"mode": dense_mode, "rank": dense_rank,
+                             "targets": list(dense_targets) if dense_targets else None}
         layers = _stack_factors(loaded, model, device, dtype)
         shipping = [a.name for a in loaded if (a.path / "tokenizer_config.json").is_file()]
         info.update(tokenizer=tokenizer_source.to_dict(), experts_shipping_a_tokenizer=shipping)
         return cls(base_path=base_source.ref, model=model, tokenizer=loaded_tokenizer, adapters=loaded, layers=layers,
-                   base_source=base_source, adapter_sources=sources, tokenizer_info=info)
+                   dense=dense, dense_options=dense_options, base_source=base_source, adapter_sources=sources,
+                   tokenizer_info=info)
 
     def target_module(self, name: str) -> torch.nn.Linear:
         """The base model's Linear layer at module path `name`."""
         return self.model.get_submodule(name)
+
+    def target_weight(self, name: str) -> torch.nn.Parameter:
+        """The parameter a target writes: a layer's ``weight`` (module path) or a dense target's parameter."""
+        return self.model.get_parameter(name) if name in self.dense else self.target_module(name).weight
 
     @cached_property
     def base_hash(self) -> str:
@@ -130,7 +178,9 @@ class ExpertSet:
 
     @cached_property
     def metadata(self) -> list[dict[str, Any]]:
-        """Per expert: name, path, content hash, rank per target module, targets, alpha, rsLoRA (for records)."""
+        """Per expert (for records): name, path, content hash, kind; a LoRA expert's rank per target module,
+        targets, alpha and rsLoRA; a dense expert's count of changed parameters, the dense mode and its SVD
+        errors."""
         sources = self.adapter_sources or [None] * len(self.adapters)
         return [
             {
@@ -139,13 +189,20 @@ class ExpertSet:
                 **({"hub": {"repo_id": source.repo_id, "revision": source.revision, "commit": source.commit}}
                    if source is not None and source.repo_id is not None else {}),
                 "sha256": directory_sha256(adapter.path),
-                "ranks": adapter.ranks,
-                "target_modules": adapter.modules,
-                "lora_alpha": adapter.config["lora_alpha"],
-                "use_rslora": bool(adapter.config.get("use_rslora")),
+                **(_lora_metadata(adapter) if isinstance(adapter, LoraAdapter) else self._dense_metadata(adapter)),
             }
             for adapter, source in zip(self.adapters, sources)
         ]
+
+    def _dense_metadata(self, expert: DenseExpert) -> dict[str, Any]:
+        errors = expert.svd_errors
+        return {"kind": "dense", "parameters_changed": len(expert.parameters), **self.dense_options,
+                **({"svd_max_relative_error": max(errors.values()), "svd_relative_errors": errors} if errors else {})}
+
+
+def _lora_metadata(adapter: LoraAdapter) -> dict[str, Any]:
+    return {"kind": "lora", "ranks": adapter.ranks, "target_modules": adapter.modules,
+            "lora_alpha": adapter.config["lora_alpha"], "use_rslora": bool(adapter.config.get("use_rslora"))}
 
 
 def _check_adapter_list(paths: list[Path]) -> None:
@@ -277,9 +334,10 @@ def _check_adapter_tokenizer(adapter: LoraAdapter, tokenizer: PreTrainedTokenize
 
 
 def _stack_factors(
-    adapters: list[LoraAdapter], model: PreTrainedModel, device: str | torch.device, dtype: torch.dtype
-) -> dict[str, LayerFactors]:
-    """Per target layer, stack A and scaling * B of every expert that targets it."""
+    adapters: list[LoraAdapter | DenseExpert], model: PreTrainedModel, device: str | torch.device,
+    dtype: torch.dtype) -> dict[str, LayerFactors]:
+    """Per target layer, stack A and scaling * B of every expert that targets it (dense experts: their
+    SVD-compressed factors, if any)."""
     layer_names = sorted({module for adapter in adapters for module in adapter.modules})
     layers = {}
     for name in layer_names:
@@ -288,7 +346,7 @@ def _stack_factors(
             if name in adapter.lora_A:
                 a_parts.append(adapter.lora_A[name])
                 b_parts.append(adapter.lora_B[name] * adapter.scaling[name])
-                owners.append(torch.full((adapter.rank(name),), index, dtype=torch.long))
+                owners.append(torch.full((adapter.lora_A[name].shape[0],), index, dtype=torch.long))
         layers[name] = LayerFactors(
             A_cat=torch.cat(a_parts).to(device=device, dtype=dtype),
             B_scaled=torch.cat(b_parts, dim=1).to(device=device, dtype=dtype),

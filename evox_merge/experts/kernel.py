@@ -55,9 +55,24 @@ def dense_task_vectors(layer: LayerFactors, num_experts: int) -> torch.Tensor:
     return torch.stack([merged_delta(layer, eye[i]) for i in range(num_experts)])
 
 
-def operator_delta(layer: LayerFactors, num_experts: int, method: str, weights: torch.Tensor,
+def target_delta(target, coefficients: torch.Tensor) -> torch.Tensor:
+    """The merged delta of one merge target for ``coefficients (N,)``: a LoRA-factored layer (`LayerFactors`,
+    `merged_delta`) or a dense parameter (`evox_merge.experts.dense.DenseTarget`, ``sum_i c_i tau_i``)."""
+    if isinstance(target, LayerFactors):
+        return merged_delta(target, coefficients)
+    return target.merged_delta(coefficients)
+
+
+def target_task_vectors(target, num_experts: int) -> torch.Tensor:
+    """Every expert's task vector of one merge target, ``(N, *shape)`` (zeros for experts that do not change it)."""
+    if isinstance(target, LayerFactors):
+        return dense_task_vectors(target, num_experts)
+    return target.task_vectors(num_experts)
+
+
+def operator_delta(layer, num_experts: int, method: str, weights: torch.Tensor,
                    density: float) -> torch.Tensor:
-    """One layer's merged delta ``(out, in)`` by a `peft.utils.merge_utils` operator over the experts' dense task
+    """One target's (a `LayerFactors` or a dense parameter's) merged delta by a `peft.utils.merge_utils` operator over the experts' dense task
     vectors: TIES (``ties``: keep the `density` largest entries, elect signs, weight by `weights (N,)`), DARE
     (``dare_linear``: drop entries at random, keeping `density`, rescale) or DARE-TIES (``dare_ties``). DARE draws
     its masks from torch's global RNG (seed it for reproducible masks)."""
@@ -65,7 +80,7 @@ def operator_delta(layer: LayerFactors, num_experts: int, method: str, weights: 
         raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    task_vectors = list(dense_task_vectors(layer, num_experts))
+    task_vectors = list(target_task_vectors(layer, num_experts))
     return getattr(merge_utils, method)(task_vectors, weights.to(task_vectors[0]), density)
 
 
@@ -74,7 +89,7 @@ def span_residual(layer: LayerFactors, num_experts: int, delta: torch.Tensor) ->
     its part that no linear combination ``sum_i c_i s_i B_i A_i`` reaches (least squares over the flattened task
     vectors, float64) and that norm relative to the delta's own (0 for any linear merge of these experts, up to
     rounding; 1 for a delta orthogonal to all of them). Returns ``(residual norm, relative residual)``."""
-    basis = dense_task_vectors(layer, num_experts).reshape(num_experts, -1).double().T  # (out * in, N)
+    basis = target_task_vectors(layer, num_experts).reshape(num_experts, -1).double().T  # (out * in, N)
     target = delta.reshape(-1, 1).double().to(basis.device)
     solution = torch.linalg.lstsq(basis, target, driver="gelsd").solution
     residual = float((target - basis @ solution).norm())

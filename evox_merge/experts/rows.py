@@ -16,6 +16,7 @@ import torch
 
 from evox_merge.experts.expert_set import ExpertSet
 from evox_merge.experts.kernel import LayerFactors
+from evox_merge.util.errors import MergeInputError
 
 
 def _row_delta_hook(factors: LayerFactors, scales: torch.Tensor):
@@ -34,6 +35,9 @@ def candidate_rows(experts: ExpertSet, population: torch.Tensor) -> Iterator[int
     """Context in which the model scores ``population (P, N)`` (or ``(P, L, N)``, per target layer) at once: in
     every batch of ``P * b`` rows, rows ``p * b ... p * b + b - 1`` see candidate ``p``'s merged model. Yields P.
     The base weights stay ``W0`` throughout (they must be ``W0`` on entry: no in-place merge applied)."""
+    if experts.dense:
+        raise MergeInputError("several candidates per pass run LoRA experts' factors unmerged; dense experts' task "
+                              "vectors merge in place only")
     handles = []
     try:
         for index, (name, factors) in enumerate(experts.layers.items()):

@@ -1,7 +1,7 @@
 """Search spaces: how the flat vector an algorithm proposes becomes merge coefficients, layer by layer.
 
 The expert and layer spaces map a vector ``x (D,)`` to a coefficient matrix ``(L, N)``, one row per target layer
-of the `ExpertSet` (in ``experts.layers`` order), so the in-place merge stays one fused ``addmm`` per target layer
+of the `ExpertSet` (in ``experts.target_names`` order: LoRA-factored layers, then dense experts' parameters), so the in-place merge stays one fused ``addmm`` per target layer
 per candidate (`evox_merge.experts.merger.InPlaceMerger.apply` takes the matrix); the operator space maps it to a
 dense delta per layer.
 

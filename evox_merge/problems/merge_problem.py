@@ -79,12 +79,16 @@ class MergeProblem(Problem):
         device = next(experts.model.parameters()).device
         self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device) for task in self.tasks]
         self.merger = shared_merger(experts)
-        self.space = space if space is not None else ExpertSpace(tuple(experts.layers), tuple(experts.expert_names))
-        if list(self.space.layer_names) != list(experts.layers) or list(self.space.expert_names) != experts.expert_names:
+        self.space = space if space is not None else ExpertSpace(tuple(experts.target_names),
+                                                                 tuple(experts.expert_names))
+        if list(self.space.layer_names) != experts.target_names or list(self.space.expert_names) != experts.expert_names:
             raise MergeInputError("the search space was built for other target layers or experts than these")
         if self.space.kind in ("operator", "perturbation") and candidates_per_pass > 1:
             raise MergeInputError("candidates_per_pass > 1 runs the experts' factors unmerged, which an operator "
                                   "space (a dense delta per layer) cannot; use 1")
+        if experts.dense and candidates_per_pass > 1:
+            raise MergeInputError("candidates_per_pass > 1 runs LoRA experts' factors unmerged; dense experts' task "
+                                  "vectors merge in place only: use 1")
         self.normalisation = identity_normalisation(self.task_names)
         self.batch_size = batch_size
         self.racing: Racing | None = None
@@ -182,7 +186,7 @@ class MergeProblem(Problem):
         """Write one candidate's merge into the model: ``(N,)`` coefficients in the expert space, ``(L, N)`` in a
         layer space (both one fused update per layer), dense deltas in an operator space."""
         if self.space.kind in ("operator", "perturbation"):
-            self.merger.apply_deltas(self.space.deltas(candidate, self.experts.layers))
+            self.merger.apply_deltas(self.space.deltas(candidate, self.experts.targets))
         else:
             self.merger.apply(candidate if self.space.kind == "expert" else self.space.layer_coefficients(candidate))
 

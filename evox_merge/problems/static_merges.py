@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from evox_merge.experts.kernel import OPERATORS, merged_delta, operator_delta
+from evox_merge.experts.kernel import OPERATORS, operator_delta, target_delta
 from evox_merge.problems.merge_problem import MergeProblem
 
 DEFAULT_SCALINGS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -67,13 +67,14 @@ class StaticMerge:
         return self.coefficients if self.space is None else self.space.layer_coefficients(self.coefficients)
 
     def merged_deltas(self, layers: dict) -> dict[str, torch.Tensor]:
-        """The merge's dense delta per target layer (`layers`: the experts' `LayerFactors` by name, in order)."""
+        """The merge's dense delta per target (`layers`: the experts' ``targets``, `LayerFactors` or dense
+        `DenseTarget` by name, in order)."""
         if self.deltas is not None:
             return self.deltas
         if self.dense:
             return self.space.deltas(self.coefficients, layers)
         coefficients = self.layer_coefficients()
-        return {name: merged_delta(layer, coefficients[i] if coefficients.ndim == 2 else coefficients)
+        return {name: target_delta(layer, coefficients[i] if coefficients.ndim == 2 else coefficients)
                 for i, (name, layer) in enumerate(layers.items())}
 
 
@@ -114,7 +115,7 @@ def operator_deltas(problem: MergeProblem, method: str, scaling: float, density:
     operator_delta`), every expert weighted `scaling`."""
     weights = torch.full((problem.num_experts,), scaling)
     return {name: operator_delta(factors, problem.num_experts, method, weights, density)
-            for name, factors in problem.experts.layers.items()}
+            for name, factors in problem.experts.targets.items()}
 
 
 def dense_merge(

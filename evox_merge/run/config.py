@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 from pathlib import Path
+import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -26,7 +27,7 @@ from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.util.layer_names import block_index, lora_layer_names
 from evox_merge.run import registry
 from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, task_spec_from_dict
-from evox_merge.util.hub import is_hub_id, local_path, read_model_config, resolve_model
+from evox_merge.util.hub import is_dense_expert, is_hub_id, local_path, read_model_config, resolve_model
 from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.strict import format_validation_errors
@@ -180,6 +181,32 @@ class SpaceConfig(_Strict):
         return {"kind": "layer", "by": self.by or "blocks", **({"groups": self.groups} if self.groups else {})}
 
 
+class DenseConfig(_Strict):
+    """How fully fine-tuned (dense) experts' task vectors are kept (`evox_merge.experts.dense`): ``memory`` (in
+    RAM, fastest), ``stream`` (read from the experts' safetensors per candidate: only the model and one parameter's
+    slices resident) or ``svd`` (each Linear weight's task vector compressed once to ``rank``); ``targets``: regular
+    expressions on parameter names to merge (default: every parameter that differs from the base's)."""
+
+    mode: Literal["memory", "stream", "svd"] = "memory"
+    rank: int | None = Field(default=None, ge=1)
+    targets: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _rank(self) -> "DenseConfig":
+        if (self.mode == "svd") != (self.rank is not None):
+            raise ValueError("rank: needed with mode: svd (the rank of each compressed task vector), and only then")
+        for pattern in self.targets or []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"targets: {pattern!r} is not a regular expression ({error})") from None
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `evox_merge.experts.ExpertSet.load`."""
+        return {"dense_mode": self.mode, "dense_rank": self.rank, "dense_targets": self.targets}
+
+
 class RacingConfig(_Strict):
     """Opt-in racing (`evox_merge.problems.racing`): score each population in stages and stop scoring the
     candidates that confidently cannot reach the share the algorithm ranks by or the release's top-k."""
@@ -241,6 +268,7 @@ class SearchConfig(_Strict):
     racing: RacingConfig | None = None
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     mergevolve: MergevolveConfig | None = None
+    dense: DenseConfig = Field(default_factory=DenseConfig)
 
     @model_validator(mode="after")
     def _mergevolve(self) -> "SearchConfig":
@@ -414,6 +442,10 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
     if specs:
         problems += check_objectives(config.objectives, [spec.name for spec in specs], config.algorithm.name)
     problems += _check_space(config.space, experts)
+    dense = [f"experts[{i}]" for i, expert in enumerate(experts) if is_dense_expert(expert)]
+    if dense and config.mergevolve is not None:
+        problems.append(f"mergevolve: perturbs a LoRA merge's low-rank delta; {', '.join(dense)} are dense "
+                        "(fully fine-tuned) experts")
     if config.algorithm.name in registry.ALGORITHMS:
         try:
             check_algorithm_params(config.algorithm.name, config.algorithm.params)

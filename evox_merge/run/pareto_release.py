@@ -106,7 +106,9 @@ def release_pareto(config: Any, problem: Any, splits: dict[str, Any], records: l
                           "rule": _RULES[role], "static_merge_won": False}
         own["evaluation"]["scores"] = {"release": scores}
         own["objectives"] = values
-        own["release_files"] = {"adapter": "adapter", "full_model": None, "adapter_compression": adapter_info}
+        dense = bool(problem.experts.dense)  # dense experts' merges are released as full models only
+        own["release_files"] = {"adapter": None if dense else "adapter", "full_model": "model" if dense else None,
+                                "adapter_compression": adapter_info}
         own["evidence_record"] = record
         write_text_atomic(out / folder / "recipe.json", json.dumps(own, indent=2))
     champion_values = {split: dict(zip(objectives.names, objectives.values(splits[split], torch.tensor([[

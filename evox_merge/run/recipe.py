@@ -127,8 +127,8 @@ def build_recipe(
     release["chosen_on"] = "selection part" if config.selection_fraction > 0 else "search part (no selection part)"
     release["static_merge_won"] = winner.kind == "static"
     if winner.merge.dense:  # TIES/DARE or an operator-space candidate: how far outside the experts' span
-        release["span_residual"] = span_report(experts.layers, experts.num_experts,
-                                               winner.merge.merged_deltas(experts.layers))
+        release["span_residual"] = span_report(experts.targets, experts.num_experts,
+                                               winner.merge.merged_deltas(experts.targets))
     if space is not None and space.kind != "expert" and winner.merge.space is not None:
         release["coefficients_by_name"] = dict(zip(space.names, release["coefficients"]))
     return {
@@ -158,7 +158,8 @@ def build_recipe(
         },
         "normalisation": normalisation.to_dict(),
         "space": space.to_dict() if space is not None else {"kind": "expert", "names": experts.expert_names},
-        "release_files": {"adapter": "best/adapter", "full_model": "best/model" if config.release.full_model else None,
+        "release_files": {"adapter": None if experts.dense else "best/adapter",
+                          "full_model": "best/model" if config.release.full_model or experts.dense else None,
                           "adapter_compression": adapter_info},
         "evaluation": {"tasks": [spec.name for spec in specs], "task_files": tasks, "scores": selection["scores"],
                        "splits": {"search": "the examples the search scored candidates on",

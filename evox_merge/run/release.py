@@ -1,10 +1,13 @@
-"""Write a merge as files others can load: a PEFT LoRA adapter and, on request, a full merged model.
+"""Write a merge as files others can load: a PEFT LoRA adapter and, on request, a full merged model (the only
+form for dense experts' merges).
 
 The merged delta of LoRA experts is low-rank: in each target layer it is ``B_cat diag(c * s) A_cat``, so the
 exact merge is itself a LoRA adapter of rank ``sum_r`` (the experts' factors concatenated, the coefficients
 folded into B). `write_lora_adapter` writes that, or compresses each layer with a truncated SVD to a stated rank
 and reports the relative error it made. A dense merge (TIES, DARE) is not low-rank: `write_merge` writes its
-per-layer deltas as full-rank LoRA factors (exact) unless a rank is stated.
+per-layer deltas as full-rank LoRA factors (exact) unless a rank is stated. A merge of dense (fully fine-tuned)
+experts changes parameters a LoRA adapter cannot hold (norms, embeddings, biases): `write_merge` writes it as a
+full model (``model/``, safetensors, loadable with ``from_pretrained``) and no adapter.
 """
 
 from __future__ import annotations
@@ -59,8 +62,12 @@ def write_lora_adapter(
 
 def write_merge(experts: ExpertSet, merge: StaticMerge, out_dir: str | Path, rank: int | None = None,
                 full_model: bool = False) -> dict:
-    """Write a selected merge (coefficients, or dense deltas for TIES/DARE) as ``adapter/`` (and ``model/``)."""
+    """Write a selected merge (coefficients, or dense deltas for TIES/DARE) as ``adapter/`` (and ``model/``); a
+    merge of dense experts as ``model/`` only (returns ``{"exact": True, "format": "full model", ...}``)."""
     out_dir = Path(out_dir)
+    if experts.dense:
+        _write_full_model(experts, merge, out_dir / "model")
+        return {"exact": True, "format": "full model", "ranks": {}, "relative_errors": {}, "max_relative_error": 0.0}
     if not merge.dense:
         info = write_lora_adapter(experts, merge.layer_coefficients(), out_dir / "adapter", rank)
     else:
@@ -115,7 +122,7 @@ def _write_full_model(experts: ExpertSet, merge: StaticMerge, out_dir: Path) -> 
         if not merge.dense:
             merger.apply(merge.layer_coefficients())
         else:
-            merger.apply_deltas(merge.merged_deltas(experts.layers))
+            merger.apply_deltas(merge.merged_deltas(experts.targets))
         experts.model.save_pretrained(out_dir)
     finally:
         merger.restore()

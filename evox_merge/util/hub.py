@@ -156,3 +156,10 @@ def read_model_config(folder: str | Path, what: str) -> dict:
         raise MergeInputError(f"{what}: {folder} holds no config.json; expected a Hugging Face model directory "
                               "(save_pretrained)")
     return read_json_file(config_path, what)
+
+
+def is_dense_expert(path: str | Path) -> bool:
+    """Whether an expert folder is a full model (config.json, no adapter_config.json: a dense, fully fine-tuned
+    expert, `evox_merge.experts.dense`) rather than a PEFT adapter. Reads no weights (and needs no torch)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
