@@ -127,13 +127,14 @@ def write_dense_experts(base_dir: str | Path, out_dir: str | Path, count: int = 
     parameters `DENSE_CHANGES` names (the third is saved in shards), with the base's tokenizer beside it."""
     import re
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(base_dir).is_encoder_decoder else AutoModelForCausalLM
     paths = []
     for index in range(count):
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = auto.from_pretrained(base_dir)
         generator = torch.Generator().manual_seed(seed * 100 + index)
         pattern = DENSE_CHANGES[index % len(DENSE_CHANGES)]
         with torch.no_grad():
@@ -145,3 +146,30 @@ def write_dense_experts(base_dir: str | Path, out_dir: str | Path, count: int = 
         tokenizer.save_pretrained(path)
         paths.append(path)
     return paths
+
+
+def build_tiny_t5_setup(out_dir: str | Path, seed: int = 0, examples: int = 12) -> TinySetup:
+    """A random tiny T5 (encoder-decoder) base over the character tokenizer, two real PEFT LoRA experts on its
+    attention (q, v) and feed-forward (wi, wo) layers, and the three small tasks."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, feed_forward_proj="relu")
+    model = T5ForConditionalGeneration(config)
+    base_dir = out_dir / "base"
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    adapter_dirs = []
+    for index, targets in enumerate([["q", "v"], ["q", "wi", "wo"]]):
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+        adapter_dir = out_dir / f"expert_{index}"
+        peft_model.save_pretrained(adapter_dir)
+        adapter_dirs.append(adapter_dir)
+        model = peft_model.unload()
+    return TinySetup(base_dir, adapter_dirs, write_tiny_tasks(out_dir / "tasks", seed, examples))

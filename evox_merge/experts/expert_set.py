@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from evox_merge.experts.adapters import CONFIG_NAME, LoraAdapter, read_lora_adapter
 from evox_merge.experts.dense import (DenseExpert, DenseTarget, build_dense_targets, read_dense_expert,
@@ -31,7 +32,7 @@ MIN_VOCABULARY_FILL = 0.9
 
 @dataclass(eq=False)
 class ExpertSet:
-    """A base causal LM, its tokenizer and N experts trained from it: PEFT LoRA adapters, fully fine-tuned models
+    """A base model (a causal LM, or an encoder-decoder such as T5), its tokenizer and N experts trained from it: PEFT LoRA adapters, fully fine-tuned models
     (dense experts, `evox_merge.experts.dense`), or a mix.
 
     Build it with `ExpertSet.load`. ``layers`` maps each Linear layer that any LoRA expert (or an SVD-compressed
@@ -288,7 +289,9 @@ def _load_base_model(base: str, ref: str, device: str | torch.device, dtype: tor
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        config = AutoConfig.from_pretrained(base)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = auto.from_pretrained(base, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise MergeInputError(f"base: cannot load the model from {ref!r} ({type(error).__name__}: {first}); "

@@ -77,7 +77,8 @@ class MergeProblem(Problem):
         self.per_task_fitness = per_task_fitness
         self.invalid_fitness = invalid_fitness
         device = next(experts.model.parameters()).device
-        self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device) for task in self.tasks]
+        self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device, model_config=experts.model.config)
+                        for task in self.tasks]
         self.merger = shared_merger(experts)
         self.space = space if space is not None else ExpertSpace(tuple(experts.target_names),
                                                                  tuple(experts.expert_names))
@@ -86,6 +87,9 @@ class MergeProblem(Problem):
         if self.space.kind in ("operator", "perturbation") and candidates_per_pass > 1:
             raise MergeInputError("candidates_per_pass > 1 runs the experts' factors unmerged, which an operator "
                                   "space (a dense delta per layer) cannot; use 1")
+        if experts.model.config.is_encoder_decoder and candidates_per_pass > 1:
+            raise MergeInputError("candidates_per_pass > 1 is decoder-only; an encoder-decoder model scores one "
+                                  "candidate at a time: use 1")
         if experts.dense and candidates_per_pass > 1:
             raise MergeInputError("candidates_per_pass > 1 runs LoRA experts' factors unmerged; dense experts' task "
                                   "vectors merge in place only: use 1")
@@ -201,7 +205,8 @@ class MergeProblem(Problem):
                     end = max(start, min(total, max(1, math.ceil(fraction * total))))
                     part = Task(task.spec, task.records[start:end]) if end > start else None
                     scorers.append(None if part is None else
-                                   build_scorer(part, self.experts.tokenizer, self.batch_size, device))
+                                   build_scorer(part, self.experts.tokenizer, self.batch_size, device,
+                                                model_config=self.experts.model.config))
                     start = end
                 self._stage_scorers.append(scorers)
         return self._stage_scorers

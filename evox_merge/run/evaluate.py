@@ -69,7 +69,8 @@ def evaluate_model(
     scores = {}
     for task in tasks:
         with torch.no_grad():
-            scores[task.name] = build_scorer(task, tokenizer, batch_size, device).score(model)
+            scores[task.name] = build_scorer(task, tokenizer, batch_size, device,
+                                             model_config=model.config).score(model)
     total = sum(spec.weight for spec in specs)
     scores["mean"] = sum(scores[spec.name] * spec.weight for spec in specs) / total
     return scores

@@ -11,7 +11,7 @@ from evox_merge.tasks.batching import PromptBatch
 from evox_merge.tasks.prefix import PrefixState, cache_argument
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """The text up to the first stop string, and whether one was found."""
     cut = min((index for index in (text.find(s) for s in stop if s) if index >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -88,7 +88,7 @@ def greedy_completions(
         ended = torch.isin(next_tokens, ends) & ~done
         if stop_ids is None:
             for row in (~(done | ended)).nonzero().flatten().tolist():
-                ended[row] = _cut_at_stop(tokenizer.decode(tokens[row, : step + 1].tolist()), stop)[1]
+                ended[row] = cut_at_stop(tokenizer.decode(tokens[row, : step + 1].tolist()), stop)[1]
         lengths.masked_fill_(ended, step + 1)
         done |= ended
         active = ~done.view(copies, per_copy).all(-1)
@@ -99,5 +99,5 @@ def greedy_completions(
                        position_ids=positions + step, use_cache=True, **{cache_name: getattr(output, cache_name)})
     if eos_id is not None:  # EOS ends a row without being part of its completion
         lengths -= (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == eos_id).long()
-    texts = [_cut_at_stop(tokenizer.decode(row[:n]), stop)[0] for row, n in zip(tokens.tolist(), lengths.tolist())]
+    texts = [cut_at_stop(tokenizer.decode(row[:n]), stop)[0] for row, n in zip(tokens.tolist(), lengths.tolist())]
     return [texts[p * per_copy : (p + 1) * per_copy] if ok else None for p, ok in enumerate(finite.tolist())]

@@ -48,7 +48,8 @@ def run_batches(batches: list, run: Callable[..., Result]) -> list[Result]:
             if not _is_out_of_memory(error) or batches[index].rows.numel() < 2:
                 raise
             rows = batches[index].rows.numel()
-            batches[index : index + 1] = split_batch(batches[index])
+            split = getattr(batches[index], "split", None)  # a batch type that knows its own halves
+            batches[index : index + 1] = split() if split is not None else split_batch(batches[index])
             logger.warning("out of memory on a batch of %d rows: halved to %d and retrying", rows, (rows + 1) // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -331,9 +332,14 @@ class GenerationScorer:
 
 
 def build_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
-                 min_shared_prefix: int | None = MIN_SHARED_PREFIX):
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, model_config=None):
     """The scorer for the task's type, with the task tokenised and batched on `device`; rows sharing at least
-    `min_shared_prefix` leading tokens continue one run of them (None: never)."""
+    `min_shared_prefix` leading tokens continue one run of them (None: never). With the config of an
+    encoder-decoder model (``is_encoder_decoder``), the encoder-decoder scorers (`evox_merge.tasks.seq2seq`)."""
+    if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
+        from evox_merge.tasks.seq2seq import build_seq2seq_scorer
+
+        return build_seq2seq_scorer(task, tokenizer, batch_size, device, model_config)
     scorer = {"generation": GenerationScorer, "multiple_choice": MultipleChoiceScorer}.get(
         task.spec.type, LanguageModelScorer)
     return scorer(task, tokenizer, batch_size, device, min_shared_prefix)
