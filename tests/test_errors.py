@@ -182,6 +182,46 @@ def _inf_lora_a(ws: Workspace) -> None:
     search(ws)
 
 
+def dense_expert(ws: Workspace, name: str = "dense_0", edit: Callable[[dict], None] | None = None,
+                 config_edit: Callable[[dict], None] | None = None) -> str:
+    """A full fine-tune of the workspace's base (the base plus noise) as `name`, optionally with its tensors or its
+    config.json edited; returns its folder name for the config."""
+    folder = ws.root / name
+    shutil.copytree(ws.root / "base", folder)
+    tensors = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(7)
+    for key in tensors:
+        tensors[key] = tensors[key] + 0.01 * torch.randn(tensors[key].shape, generator=generator)
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    if config_edit is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config_edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return name
+
+
+def _dense_other_architecture(ws: Workspace) -> None:
+    search(ws, experts=["expert_0", dense_expert(ws, config_edit=lambda c: c.update(intermediate_size=256))])
+
+
+def _dense_missing_tensor(ws: Workspace) -> None:
+    search(ws, experts=["expert_0", dense_expert(ws, edit=lambda t: t.pop("model.norm.weight"))])
+
+
+def _dense_other_vocabulary(ws: Workspace) -> None:
+    def grow(tensors):
+        tensors["model.embed_tokens.weight"] = torch.cat([tensors["model.embed_tokens.weight"]] * 2)
+    search(ws, experts=["expert_0", dense_expert(ws, edit=grow)])
+
+
+def _dense_nan(ws: Workspace) -> None:
+    def poison(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    search(ws, experts=["expert_0", dense_expert(ws, edit=poison)])
+
+
 def _evaluate_foreign_adapter(ws: Workspace) -> None:
     cli("evaluate", "--model", ws.root / "base", "--adapter", foreign_adapter(ws.root), "--tasks", ws.tasks_file())
 
@@ -378,6 +418,19 @@ CASES = [
     Case("space_too_many_groups", "`space: {kind: layer, groups: 9}` for experts targeting 2 blocks",
          lambda ws: search(ws, space={"kind": "layer", "groups": 9}), MergeInputError,
          r"space\.groups must be an integer from 1 to 2"),
+    # Dense (fully fine-tuned) experts: checked against the base's config and safetensors headers.
+    Case("dense_other_architecture", "a dense expert whose config.json has another `intermediate_size`",
+         _dense_other_architecture, MergeInputError,
+         r"dense_0/config.json: another architecture than the base .*intermediate_size: 256 vs the base's 128"),
+    Case("dense_missing_tensor", "a dense expert without `model.norm.weight`", _dense_missing_tensor,
+         MergeInputError, r"dense_0: lacks tensor 'model.norm.weight' of the base"),
+    Case("dense_other_vocabulary", "a dense expert whose embedding has twice the rows", _dense_other_vocabulary,
+         MergeInputError, r"dense_0/model.safetensors: tensor 'model.embed_tokens.weight' has shape \[180, 64\] "
+         r"but the base's is \[90, 64\]"),
+    Case("dense_nan", "a NaN in a dense expert's `up_proj` weight", _dense_nan, MergeInputError,
+         r"dense_0/model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' holds 1 NaN/inf value", False),
+    Case("dense_svd_without_rank", "`dense: {mode: svd}`", lambda ws: search(ws, dense={"mode": "svd"}),
+         MergeInputError, r"dense: .*rank: needed with mode: svd"),
     Case("mergevolve_with_pareto", "`mergevolve: {}` with `objectives: pareto`",
          lambda ws: search(ws, algorithm={"name": "nsga2", "pop_size": 4}, objectives="pareto", mergevolve={}),
          MergeInputError, r"mergevolve: runs after a mean-objective search in one process"),

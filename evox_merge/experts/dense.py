@@ -285,7 +285,8 @@ def _truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     squares = s.double().square()
     total = float(squares.sum())
     error = math.sqrt(float(squares[k:].sum()) / total) if total > 0 else 0.0
-    return vh[:k].to(delta.dtype).contiguous(), (u[:, :k] * s[:k]).to(delta.dtype).contiguous(), error
+    # Copies, not views: a view of the first k rows would keep the whole (min(out, in), in) factor alive.
+    return vh[:k].to(delta.dtype).clone(), (u[:, :k] * s[:k]).to(delta.dtype).contiguous(), error
 
 
 def build_dense_targets(
