@@ -195,3 +195,41 @@ def test_refuses_to_overwrite_what_is_not_this_zoo(micro_zoo, tmp_path):
         build_zoo(micro_zoo, preset="micro", seed=5, progress=False)
     with pytest.raises(ZooError, match="unknown zoo preset 'huge'"):
         build_zoo(tmp_path / "x", preset="huge")
+
+
+def test_the_t5_preset_builds_dense_experts_that_merge(tmp_path, monkeypatch):
+    """The ``t5`` preset's whole build at a test size (the real settings take minutes: benchmarks/results/zoo_t5.md):
+    an encoder-decoder base, six fully fine-tuned experts loadable as dense experts, seen and unseen tasks with
+    disjoint splits, and a manifest whose scores a search reproduces."""
+    import dataclasses
+    import json
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from evox_merge.experts import ExpertSet
+    from evox_merge.problems.merge_problem import MergeProblem
+    from evox_merge.zoo import t5 as t5_module
+
+    small = dataclasses.replace(t5_module.T5, d_model=16, d_ff=32, d_kv=4, num_layers=1, num_heads=2, base_steps=4,
+                                expert_steps=3, base_batch_size=4, expert_batch_size=4, validation_size=6,
+                                test_size=6)
+    monkeypatch.setattr(t5_module, "T5", small)
+    root = build_zoo(tmp_path / "t5", preset="t5", seed=0, progress=False)
+    zoo = load_zoo(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert zoo.preset == "t5" and zoo.expert_names == list(t5_module.FAMILIES) and len(zoo.expert_names) == 6
+    groups = [manifest["tasks"][spec.name]["group"] for spec in zoo.tasks]
+    assert groups.count("seen") == 6 and groups.count("unseen") == 4
+    for spec in zoo.tasks:  # disjoint splits
+        prompts = [{json.loads(line)["prompt"] for line in open(path)} for path in (spec.path, spec.test_path)]
+        assert not prompts[0] & prompts[1] and all(len(p) == 6 for p in prompts)
+    assert AutoModelForSeq2SeqLM.from_pretrained(zoo.adapter_dirs[0]).config.is_encoder_decoder
+    experts = ExpertSet.load(zoo.base_dir, zoo.adapter_dirs)
+    assert not experts.layers and experts.dense and {m["kind"] for m in experts.metadata} == {"dense"}
+    problem = MergeProblem(experts, zoo.tasks, batch_size=16)
+    scores = problem.evaluate_per_task(torch.cat([torch.zeros(1, 6), torch.eye(6)[:1]]))
+    recorded = manifest["validation_scores"]
+    for k, spec in enumerate(zoo.tasks):
+        assert scores[0, k].item() == pytest.approx(recorded["base"][spec.name], abs=1e-6)
+        assert scores[1, k].item() == pytest.approx(recorded[zoo.expert_names[0]][spec.name], abs=1e-6)

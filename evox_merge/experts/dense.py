@@ -373,5 +373,7 @@ def build_dense_targets(
             result[key] = DenseTarget(**like, key=key, base_entry=base_tensors[key], expert_entries=entries[key],
                                       reader=reader)
         else:
-            result[key] = DenseTarget(**like, stack=torch.stack(stacks[key]))
+            parts = stacks.pop(key)  # freed as soon as stacked: peak RAM one parameter's stack above the total
+            result[key] = DenseTarget(**like, stack=torch.stack(parts))
+            del parts
     return result

@@ -55,7 +55,8 @@ def build_zoo(
     Args:
         out_dir: the zoo directory; `default_zoo_dir` (a per-user cache) when None.
         preset: ``micro`` (tests, seconds), ``tiny`` (quick start and CI, a few minutes on 2 CPU cores, < 50 MB)
-            or ``small`` (benchmarks, longer), all trained here; or ``smollm2`` (SmolLM2-135M-Instruct from PyPI
+            or ``small`` (benchmarks, longer), all trained here; ``t5`` (an encoder-decoder with six fully fine-tuned
+            dense experts, trained here in minutes: `evox_merge.zoo.t5`); or ``smollm2`` (SmolLM2-135M-Instruct from PyPI
             with six LoRA experts trained here on public registry data, about half an hour on 2 CPU cores).
         seed: every random choice of the build (data, initialisation, training order) derives from it.
         progress: show tqdm bars while training.
@@ -84,6 +85,8 @@ def build_zoo(
                 from evox_merge.zoo.smollm2.build import build_smollm2_into
 
                 build_smollm2_into(staging, settings, seed, progress, wheel=wheel)
+            elif preset == "t5":
+                _build_t5_into(staging, settings, seed, progress)
             else:
                 _build_into(staging, settings, seed, progress)
         if _intact(root, preset, seed):  # another process finished the same build meanwhile
@@ -226,6 +229,24 @@ def _build_into(root: Path, preset: ZooPreset, seed: int, progress: bool) -> Non
             "validation_scores": scores,
         },
     )
+
+
+def _build_t5_into(root: Path, settings, seed: int, progress: bool) -> None:
+    """The ``t5`` preset (`evox_merge.zoo.t5`): its files, then its validation scores and the manifest last."""
+    from evox_merge.zoo.t5 import build_t5_into
+
+    built = build_t5_into(root, settings, seed, progress)
+    seen_specs, unseen_specs = built.pop("specs")
+    write_specs(root / SEEN_TASKS_FILE, seen_specs)
+    write_specs(root / UNSEEN_TASKS_FILE, unseen_specs)
+    write_specs(root / ALL_TASKS_FILE, seen_specs + unseen_specs)
+    validation_specs = [
+        TaskSpec(**{**spec, "path": str(root / spec["path"]), "test_path": None}) for spec in seen_specs + unseen_specs
+    ]
+    adapter_dirs = [root / "experts" / name for name in built["experts"]]
+    scores = base_and_expert_scores(root / "base", adapter_dirs, built["experts"], validation_specs)
+    write_manifest(root, {"preset": settings.name, "seed": seed, "settings": settings.to_dict(),
+                          "software": software_versions(), **built, "validation_scores": scores})
 
 
 def _write_tasks(

@@ -80,17 +80,23 @@ PRESETS: dict[str, ZooPreset] = {
 
 # Presets of a downloaded pretrained base rather than one trained here; their settings live with their builder.
 PRETRAINED_PRESETS = ("smollm2",)
+# Presets of another architecture, trained here by their own builder (``t5``: encoder-decoder, dense experts).
+OTHER_PRESETS = ("t5",)
 
 
 def get_preset(name: str) -> Any:
-    """The preset called `name` (a `ZooPreset`, or `Smollm2Preset` for ``smollm2``); a `ZooError` lists the known
-    ones otherwise."""
+    """The preset called `name` (a `ZooPreset`, `Smollm2Preset` for ``smollm2``, `T5Preset` for ``t5``); a
+    `ZooError` lists the known ones otherwise."""
     if name == "smollm2":
         from evox_merge.zoo.smollm2.settings import SMOLLM2
 
         return SMOLLM2
+    if name == "t5":
+        from evox_merge.zoo.t5 import T5
+
+        return T5
     try:
         return PRESETS[name]
     except KeyError:
-        known = sorted(PRESETS) + list(PRETRAINED_PRESETS)
+        known = sorted(PRESETS) + list(PRETRAINED_PRESETS) + list(OTHER_PRESETS)
         raise ZooError(f"unknown zoo preset {name!r}; expected one of {known}") from None

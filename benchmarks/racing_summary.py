@@ -1,0 +1,82 @@
+"""Racing against the plain search: the table of benchmarks/results/racing.md from the two sweeps' rows.
+
+    python -m benchmarks.racing_summary [--plain benchmarks/results/racing_plain] [--racing benchmarks/results/racing]
+
+Reads both sweeps' rows.jsonl (`benchmarks/configs/racing_plain.yaml`, `racing.yaml`: the same cells with and
+without racing, run side by side), pairs the cells by method, budget and seed, and prints a Markdown table: the
+share of examples scored, the search's wall seconds, the test score (raw mean over the tasks) with its Welch
+p-value against the plain search at the same budget, and at equal wall time (racing at the large budget against
+plain at the small one), whether the picks were identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from scipy.stats import ttest_ind
+
+
+def _rows(folder: Path) -> dict[tuple[str, str, int], dict]:
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    return {(r["method"], r["budget"], r["seed"]): r for r in rows if r.get("evaluations")}
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def _p(a: list[float], b: list[float]) -> str:
+    if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
+        return "n/a" if a != b else "1 (identical)"
+    return f"{ttest_ind(a, b, equal_var=False).pvalue:.3g}"
+
+
+def summary(plain_dir: Path, racing_dir: Path) -> str:
+    plain, racing = _rows(plain_dir), _rows(racing_dir)
+    keys = sorted(set(plain) & set(racing))
+    groups = sorted({(m, b) for m, b, _ in keys}, key=lambda mb: (mb[0], mb[1] != "paper"))
+    lines = [
+        "| search | budget | seeds | examples scored | search s, plain | search s, racing | test, plain | test, racing "
+        "| p | same pick |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, budget in groups:
+        seeds = [s for m, b, s in keys if (m, b) == (method, budget)]
+        pr = [plain[(method, budget, s)] for s in seeds]
+        rr = [racing[(method, budget, s)] for s in seeds]
+        same = sum(p["coefficients"] == r["coefficients"] for p, r in zip(pr, rr))
+        lines.append(
+            f"| {method} | {budget} | {len(seeds)} | {statistics.mean(r['examples_fraction'] for r in rr):.0%} "
+            f"| {statistics.mean(p['search_seconds'] for p in pr):.0f} "
+            f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} "
+            f"| {_mean_sd([p['test'] for p in pr])} | {_mean_sd([r['test'] for r in rr])} "
+            f"| {_p([p['test'] for p in pr], [r['test'] for r in rr])} | {same}/{len(seeds)} |")
+    lines += ["", "Equal wall time: racing at 256 evaluations against plain at 128.", "",
+              "| search | seeds | search s, plain 128 | search s, racing 256 | test, plain 128 | test, racing 256 | p |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method in sorted({m for m, _, _ in keys}):
+        seeds = [s for m, b, s in keys if m == method and b == "large" and (m, "paper", s) in plain]
+        if not seeds:
+            continue
+        pr = [plain[(method, "paper", s)] for s in seeds]
+        rr = [racing[(method, "large", s)] for s in seeds]
+        lines.append(
+            f"| {method} | {len(seeds)} | {statistics.mean(p['search_seconds'] for p in pr):.0f} "
+            f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} | {_mean_sd([p['test'] for p in pr])} "
+            f"| {_mean_sd([r['test'] for r in rr])} | {_p([p['test'] for p in pr], [r['test'] for r in rr])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plain", type=Path, default=Path("benchmarks/results/racing_plain"))
+    parser.add_argument("--racing", type=Path, default=Path("benchmarks/results/racing"))
+    args = parser.parse_args()
+    print(summary(args.plain, args.racing))
+
+
+if __name__ == "__main__":
+    main()
