@@ -148,7 +148,35 @@ class LanguageModelScorer:
         return self.scores(model)[0]
 
 
-class MultipleChoiceScorer:
+class ChoiceAnswers:
+    """What every multiple-choice scorer shares (decoder-only here, encoder-decoder in `evox_merge.tasks.seq2seq`):
+    the answers, which entries are real choices, each choice's length in characters (``accuracy_norm``) and the
+    per-example parts of the accuracy from ``choice_logprobs(model)``."""
+
+    def _prepare_answers(self, task: Task) -> None:
+        self._answers = torch.tensor([record["answer"] for record in task.records])
+        choices = torch.tensor([len(record["choices"]) for record in task.records])
+        most = int(choices.max())
+        self.real_choices = torch.arange(most) < choices.unsqueeze(1)
+        self._choice_chars = torch.ones(len(task.records), most, dtype=torch.float64)
+        for index, record in enumerate(task.records):
+            self._choice_chars[index, : len(record["choices"])] = torch.tensor(
+                [float(len(choice)) for choice in record["choices"]], dtype=torch.float64
+            )
+
+    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, ``(1.0 if its answer won else 0.0, 1.0)`` float64 (NaN numerators if any choice's
+        log-probability is not finite); the accuracy is ``sum(numerators) / sum(denominators)``."""
+        logprobs = self.choice_logprobs(model)
+        ones = torch.ones(len(self._answers), dtype=torch.float64)
+        if not torch.isfinite(logprobs[self.real_choices]).all():
+            return ones * math.nan, ones
+        if self.task.spec.metric == "accuracy_norm":
+            logprobs = logprobs / self._choice_chars
+        return (logprobs.argmax(-1) == self._answers).double(), ones
+
+
+class MultipleChoiceScorer(ChoiceAnswers):
     """Multiple choice by summed log-likelihood of each choice after the prompt (``accuracy``), or that sum
     divided by the choice's length in characters (``accuracy_norm``).
 
@@ -176,15 +204,7 @@ class MultipleChoiceScorer:
         self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device, offset=skip)
         if self.prefix is not None:  # after a shared prefix, one row per example (see PackedChoiceBatch)
             self.batches = [packed_choice_batch(batch) for batch in self.batches]
-        choices = torch.tensor([len(record["choices"]) for record in task.records])
-        self._answers = torch.tensor([record["answer"] for record in task.records])
-        most = int(choices.max())
-        self.real_choices = torch.arange(most) < choices.unsqueeze(1)
-        self._choice_chars = torch.ones(len(task.records), most, dtype=torch.float64)
-        for index, record in enumerate(task.records):
-            self._choice_chars[index, : len(record["choices"])] = torch.tensor(
-                [float(len(choice)) for choice in record["choices"]], dtype=torch.float64
-            )
+        self._prepare_answers(task)
 
     @torch.no_grad()
     def choice_logprobs(self, model: PreTrainedModel, copies: int | None = None) -> torch.Tensor:
@@ -237,17 +257,6 @@ class MultipleChoiceScorer:
         run_batches(self.batches, run if state is None else run_packed)
         logprobs = logprobs.masked_fill(~self.real_choices, -math.inf)
         return logprobs if copies is not None else logprobs[0]
-
-    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per example, ``(1.0 if its answer won else 0.0, 1.0)`` float64 (NaN numerators if any choice's
-        log-probability is not finite); the accuracy is ``sum(numerators) / sum(denominators)``."""
-        logprobs = self.choice_logprobs(model)
-        ones = torch.ones(len(self._answers), dtype=torch.float64)
-        if not torch.isfinite(logprobs[self.real_choices]).all():
-            return ones * math.nan, ones
-        if self.task.spec.metric == "accuracy_norm":
-            logprobs = logprobs / self._choice_chars
-        return (logprobs.argmax(-1) == self._answers).double(), ones
 
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
         """Per copy: the task's accuracy; NaN if any choice's log-probability is not finite."""

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from evox_merge.tasks import Task
 from evox_merge.tasks.batching import IGNORE, encode
 from evox_merge.tasks.generation import cut_at_stop
-from evox_merge.tasks.scoring import normalize_answer, pad_token_id, run_batches
+from evox_merge.tasks.scoring import ChoiceAnswers, normalize_answer, pad_token_id, run_batches
 from evox_merge.util.errors import TaskFormatError
 
 
@@ -118,7 +118,7 @@ class _Seq2SeqScorer:
         return value if math.isfinite(value) else math.nan
 
 
-class Seq2SeqMultipleChoiceScorer(_Seq2SeqScorer):
+class Seq2SeqMultipleChoiceScorer(ChoiceAnswers, _Seq2SeqScorer):
     """Multiple choice for encoder-decoder models (module docstring)."""
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device, start_id: int) -> None:
@@ -130,14 +130,7 @@ class Seq2SeqMultipleChoiceScorer(_Seq2SeqScorer):
                 raise TaskFormatError(f"task {task.name!r}, example {index}: a choice tokenises to nothing")
             examples.append((encode(tokenizer, record["prompt"], special=True), choices))
         self.batches = seq2seq_batches(examples, pad_token_id(tokenizer), start_id, batch_size, device)
-        self._answers = torch.tensor([record["answer"] for record in task.records])
-        most = max(len(record["choices"]) for record in task.records)
-        counts = torch.tensor([len(record["choices"]) for record in task.records])
-        self.real_choices = torch.arange(most) < counts.unsqueeze(1)
-        self._choice_chars = torch.ones(len(task.records), most, dtype=torch.float64)
-        for index, record in enumerate(task.records):
-            self._choice_chars[index, : len(record["choices"])] = torch.tensor(
-                [float(len(c)) for c in record["choices"]], dtype=torch.float64)
+        self._prepare_answers(task)
 
     def choice_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
         """``(examples, most choices)`` float64, -inf where an example has fewer choices."""
@@ -148,15 +141,6 @@ class Seq2SeqMultipleChoiceScorer(_Seq2SeqScorer):
 
         run_batches(self.batches, run)
         return out.masked_fill(~self.real_choices, -math.inf)
-
-    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs = self.choice_logprobs(model)
-        ones = torch.ones(len(self._answers), dtype=torch.float64)
-        if not torch.isfinite(logprobs[self.real_choices]).all():
-            return ones * math.nan, ones
-        if self.task.spec.metric == "accuracy_norm":
-            logprobs = logprobs / self._choice_chars
-        return (logprobs.argmax(-1) == self._answers).double(), ones
 
 
 class Seq2SeqLanguageModelScorer(_Seq2SeqScorer):
