@@ -464,21 +464,27 @@ def _context(zoo, experts, args, names, pool, done_validation, done_test, eval_s
     size_mb = sum(p.stat().st_size for p in zoo.root.rglob("*") if p.is_file()) / 1e6
     n_params = sum(p.numel() for p in experts.model.parameters())
     config = json.loads((zoo.base_dir / "config.json").read_text())
-    shapes = settings["experts"]
-    standard = max((tuple(s["target_modules"]) for s in shapes.values()), key=list(
-        tuple(s["target_modules"]) for s in shapes.values()).count)
     base_name = zoo.manifest.get("base_model", {}).get("name") or config.get("model_type", "").capitalize()
+    tasks = f"{len(zoo.seen_tasks)} seen + {len(zoo.unseen_tasks)} unseen tasks; {size_mb:.1f} MB on disk."
+    if experts.dense:  # fully fine-tuned experts (the t5 preset)
+        layers = config.get("num_hidden_layers") or config.get("num_layers")
+        summary = (f"{base_name} base ({config.get('model_type')}), hidden {config.get('hidden_size') or config.get('d_model')}, "
+                   f"{layers} layers, {n_params / 1e6:.2f}M parameters, {len(zoo.expert_names)} dense (fully fine-tuned) "
+                   f"experts; {tasks}")
+    else:
+        shapes = settings["experts"]
+        standard = max((tuple(s["target_modules"]) for s in shapes.values()), key=list(
+            tuple(s["target_modules"]) for s in shapes.values()).count)
+        summary = (f"{base_name} base ({config.get('model_type')}), hidden {config.get('hidden_size')}, "
+                   f"{config.get('num_hidden_layers')} layers, {n_params / 1e6:.2f}M parameters, "
+                   f"{len(zoo.expert_names)} LoRA experts ("
+                   + ", ".join(_expert_shape(e, shapes[e], standard) for e in zoo.expert_names)
+                   + f"; others on {'/'.join(standard)}), {tasks}")
     return {
         "preset": zoo.preset,
         "seed": zoo.seed,
         "experts": zoo.expert_names,
-        "zoo_summary": (
-            f"{base_name} base ({config.get('model_type')}), hidden {config.get('hidden_size')}, "
-            f"{config.get('num_hidden_layers')} layers, {n_params / 1e6:.2f}M parameters, {len(zoo.expert_names)} "
-            "LoRA experts (" + ", ".join(_expert_shape(e, shapes[e], standard) for e in zoo.expert_names)
-            + f"; others on {'/'.join(standard)}), {len(zoo.seen_tasks)} seen + {len(zoo.unseen_tasks)} unseen "
-            f"tasks; {size_mb:.1f} MB on disk."
-        ),
+        "zoo_summary": summary,
         "build": args.build_note or "see the manifest for its settings",
         "n_validation": settings["validation_size"],
         "n_test": settings["test_size"],
