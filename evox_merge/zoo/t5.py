@@ -111,12 +111,12 @@ class T5Preset:
     num_layers: int = 3
     num_heads: int = 4
     d_kv: int = 24
-    base_steps: int = 150
+    base_steps: int = 300
     base_batch_size: int = 64
     base_lr: float = 1e-3
-    expert_steps: int = 300
+    expert_steps: int = 400
     expert_batch_size: int = 64
-    expert_lr: float = 1e-3
+    expert_lr: float = 5e-4
     replay_fraction: float = 0.4
     validation_size: int = 100
     test_size: int = 500
