@@ -89,7 +89,7 @@ def build_zoo(
                 _build_t5_into(staging, settings, seed, progress)
             else:
                 _build_into(staging, settings, seed, progress)
-        if _intact(root, preset, seed):  # another process finished the same build meanwhile
+        if _intact(root, preset, seed, settings.to_dict()):  # another process finished the same build meanwhile
             return root
         if root.exists():
             shutil.rmtree(root)
@@ -132,13 +132,13 @@ def _reusable(root: Path, preset: str, seed: int, settings: dict) -> bool:
     return True
 
 
-def _intact(root: Path, preset: str, seed: int) -> bool:
-    """True if `root` holds an intact zoo of this preset and seed (no logging, no errors)."""
+def _intact(root: Path, preset: str, seed: int, settings: dict) -> bool:
+    """True if `root` holds an intact zoo of this preset, seed and preset `settings` (no logging, no errors)."""
     try:
         zoo = load_zoo(root)
     except ZooError:
         return False
-    return (zoo.preset, zoo.seed) == (preset, seed)
+    return (zoo.preset, zoo.seed) == (preset, seed) and zoo.manifest.get("settings") == json.loads(json.dumps(settings))
 
 
 def _remove_stale_builds(root: Path) -> None:
