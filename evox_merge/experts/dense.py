@@ -289,6 +289,21 @@ def _truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return vh[:k].to(delta.dtype).clone(), (u[:, :k] * s[:k]).to(delta.dtype).contiguous(), error
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by the task-vector pass (many large temporary tensors) back to the OS, where the C
+    library can (glibc's ``malloc_trim``; elsewhere nothing): without it the process keeps it as RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def build_dense_targets(
     experts: Sequence[tuple[int, DenseExpert]], model: torch.nn.Module, base_tensors: dict[str, TensorEntry],
     mode: str, rank: int | None = None, targets: Sequence[str] | None = None, progress: bool = False,

@@ -17,7 +17,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 
 from evox_merge.experts.adapters import CONFIG_NAME, LoraAdapter, read_lora_adapter
 from evox_merge.experts.dense import (DenseExpert, DenseTarget, build_dense_targets, read_dense_expert,
-                                      safetensors_index)
+                                      release_freed_memory, safetensors_index)
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hashing import directory_sha256
 from evox_merge.util.hub import ModelSource, is_dense_expert, is_hub_id, read_model_config, resolve_model
@@ -157,6 +157,10 @@ class ExpertSet:
             dense_options = {"mode": dense_mode, "rank": dense_rank,
                              "targets": list(dense_targets) if dense_targets else None}
         layers = _stack_factors(loaded, model, device, dtype)
+        for _, expert in dense_experts:  # their SVD factors now live stacked in `layers`: one copy, not two
+            expert.lora_A, expert.lora_B = {}, {}
+        if dense_experts:
+            release_freed_memory()
         shipping = [a.name for a in loaded if (a.path / "tokenizer_config.json").is_file()]
         info.update(tokenizer=tokenizer_source.to_dict(), experts_shipping_a_tokenizer=shipping)
         return cls(base_path=base_source.ref, model=model, tokenizer=loaded_tokenizer, adapters=loaded, layers=layers,
