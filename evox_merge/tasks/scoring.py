@@ -276,7 +276,22 @@ class MultipleChoiceScorer(ChoiceAnswers):
         return self.scores(model)[0]
 
 
-class GenerationScorer:
+class CompletionAnswers:
+    """What every generation scorer shares (decoder-only here, encoder-decoder in `evox_merge.tasks.seq2seq`): the
+    per-example parts of exact-match accuracy from ``completions(model)`` against ``answers``."""
+
+    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, ``(1.0 if its completion matches else 0.0, 1.0)`` float64 (NaN numerators if decoding
+        met non-finite logits); the accuracy is ``sum(numerators) / sum(denominators)``."""
+        texts = self.completions(model)
+        ones = torch.ones(len(self.answers), dtype=torch.float64)
+        if texts is None:
+            return ones * math.nan, ones
+        return torch.tensor([float(normalize_answer(t) == a) for t, a in zip(texts, self.answers)],
+                            dtype=torch.float64), ones
+
+
+class GenerationScorer(CompletionAnswers):
     """Greedy, batched decoding scored by exact match after `normalize_answer`.
 
     Stop strings that are single ASCII characters are checked on token ids (`stop_token_ids`); prompts that
@@ -316,16 +331,6 @@ class GenerationScorer:
 
         run_batches(self.batches, run)
         return texts if copies is not None else texts[0]
-
-    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per example, ``(1.0 if its completion matches else 0.0, 1.0)`` float64 (NaN numerators if decoding
-        met non-finite logits); the accuracy is ``sum(numerators) / sum(denominators)``."""
-        texts = self.completions(model)
-        ones = torch.ones(len(self.answers), dtype=torch.float64)
-        if texts is None:
-            return ones * math.nan, ones
-        return torch.tensor([float(normalize_answer(t) == a) for t, a in zip(texts, self.answers)],
-                            dtype=torch.float64), ones
 
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
         """Per copy: exact-match accuracy; NaN if decoding met non-finite logits."""

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from evox_merge.tasks import Task
 from evox_merge.tasks.batching import IGNORE, encode
 from evox_merge.tasks.generation import cut_at_stop
-from evox_merge.tasks.scoring import ChoiceAnswers, normalize_answer, pad_token_id, run_batches
+from evox_merge.tasks.scoring import ChoiceAnswers, CompletionAnswers, normalize_answer, pad_token_id, run_batches
 from evox_merge.util.errors import TaskFormatError
 
 
@@ -172,7 +172,7 @@ class Seq2SeqLanguageModelScorer(_Seq2SeqScorer):
         return sums, self._counts
 
 
-class Seq2SeqGenerationScorer(_Seq2SeqScorer):
+class Seq2SeqGenerationScorer(CompletionAnswers, _Seq2SeqScorer):
     """Greedy generation scored by exact match, for encoder-decoder models (module docstring)."""
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device, start_id: int) -> None:
@@ -203,14 +203,6 @@ class Seq2SeqGenerationScorer(_Seq2SeqScorer):
 
         run_batches(self.batches, run)
         return texts if finite else None
-
-    def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = self.completions(model)
-        ones = torch.ones(len(self.answers), dtype=torch.float64)
-        if texts is None:
-            return ones * math.nan, ones
-        return torch.tensor([float(normalize_answer(t) == a) for t, a in zip(texts, self.answers)],
-                            dtype=torch.float64), ones
 
 
 def build_seq2seq_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device, model_config):
