@@ -289,7 +289,7 @@ def main() -> None:
         prefix_lines, prefix_tables = shared_prefix_rows(args, experts, Path(folder))
     decoding, tables = decoding_rows(args, experts)
     load.append(os.getloadavg())
-    report = render(args, command, load, prefix_lines, prefix_tables, decoding, tables)
+    report = render(args, command, load, prefix_lines, prefix_tables, decoding, tables, experts.num_experts)
     out = args.out or Path("benchmarks/results/below_floor.md")
     out.write_text(report)
     print(f"wrote {out}")
@@ -317,13 +317,18 @@ from P = 1 over all tasks and candidates.
 """
 
 
-def render(args, command, load, prefix_lines, prefix_tables, decoding, tables) -> str:
+def render(args, command, load, prefix_lines, prefix_tables, decoding, tables, num_experts: int = 8) -> str:
+    own = ("(`reverse`, `digit_sum`)" if args.preset in ("tiny", "micro", "small")
+           else f"({', '.join(f'`{t}`' for t in args.tasks)})")
+    positions = ("The zoo\nbase model was trained on 64 positions: 2-shot rows fit in them, 5-shot rows do not (its "
+                 "5-shot scores mean\nnothing, only the speed and the agreement do)."
+                 if args.preset in ("tiny", "micro", "small") else "")
     return f"""# Below the floor: shared prefixes, the decoding loop, candidates per pass
 
 Command: `{command}` (load average over 1, 5, 15 min: {load[0][0]:.2f} / {load[0][1]:.2f} / {load[0][2]:.2f} at the
 start, {load[1][0]:.2f} / {load[1][1]:.2f} / {load[1][2]:.2f} at the end, on {os.cpu_count()} cores). {args.note}
 
-Settings: `{args.preset}` zoo base model with its 8 experts, float32, {args.threads} thread(s), batch size
+Settings: `{args.preset}` zoo base model with its {num_experts} experts, float32, {args.threads} thread(s), batch size
 {args.batch_size}, {args.repeats} repeats, one random merge candidate (coefficients ~ N(0, 0.5^2), written in place)
 per repeat, both paths timed under the same candidate one after the other; medians.
 
@@ -333,12 +338,10 @@ k demonstrations drawn from each validation file are the task's `prefix`; the ot
 scored. *Plain*: every row runs its whole prompt (`min_shared_prefix=None`). *Shared*: the scorer's default
 (`MIN_SHARED_PREFIX` tokens or more shared): the common token prefix once per candidate, every row continued
 from its KV cache. The agreement column and the scores are taken under the task's own expert where the zoo has one
-(`reverse`, `digit_sum`), else under the first random candidate. The zoo's models write short completions after
+{own}, else under the first random candidate. The zoo's models write short completions after
 few-shot prefixes (the characters column), so the generation rows are a weak check of identical decoding; the
 strong one is `tests/test_prefix.py` (shared-prefix completions equal the plain path's and `model.generate`'s on a
-model that writes full-length completions). The `_lm_` task is language modelling of prompt + answer after the same demonstrations. The zoo
-base model was trained on 64 positions: 2-shot rows fit in them, 5-shot rows do not (its 5-shot scores mean
-nothing, only the speed and the agreement do).
+model that writes full-length completions). The `_lm_` task is language modelling of prompt + answer after the same demonstrations. {positions}
 
 | task | type | examples | shared tokens | mean tokens per example | plain s/candidate | shared s/candidate | speed-up | plain vs shared |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
