@@ -213,6 +213,9 @@ def test_a_search_over_dense_experts_releases_a_model_that_reproduces_its_scores
     assert recipe["release_files"]["adapter"] is None and recipe["release_files"]["full_model"] == "best/model"
     assert [e["kind"] for e in recipe["experts"]] == ["dense"] * 3 and recipe["experts"][0]["mode"] == "stream"
     assert not (result.output_dir / "best" / "adapter").exists()
+    card = (result.output_dir / "README.md").read_text()
+    assert "3 dense (fully fine-tuned) experts" in card and 'AutoModelForCausalLM.from_pretrained("best/model")' in card
+    assert "PeftModel" not in card
     spec_file = tmp_path / "tasks.yaml"
     spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))
     scores = evaluate_model(result.output_dir / "best" / "model", spec_file, split="test")

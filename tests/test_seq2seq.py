@@ -108,3 +108,5 @@ def test_a_t5_search_releases_an_adapter_that_reproduces_its_scores(t5_setup, tm
     for spec in t5_setup.tasks:
         assert scores[spec.name] == pytest.approx(result.scores["release"]["test"][spec.name], abs=1e-5)
     assert json.loads((result.output_dir / "recipe.json").read_text())["release_files"]["adapter"] == "best/adapter"
+    card = (result.output_dir / "README.md").read_text()
+    assert "2 LoRA experts" in card and "base = AutoModelForSeq2SeqLM.from_pretrained(" in card

@@ -134,6 +134,9 @@ def build_recipe(
     return {
         "name": f"{config.algorithm.name}-seed{config.seed}-{winner.name.replace(':', '')}",
         "base_model": {"path": experts.base_path, "sha256": experts.base_hash,
+                       # the transformers class that loads the base and the released full model
+                       "auto_class": ("AutoModelForSeq2SeqLM" if experts.model.config.is_encoder_decoder
+                                      else "AutoModelForCausalLM"),
                        **({"hub": {"repo_id": experts.base_source.repo_id, "revision": experts.base_source.revision,
                                    "commit": experts.base_source.commit, "snapshot": experts.base_source.path}}
                           if experts.base_source is not None and experts.base_source.repo_id else {})},

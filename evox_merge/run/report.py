@@ -239,19 +239,14 @@ def model_card(recipe: dict[str, Any]) -> str:
     return f"""# Merged model: {recipe['name']}
 
 Made by evox-merge {recipe['versions']['evox_merge']} with `{recipe['search']['algorithm']}` from the base
-`{recipe['base_model']['path']}` (sha256 `{recipe['base_model']['sha256'][:12]}`) and {len(experts)} LoRA experts.
+`{recipe['base_model']['path']}` (sha256 `{recipe['base_model']['sha256'][:12]}`) and {_expert_kinds(experts)}.
 
 {_verdict(recipe)}
 
 **Intended use:** {recipe['intended_use']}
 
 ## How to load it
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-base = AutoModelForCausalLM.from_pretrained("{recipe['base_model']['path']}")
-model = PeftModel.from_pretrained(base, "{recipe['release_files']['adapter']}")
-```
+{_how_to_load(recipe)}
 
 ## Merge
 Operator: {recipe['operator']}. {merge_text}
@@ -275,6 +270,29 @@ the full provenance is in `recipe.json`.
 ![coefficients](coefficients.png)
 ![task scores](task_scores.png)
 """ + (f"\n{pareto_card_section(recipe['pareto'])}" if "pareto" in recipe else "")
+
+
+def _expert_kinds(experts: list[dict]) -> str:
+    """``6 LoRA experts``, ``6 dense (fully fine-tuned) experts`` or a mix of both."""
+    dense = sum(e.get("kind") == "dense" for e in experts)
+    parts = [f"{len(experts) - dense} LoRA"] * (dense < len(experts)) + [f"{dense} dense (fully fine-tuned)"] * (dense > 0)
+    return " and ".join(parts) + " experts"
+
+
+def _how_to_load(recipe: dict) -> str:
+    """The Python that loads the release: the adapter on the base, or the full model (dense experts' merges)."""
+    files, auto = recipe["release_files"], recipe["base_model"].get("auto_class", "AutoModelForCausalLM")
+    if files.get("adapter"):
+        return f"""```python
+from peft import PeftModel
+from transformers import {auto}
+base = {auto}.from_pretrained("{recipe['base_model']['path']}")
+model = PeftModel.from_pretrained(base, "{files['adapter']}")
+```"""
+    return f"""```python
+from transformers import {auto}
+model = {auto}.from_pretrained("{files['full_model']}")
+```"""
 
 
 def write_model_card(recipe: dict[str, Any], path: str | Path) -> None:
