@@ -35,7 +35,6 @@ from typing import Sequence
 import torch
 
 from evox_merge.util.errors import MergeInputError
-from evox_merge.util.hub import is_dense_expert  # noqa: F401  (re-exported: the experts' home of the concept)
 
 DENSE_MODES = ("memory", "stream", "svd")
 SINGLE_FILE = "model.safetensors"
@@ -205,10 +204,6 @@ class TensorReader:
         tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
         return tensor.reshape(entry.shape).to(device=like.device, dtype=like.dtype)
 
-    def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
 
 
 @dataclass(eq=False)
@@ -252,10 +247,10 @@ class DenseTarget:
         base = self.base() if base is None else base
         return self.reader.read(self.expert_entries[k], self.key, base) - base
 
-    def add_merge(self, out: torch.Tensor, base: torch.Tensor | None, coefficients: torch.Tensor) -> None:
+    def add_merge(self, out: torch.Tensor, base: torch.Tensor | None, values: list[float]) -> None:
         """``out += sum_i c_i tau_i`` over the contributing experts, in order (the same float operations in every
-        mode, so ``memory`` and ``stream`` merges are bitwise equal)."""
-        values = coefficients.detach().double().cpu().tolist()
+        mode, so ``memory`` and ``stream`` merges are bitwise equal); `values`: the N coefficients as Python floats
+        (converted once per candidate by the caller, not once per parameter)."""
         if self.streamed and base is None:
             base = self.base()
         for k, i in enumerate(self.expert_index):
@@ -265,7 +260,7 @@ class DenseTarget:
     def merged_delta(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``sum_i c_i tau_i`` ``(*shape)`` for ``coefficients (N,)``, as a new tensor."""
         out = self._empty()
-        self.add_merge(out, None, coefficients)
+        self.add_merge(out, None, coefficients.detach().double().cpu().tolist())
         return out
 
     def task_vectors(self, num_experts: int) -> torch.Tensor:

@@ -62,11 +62,13 @@ class InPlaceMerger:
             a, b = merged_factors(factors, coefficients[index] if per_layer else coefficients)
             torch.addmm(self._originals[name], b, a, out=self._weights[name])
         offset = len(self._experts.layers)
+        # One device-to-host copy per candidate, not one per dense parameter.
+        values = coefficients.detach().double().cpu().tolist() if self._experts.dense else []
         for index, (name, target) in enumerate(self._experts.dense.items()):
             weight, base = self._weights[name], self.original(name)
             if name not in self._on_top:
                 weight.copy_(base)
-            target.add_merge(weight, base, coefficients[offset + index] if per_layer else coefficients)
+            target.add_merge(weight, base, values[offset + index] if per_layer else values)
 
     @torch.no_grad()
     def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
