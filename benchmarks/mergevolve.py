@@ -36,6 +36,7 @@ from evox_merge.run.loop import search
 from evox_merge.run.zoo_search import zoo_paths
 from evox_merge.tasks import read_task, split_task
 from evox_merge.util.machine import machine_markdown
+from evox_merge.util.report_text import with_hand_written
 
 OUT = Path("benchmarks/results/mergevolve")
 REPORT = Path("benchmarks/results/beyond_hull.md")
@@ -109,7 +110,12 @@ def write_report(rows: list[dict], args) -> None:
                 f"{mean([r['final_selection'] for r in group])} | {group[0]['start_test']:.4f} -> "
                 f"{mean([r['final_test'] for r in group])} | {mean([r['span_residual'] for r in group])} | "
                 f"{statistics.mean(r['seconds'] for r in group):.0f} |")
-    text = f"""# Beyond the hull: MERGEvolve
+    text = f"""# Beyond the hull: search spaces and MERGEvolve
+
+The MERGEvolve table is rewritten by `benchmarks/mergevolve.py`; the search-space comparison and the reading below
+its marker are written by hand (the space table from `python -m benchmarks.spaces_summary`).
+
+## MERGEvolve
 
 Command: `python -m benchmarks.mergevolve {' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}' for k, v in vars(args).items())}`
 
@@ -124,7 +130,7 @@ centre), rank-{args.rank} perturbations, sigma relative to each layer's delta; m
 
 {machine_markdown()}
 """
-    REPORT.write_text(text)
+    REPORT.write_text(with_hand_written(text, REPORT, "benchmarks/mergevolve.py"))
     print(f"wrote {REPORT}")
 
 

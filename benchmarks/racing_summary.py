@@ -19,23 +19,26 @@ from pathlib import Path
 from scipy.stats import ttest_ind
 
 
-def _rows(folder: Path) -> dict[tuple[str, str, int], dict]:
+def sweep_rows(folder: Path, setting: str | None = None, searches: bool = True) -> dict[tuple[str, str, int], dict]:
+    """A sweep's rows (of `setting`, if given) by method, budget and seed: its searches', or else its static
+    merges'."""
     rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
-    return {(r["method"], r["budget"], r["seed"]): r for r in rows if r.get("evaluations")}
+    return {(r["method"], r["budget"], r["seed"]): r for r in rows
+            if bool(r.get("evaluations")) == searches and setting in (None, r["setting"])}
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
-def _p(a: list[float], b: list[float]) -> str:
+def welch_p(a: list[float], b: list[float]) -> str:
     if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
         return "n/a" if a != b else "1 (identical)"
     return f"{ttest_ind(a, b, equal_var=False).pvalue:.3g}"
 
 
 def summary(plain_dir: Path, racing_dir: Path) -> str:
-    plain, racing = _rows(plain_dir), _rows(racing_dir)
+    plain, racing = sweep_rows(plain_dir), sweep_rows(racing_dir)
     keys = sorted(set(plain) & set(racing))
     groups = sorted({(m, b) for m, b, _ in keys}, key=lambda mb: (mb[0], mb[1] != "paper"))
     lines = [
@@ -52,8 +55,8 @@ def summary(plain_dir: Path, racing_dir: Path) -> str:
             f"| {method} | {budget} | {len(seeds)} | {statistics.mean(r['examples_fraction'] for r in rr):.0%} "
             f"| {statistics.mean(p['search_seconds'] for p in pr):.0f} "
             f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} "
-            f"| {_mean_sd([p['test'] for p in pr])} | {_mean_sd([r['test'] for r in rr])} "
-            f"| {_p([p['test'] for p in pr], [r['test'] for r in rr])} | {same}/{len(seeds)} |")
+            f"| {mean_sd([p['test'] for p in pr])} | {mean_sd([r['test'] for r in rr])} "
+            f"| {welch_p([p['test'] for p in pr], [r['test'] for r in rr])} | {same}/{len(seeds)} |")
     lines += ["", "Equal wall time: racing at 256 evaluations against plain at 128.", "",
               "| search | seeds | search s, plain 128 | search s, racing 256 | test, plain 128 | test, racing 256 | p |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -65,8 +68,8 @@ def summary(plain_dir: Path, racing_dir: Path) -> str:
         rr = [racing[(method, "large", s)] for s in seeds]
         lines.append(
             f"| {method} | {len(seeds)} | {statistics.mean(p['search_seconds'] for p in pr):.0f} "
-            f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} | {_mean_sd([p['test'] for p in pr])} "
-            f"| {_mean_sd([r['test'] for r in rr])} | {_p([p['test'] for p in pr], [r['test'] for r in rr])} |")
+            f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} | {mean_sd([p['test'] for p in pr])} "
+            f"| {mean_sd([r['test'] for r in rr])} | {welch_p([p['test'] for p in pr], [r['test'] for r in rr])} |")
     return "\n".join(lines)
 
 

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from evox_merge.experts import ExpertSet
 from evox_merge.problems import MergeProblem
 from evox_merge.problems import static_merges
+from evox_merge.util.report_text import hand_written, keep_marker
 from evox_merge.zoo import build_zoo, default_zoo_dir, load_zoo
 
 TA_SCALES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-KEEP_MARKER = "<!-- Written by hand below this line; zoo_evidence.py keeps it when it rewrites the tables. -->"
 CLEAR_MARGIN = 0.10  # an expert "clearly" beats the base on its own task by at least this much (test)
 NLL_MARGIN = 0.02  # the same for a language-modelling task, in nats per token of minus the mean NLL
 DENSE_MERGES = {"ties": ("ties", 0.2), "dare": ("dare_ties", 0.5)}  # method and density, as in STATIC_MERGES
@@ -273,16 +273,8 @@ def render(result: dict, context: dict) -> str:
         cells = [t["base"], *[t["experts"][e] for e in experts], t["uniform"], t["task_arithmetic"], t["ties"],
                  t["dare"], t["random_search"]]
         lines.append(f"| {name} | " + " | ".join(f"{_f(v)} / {_f(s)}" for v, s in cells) + " |")
-    lines += ["", KEEP_MARKER, context["kept"]]
+    lines += ["", keep_marker("zoo_evidence.py"), context["kept"]]
     return "\n".join(lines)
-
-
-def _hand_written(path: Path) -> str:
-    """The part of an existing report after `KEEP_MARKER` (the design notes, kept across reruns)."""
-    if not path.is_file():
-        return ""
-    text = path.read_text()
-    return text.split(KEEP_MARKER, 1)[1].lstrip("\n") if KEEP_MARKER in text else ""
 
 
 def _expert_shape(name: str, shape: dict, standard: tuple[str, ...]) -> str:
@@ -403,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         done_t = int((~test.isnan().any(dim=1)).sum())
         context = _context(zoo, experts, args, names, pool, done_v, done_t, cache.seconds, ta_scales,
                            dense_scales, correlation_rows)
-        context.update(partial=partial, command=command, kept=_hand_written(out),
+        context.update(partial=partial, command=command, kept=hand_written(out, "zoo_evidence.py"),
                        progress=f"{done_v}/{len(names)} candidates on validation, {done_t} on test so far; the run "
                                 f"scores {len(names)} on validation and about {len(test_plan(validation))} on test")
         out.parent.mkdir(parents=True, exist_ok=True)

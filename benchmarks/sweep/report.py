@@ -136,7 +136,7 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
         if not chosen:
             continue
         wall = statistics.mean(row["wall_seconds"] for row in chosen)
-        hosts = Counter(_host_label(row.get("host")) for row in chosen)
+        hosts = Counter(host_label(row.get("host")) for row in chosen)
         ran_on = ", ".join(f"{label} x{count}" for label, count in sorted(hosts.items()))
         if chosen[0]["evaluations"] is None:
             lines.append(f"| {method} | {len(chosen)} | static | | {wall:.1f} | | | | {ran_on} |")
@@ -151,7 +151,7 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _host_label(host: str | None) -> str:
+def host_label(host: str | None) -> str:
     """A short machine label from a row's host description (rows from before hosts were recorded: this repo's
     2-core benchmark machine)."""
     if not host:

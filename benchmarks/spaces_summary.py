@@ -1,0 +1,65 @@
+"""Search spaces side by side: expert vs layer vs operator at equal evaluation budget (benchmarks/results/beyond_hull.md).
+
+    python -m benchmarks.spaces_summary [--expert benchmarks/results/search_quality]
+        [--layer benchmarks/results/space_layer] [--operator benchmarks/results/space_operator]
+
+Reads each sweep's rows.jsonl (`benchmarks/configs/search_quality.yaml` for the expert space, `space_layer.yaml`,
+`space_operator.yaml`: the same zoo, tasks, split, budgets and seeds), keeps the multi-task unseen cells of the seeds
+every sweep ran, and prints a Markdown table per search: test (raw mean over the tasks) and search-part fitness,
+mean ± std over seeds, the Welch p-value against the expert space, and the mean evaluation seconds per run (compare
+those only between rows that ran on the same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.racing_summary import mean_sd, sweep_rows, welch_p
+from benchmarks.sweep.report import host_label
+
+SETTING = "multi_task_unseen"
+
+
+def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmaes")) -> str:
+    rows = {space: sweep_rows(folder, SETTING) if (folder / "rows.jsonl").is_file() else {}
+            for space, folder in folders.items()}
+    seeds = sorted(set.intersection(*({s for _, _, s in r} for r in rows.values() if r)))
+    lines = [f"Seeds {seeds} (those every sweep ran), {SETTING}.", "",
+             "| search | budget | space | test | search part | p (vs expert space) | evaluation s / run | ran on |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method in methods:
+        for budget in ("paper", "large"):
+            expert = [rows["expert"].get((method, budget, s)) for s in seeds]
+            for space, found in rows.items():
+                cells = [found.get((method, budget, s)) for s in seeds]
+                if not all(cells):
+                    lines.append(f"| {method} | {budget} | {space} | (not run) | | | | |")
+                    continue
+                test = [c["test"] for c in cells]
+                p = "" if space == "expert" or not all(expert) else welch_p(test, [c["test"] for c in expert])
+                lines.append(
+                    f"| {method} | {budget} | {space} | {mean_sd(test)} | {mean_sd([c['validation'] for c in cells])} "
+                    f"| {p} | {statistics.mean(c['evaluation_seconds'] for c in cells):.0f} "
+                    f"| {', '.join(f'{h} x{n}' for h, n in sorted(Counter(host_label(c.get('host')) for c in cells).items()))} |")
+    statics = {m: r["test"] for folder in folders.values() if (folder / "rows.jsonl").is_file()
+               for (m, _, _), r in sweep_rows(folder, SETTING, searches=False).items() if m not in ("base",)}
+    lines += ["", "Static merges (tuned on the search part; the same in every sweep): "
+              + ", ".join(f"{m} {test:.4f}" for m, test in sorted(statics.items())) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    results = Path("benchmarks/results")
+    parser.add_argument("--expert", type=Path, default=results / "search_quality")
+    parser.add_argument("--layer", type=Path, default=results / "space_layer")
+    parser.add_argument("--operator", type=Path, default=results / "space_operator")
+    args = parser.parse_args()
+    print(summary({"expert": args.expert, "layer": args.layer, "operator": args.operator}))
+
+
+if __name__ == "__main__":
+    main()

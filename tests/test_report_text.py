@@ -1,0 +1,15 @@
+"""Reports that a benchmark script rewrites keep the reading written by hand below their marker."""
+
+from evox_merge.util.report_text import hand_written, keep_marker, with_hand_written
+
+
+def test_rewrite_keeps_the_hand_written_part(tmp_path):
+    path = tmp_path / "report.md"
+    assert hand_written(path, "bench.py") == ""
+    path.write_text(with_hand_written("# Table v1", path, "bench.py"))
+    path.write_text(path.read_text() + "My reading.\n")
+    path.write_text(with_hand_written("# Table v2", path, "bench.py"))
+    text = path.read_text()
+    assert text.startswith("# Table v2") and "v1" not in text
+    assert text.endswith(keep_marker("bench.py") + "\nMy reading.\n")
+    assert hand_written(path, "other.py") == ""  # another script's marker is not this one's
