@@ -11,7 +11,9 @@ exact hypervolume of the non-dominated test points, reference point -1 in both o
     python -m benchmarks.pareto --seeds 4 --pop 8 --generations 8 --max-validation 32 --max-test 100   # reduced
 
 Resumable: one JSON line per finished (method, seed) in ``--out``/rows.jsonl; a rerun skips those (its settings must
-match, they are stored in settings.json). Writes ``--out``/fronts.png and the Markdown report (``--report``).
+match, they are stored in settings.json). Writes ``--out``/fronts.png and the Markdown report (``--report``); the
+reading written by hand below the report's marker is kept. Defaults: the full run writes ``benchmarks/results/pareto/``
+and ``pareto.md``, any other settings ``pareto_reduced/`` and ``pareto_reduced.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from evox_merge.run.loop import search
 from evox_merge.run.objectives import HV_REFERENCE, Objectives, run_archive
 from evox_merge.run.registry import build_algorithm, is_evogm, is_multi_objective
 from evox_merge.tasks import read_task, split_task
+from evox_merge.util.report_text import with_hand_written
 from evox_merge.zoo import build_zoo, load_zoo
 
 METHODS = ("evogm_pareto", "nsga2", "random")
@@ -120,7 +124,7 @@ def plot(rows: list[dict], statics: dict[str, list[float]], path: Path) -> None:
     plt.close(figure)
 
 
-def report(rows: list[dict], statics: dict[str, list[float]], settings: dict, full: bool) -> str:
+def report(rows: list[dict], statics: dict[str, list[float]], settings: dict, full: bool, fronts: str) -> str:
     lines = ["# Multi-objective search on the tiny zoo", "",
              ("**Full run.**" if full else "**Reduced run** (not the full one; the full command is below).") +
              f" Settings: {json.dumps(settings)}.", "",
@@ -151,7 +155,7 @@ def report(rows: list[dict], statics: dict[str, list[float]], settings: dict, fu
         lines.append(f"| {method} | " + " | ".join(cells.get(s, "") for s in sorted({r['seed'] for r in rows})) + " |")
     lines += ["", "Static merges on test (generation, multiple choice): " + ", ".join(
         f"{name} ({x:.3f}, {y:.3f})" for name, (x, y) in statics.items()) + ".", "",
-        "![test fronts](pareto/fronts.png)", "",
+        f"![test fronts]({fronts})", "",
         "Full run: `python -m benchmarks.pareto` (4 seeds, population 16, 10 generations = 160 evaluations per run, "
         "all search-part examples, all 500 test examples per task). This report's command: "
         f"`python -m benchmarks.pareto {settings['argv']}`."]
@@ -166,14 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-validation", type=int, default=None)
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--out", default=str(ROOT / "pareto"))
-    parser.add_argument("--report", default=str(ROOT / "pareto.md"))
+    parser.add_argument("--out", help="rows, settings and plot (default: benchmarks/results/pareto for the full "
+                        "run, pareto_reduced otherwise)")
+    parser.add_argument("--report", help="Markdown report (default: the --out folder's name + .md beside it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("seeds", "pop", "generations", "max_validation", "max_test")}
     full = settings == {"seeds": 4, "pop": 16, "generations": 10, "max_validation": None, "max_test": None}
+    out = Path(args.out or ROOT / ("pareto" if full else "pareto_reduced"))
+    report_path = Path(args.report or out.with_suffix(".md"))
+    out.mkdir(parents=True, exist_ok=True)
     settings["argv"] = " ".join(argv if argv is not None else __import__("sys").argv[1:])
     saved = out / "settings.json"
     if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "argv"} != {
@@ -198,8 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         merge = tune_static_merge(name, problem)
         statics[name] = objectives.values(test_problem, merge.score(test_problem).unsqueeze(0))[0].tolist()
     plot(rows, statics, out / "fronts.png")
-    Path(args.report).write_text(report(rows, statics, settings, full))
-    print(Path(args.report).read_text())
+    fronts = os.path.relpath(out / "fronts.png", report_path.parent)
+    report_path.write_text(with_hand_written(report(rows, statics, settings, full, fronts), report_path,
+                                             "benchmarks/pareto.py"))
+    print(report_path.read_text())
 
 
 if __name__ == "__main__":
