@@ -7,6 +7,11 @@ Measured side by side in one run on the same model, experts, task and population
   (c) the floor: the unmerged base model scoring the same data P times.
 
     python -m benchmarks.throughput [--population 8] [--repeats 3] [--out benchmarks/results/throughput.md]
+    python -m benchmarks.throughput --preset smollm2 --population 4 --repeats 2 --threads 1   # a zoo's real model
+
+Without --preset: a random Qwen2 base and random LoRA experts, on random-letter tasks. With --preset: the zoo's base
+and experts (its cached build) on its own validation files, the first task of each kind in --tasks. Each setup is one
+section of the report; a rerun replaces its own section and keeps the others.
 """
 
 from __future__ import annotations
@@ -108,12 +113,38 @@ def padded_tokens(batch) -> int:
     return batch.input_ids.numel()
 
 
-def measure(kind: str, args, root: Path, base_dir: Path, adapter_dirs: list[Path]) -> dict:
-    """Seconds per candidate of (a), (b) cat, (b) svd and (c) on one task kind; interleaved repeats."""
-    spec = write_task(root, kind, args.examples, args.length, seed=1)
+KINDS = {"lm": "language_modeling", "mc": "multiple_choice", "gen": "generation"}
+
+
+def zoo_setup(preset: str, kinds: list[str]) -> tuple[Path, list[Path], int, dict[str, TaskSpec], str]:
+    """A zoo's base and experts (built into its cache if missing), its parameter count, the first validation task of
+    each kind in `kinds`, and a description of the setup."""
+    from evox_merge.zoo import build_zoo, load_zoo
+
+    zoo = load_zoo(build_zoo(None, preset=preset, seed=0))
+    specs = {}
+    for kind in kinds:
+        spec = next((t for t in zoo.tasks if t.type == KINDS[kind]), None)
+        if spec is not None:
+            specs[kind] = TaskSpec(**{**spec.to_dict(), "test_path": None})
+    shapes = [json.loads((Path(d) / "adapter_config.json").read_text()) for d in zoo.adapter_dirs]
+    experts = ", ".join(f"{Path(d).name} r{c['r']} on {'/'.join(sorted(c['target_modules']))}"
+                        for d, c in zip(zoo.adapter_dirs, shapes))
+    model = AutoModelForCausalLM.from_pretrained(zoo.base_dir)
+    parameters = sum(p.numel() for p in model.parameters())
+    description = (f"the `{preset}` zoo (`evox-merge zoo build --preset {preset}`): base {model.config.model_type}, "
+                   f"hidden {model.config.hidden_size}, {model.config.num_hidden_layers} layers, "
+                   f"{parameters / 1e6:.2f} M parameters; {len(zoo.adapter_dirs)} LoRA experts ({experts}); "
+                   "its own validation files, one task per row: "
+                   + ", ".join(f"{kind} = `{spec.name}`" for kind, spec in specs.items()))
+    return Path(zoo.base_dir), [Path(d) for d in zoo.adapter_dirs], parameters, specs, description
+
+
+def measure(kind: str, spec: TaskSpec, args, base_dir: Path, adapter_dirs: list[Path]) -> dict:
+    """Seconds per candidate of (a), (b) cat, (b) svd and (c) on one task; interleaved repeats."""
     experts = ExpertSet.load(base_dir, adapter_dirs)
     problem = MergeProblem(experts, [spec], batch_size=args.batch_size)
-    pop = torch.rand(args.population, args.experts, generator=torch.Generator().manual_seed(0)) * 0.5
+    pop = torch.rand(args.population, len(adapter_dirs), generator=torch.Generator().manual_seed(0)) * 0.5
     task = read_task(spec)
     scorer = build_scorer(task, experts.tokenizer, args.batch_size, "cpu")
     rows = sum(padded_tokens(batch) for batch in scorer.batches)
@@ -123,7 +154,7 @@ def measure(kind: str, args, root: Path, base_dir: Path, adapter_dirs: list[Path
     ).eval()
     for index, path in enumerate(adapter_dirs[1:], start=1):
         peft_model.load_adapter(path, adapter_name=f"e{index}")
-    names = [f"e{i}" for i in range(args.experts)]
+    names = [f"e{i}" for i in range(len(adapter_dirs))]
 
     ours = problem.evaluate_per_task(pop)[:, 0].tolist()
     theirs = peft_loop(peft_model, scorer, names, pop, "cat")
@@ -140,20 +171,32 @@ def measure(kind: str, args, root: Path, base_dir: Path, adapter_dirs: list[Path
         for name, function in methods.items():
             timings[name] += time_calls(function, 1)
     per_candidate = {name: statistics.median(values) / args.population for name, values in timings.items()}
-    return {"kind": kind, "tokens": rows, "max_difference": max(abs(a - b) for a, b in zip(ours, theirs)),
+    return {"kind": kind, "examples": len(task.records), "tokens": rows, "max_difference": max(abs(a - b) for a, b in zip(ours, theirs)),
             **per_candidate}
+
+
+def replace_section(path: Path, key: str, text: str) -> str:
+    """The report at `path` with its section `key` (between ``<!-- section:key -->`` markers) replaced by `text`,
+    or appended; the other sections are kept."""
+    begin, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.is_file() else "# Throughput: seconds per candidate evaluation\n"
+    if begin in old and end in old:
+        return old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    return old.rstrip() + "\n\n" + block + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="a zoo preset (e.g. smollm2): measure on its base, experts and tasks")
     parser.add_argument("--population", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--tasks", nargs="+", default=["lm", "mc", "gen"], choices=["lm", "mc", "gen"])
+    parser.add_argument("--experts", type=int, default=8, help="random setup only")
+    parser.add_argument("--rank", type=int, default=8, help="random setup only")
+    parser.add_argument("--hidden", type=int, default=256, help="random setup only")
+    parser.add_argument("--layers", type=int, default=4, help="random setup only")
+    parser.add_argument("--examples", type=int, default=64, help="random setup only")
+    parser.add_argument("--length", type=int, default=64, help="random setup only")
+    parser.add_argument("--tasks", nargs="+", default=["lm", "mc", "gen"], choices=list(KINDS))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -163,53 +206,50 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base_dir, adapter_dirs, parameters = build_setup(
-            root, args.experts, args.rank, args.hidden, args.layers, seed=0
-        )
-        results = [measure(kind, args, root, base_dir, adapter_dirs) for kind in args.tasks]
+        if args.preset:
+            base_dir, adapter_dirs, parameters, specs, setup = zoo_setup(args.preset, args.tasks)
+        else:
+            base_dir, adapter_dirs, parameters = build_setup(
+                root, args.experts, args.rank, args.hidden, args.layers, seed=0
+            )
+            specs = {kind: write_task(root, kind, args.examples, args.length, seed=1) for kind in args.tasks}
+            setup = (f"random Qwen2 base, hidden {args.hidden}, {args.layers} layers, {parameters / 1e6:.2f} M "
+                     f"parameters; {args.experts} LoRA experts of rank {args.rank} on {', '.join(TARGETS)}; random "
+                     f"letters, {args.examples} examples per task (prompt/text length {args.length})")
+        results = [measure(kind, spec, args, base_dir, adapter_dirs) for kind, spec in specs.items()]
 
     lines = []
     for r in results:
         lines.append(
-            f"| {r['kind']} | {r['tokens']} | {r['a']:.4f} | {r['b_cat']:.4f} | {r['b_svd']:.4f} | {r['c']:.4f} | "
-            f"**{r['a'] / r['c']:.3f}** | **{r['b_cat'] / r['a']:.2f}** | {r['b_svd'] / r['a']:.2f} | "
-            f"{r['max_difference']:.1e} |"
+            f"| {r['kind']} | {r['examples']} | {r['tokens']} | {r['a']:.4f} | {r['b_cat']:.4f} | {r['b_svd']:.4f} "
+            f"| {r['c']:.4f} | **{r['a'] / r['c']:.3f}** | **{r['b_cat'] / r['a']:.2f}** | {r['b_svd'] / r['a']:.2f} "
+            f"| {r['max_difference']:.1e} |"
         )
-    report = f"""# Throughput: seconds per candidate evaluation
+    command = "python -m benchmarks.throughput" + (f" --preset {args.preset}" if args.preset else "") + (
+        f" --population {args.population} --repeats {args.repeats} --threads {args.threads}")
+    section = f"""## {f"The `{args.preset}` zoo" if args.preset else "A random Qwen2 model"}
 
-Command: `python -m benchmarks.throughput --population {args.population} --repeats {args.repeats} --threads {args.threads}`
+Command: `{command}`
 
-Setup: random Qwen2 base, hidden {args.hidden}, {args.layers} layers, {parameters / 1e6:.2f} M parameters;
-{args.experts} LoRA experts of rank {args.rank} on {", ".join(TARGETS)}; one validation task per row of
-{args.examples} examples (prompt/text length {args.length}; `tokens` = padded tokens per forward sweep, batch size
-{args.batch_size}); population P = {args.population}; median of {args.repeats} interleaved repeats, all methods
-measured in the same process on the same model, experts, task and population.
+Setup: {setup}. `tokens` = padded tokens per forward sweep, batch size {args.batch_size}; population
+P = {args.population}; median of {args.repeats} interleaved repeats, all methods measured in the same process on the
+same model, experts, task and population.
 
 - (a) `MergeProblem.evaluate`: in-place merge, then batched scoring;
 - (b) the PEFT loop a user would write: per candidate `add_weighted_adapter` (combination `cat`, exact, or PEFT's
   default `svd`), `set_adapter`, score with the same scorer, `delete_adapter` (adapters loaded once, untimed);
 - (c) the floor: the unmerged base model scoring the same data P times.
 
-| task | tokens | (a) s/cand | (b) cat s/cand | (b) svd s/cand | (c) s/cand | a/c (target <= 1.15) | b_cat/a (target >= 3) | b_svd/a | max abs score diff a vs b_cat |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| task | examples | tokens | (a) s/cand | (b) cat s/cand | (b) svd s/cand | (c) s/cand | a/c (target <= 1.15) | b_cat/a (target >= 3) | b_svd/a | max abs score diff a vs b_cat |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 
-How to read it. (c) is the floor: one forward sweep of the validation set per candidate (plus greedy decoding for
-`gen`, whose length depends on when each model emits EOS, so (a) and (c) decode different lengths there). (a) adds
-only the merge, 4 x {args.layers} `addmm`s of {args.hidden}-wide factors per candidate, and should sit within noise
-of (c). (b) adds PEFT's per-candidate work (building the weighted adapter's modules) and the unmerged LoRA path of
-rank {args.experts * args.rank} in every targeted layer of every forward pass; with validation sets of thousands
-of tokens the forward passes dominate all three, so b/a settles near 1 + (LoRA path + adapter build) / forward.
-The b/a >= 3 target is not reached at these sizes; b/a should grow as the validation set shrinks (the adapter build is
-a fixed cost per candidate) and with PEFT's default `svd` combination. Machine load: other jobs shared the 2 cores
-while this ran; the interleaved repeats expose every method to the same load.
-
-Machine:
+Machine (measured {time.strftime("%Y-%m-%d")}):
 {machine_markdown()}
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(report)
+    args.out.write_text(replace_section(args.out, f"zoo-{args.preset}" if args.preset else "random", section))
+    print(section)
 
 
 if __name__ == "__main__":
