@@ -132,6 +132,29 @@ def test_the_operator_space_is_the_static_operator_with_searched_weights(tiny_ex
         build_space(list(tiny_experts.layers), tiny_experts.expert_names, "operator", method="magic")
 
 
+def test_static_merges_and_anchors_are_the_expert_space_merges_in_an_operator_space(tiny_experts, tiny_setup):
+    """TIES elects signs over every expert even at density 1, so an operator-space vector cannot write "expert i
+    alone" or task arithmetic; the normalisation's anchors and the linear static merges are scored as the expert
+    space's merges (before, one-hot anchors in the TIES space were a sign-elected average, not the expert)."""
+    from evox_merge.problems.normalisation import anchor_normalisation
+    from evox_merge.problems.static_merges import task_arithmetic
+
+    tasks = tiny_setup.tasks  # the language-modelling task's scores are continuous
+    space = build_space(list(tiny_experts.layers), tiny_experts.expert_names, "operator", method="ties")
+    operator, expert = (MergeProblem(tiny_experts, tasks, batch_size=8, space=s) for s in (space, None))
+    n = tiny_experts.num_experts
+    anchors = torch.cat([torch.zeros(1, n), torch.eye(n)])
+    assert torch.equal(operator.evaluate_linear(anchors), expert.evaluate_per_task(anchors))
+    assert operator.space is space and operator.dim == n + 1  # the problem's own space is back
+    ours, theirs = anchor_normalisation(operator), anchor_normalisation(expert)
+    assert torch.equal(ours.offset, theirs.offset) and torch.equal(ours.scale, theirs.scale)
+    one_hot = operator.evaluate_per_task(operator.in_space(torch.eye(n)[:1]))[0]  # the TIES space's own "expert 0"
+    assert not torch.equal(one_hot, expert.evaluate_per_task(torch.eye(n)[:1])[0])
+    merged = task_arithmetic(operator, scalings=[0.5])
+    assert torch.equal(merged.validation_scores, task_arithmetic(expert, scalings=[0.5]).validation_scores)
+    assert torch.equal(merged.score(operator), merged.validation_scores)
+
+
 @pytest.mark.slow
 def test_an_operator_space_search_releases_its_merge(tiny_setup, tmp_path):
     import json

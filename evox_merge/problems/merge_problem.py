@@ -57,7 +57,8 @@ class MergeProblem(Problem):
                 weights; every batch then holds ``candidates_per_pass`` times `batch_size` rows. Meant for GPUs.
             space: how a candidate vector becomes per-layer coefficients (`evox_merge.experts.spaces`; default:
                 one coefficient per expert). Candidates have `dim` entries; `in_space` writes expert-space
-                vectors (static merges, normalisation anchors) in it.
+                vectors (the searches' starting points) in it; `evaluate_linear` scores expert-space merges
+                (static merges, normalisation anchors) exactly in any space.
         """
         super().__init__()
         if not tasks:
@@ -143,6 +144,22 @@ class MergeProblem(Problem):
         """Expert-space coefficients ``(P, N)`` written as candidates of this problem's space ``(P, D)`` (the same
         merges)."""
         return self.space.from_expert(coefficients)
+
+    def evaluate_linear(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Scores ``(P, K)`` of the linear merges ``theta_0 + sum_i c_i tau_i`` of expert-space `coefficients`
+        ``(P, N)``, exactly, whatever this problem's space: the base, each expert alone, task arithmetic, model
+        soups (static merges and the normalisation's anchors). The expert and layer spaces write them as their own
+        candidates (`in_space`); an operator space cannot (TIES elects signs over every expert's task vector even at
+        density 1 and averages the agreeing entries, so its one-hot is not the expert), so they are scored as
+        expert-space merges (without racing)."""
+        if self.space.kind in ("expert", "layer"):
+            return self.evaluate_per_task(self.in_space(coefficients))
+        space, racing = self.space, self.racing
+        self.space, self.racing = ExpertSpace(tuple(space.layer_names), tuple(space.expert_names)), None
+        try:
+            return self.evaluate_per_task(coefficients)
+        finally:
+            self.space, self.racing = space, racing
 
     def check_population(self, pop: torch.Tensor) -> torch.Tensor:
         """Reject a population that is not a finite ``(P, N)`` float tensor; return it as float32 on CPU."""

@@ -69,7 +69,7 @@ def anchor_normalisation(problem, min_scale: float = 1e-6) -> TaskNormalisation:
     """Measure base (all coefficients 0) and each expert alone (one-hot) on `problem` (a `MergeProblem`): N + 1
     evaluations."""
     n = problem.num_experts
-    scores = problem.evaluate_per_task(problem.in_space(torch.cat([torch.zeros(1, n), torch.eye(n)])))  # (1 + N, K)
+    scores = problem.evaluate_linear(torch.cat([torch.zeros(1, n), torch.eye(n)]))  # (1 + N, K), in any space
     return normalisation_from_anchors(problem.task_names, problem.experts.expert_names, scores, min_scale)
 
 

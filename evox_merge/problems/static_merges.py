@@ -48,7 +48,7 @@ class StaticMerge:
         if self.coefficients is None:
             return problem.evaluate_deltas(self.deltas)
         if self.space is None:
-            return problem.evaluate_per_task(problem.in_space(self.coefficients.unsqueeze(0)))[0]
+            return problem.evaluate_linear(self.coefficients.unsqueeze(0))[0]
         if problem.space.to_dict() != self.space.to_dict():
             raise ValueError(f"{self.name} is a merge in the {self.space.kind} space; this problem searches the "
                              f"{problem.space.kind} space")
@@ -80,7 +80,7 @@ class StaticMerge:
 
 def _best_of(problem: MergeProblem, name: str, candidates: torch.Tensor, settings: list[dict]) -> StaticMerge:
     """Score linear candidates ``(C, N)`` and keep the best one on the problem's fitness."""
-    scores = problem.evaluate_per_task(problem.in_space(candidates))
+    scores = problem.evaluate_linear(candidates)
     fitness = problem.aggregate(scores)
     best = int(torch.argmax(fitness))
     return StaticMerge(name, settings[best], scores[best], float(fitness[best]), coefficients=candidates[best])
