@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.sweep.report import welch_p
 from evox_merge.algorithms.pareto import ParetoArchive, hypervolume
 from evox_merge.experts import ExpertSet
 from evox_merge.problems.merge_problem import MergeProblem
@@ -89,14 +90,6 @@ def run_one(method: str, seed: int, args, problem, test_problem, objectives) -> 
             "test_front": (-test_archive.points).tolist()}
 
 
-def welch(a: list[float], b: list[float]) -> float:
-    from scipy.stats import ttest_ind
-
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
-
-
 def plot(rows: list[dict], statics: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -142,7 +135,7 @@ def report(rows: list[dict], statics: dict[str, list[float]], settings: dict, fu
         test = torch.tensor([r["test_hv"] for r in method_rows], dtype=torch.float64)
         searched = torch.tensor([r["search_hv"] for r in method_rows], dtype=torch.float64)
         std = (lambda t: float(t.std()) if len(t) > 1 else math.nan)
-        p = "" if method == "evogm_pareto" else f"{welch([r['test_hv'] for r in method_rows], reference):.3g}"
+        p = "" if method == "evogm_pareto" else f"{welch_p([r['test_hv'] for r in method_rows], reference):.3g}"
         lines.append(f"| {method} | {len(method_rows)} | {float(test.mean()):.4f} ± {std(test):.4f} | "
                      f"{float(searched.mean()):.4f} ± {std(searched):.4f} | "
                      f"{sum(r['archive_size'] for r in method_rows) / len(method_rows):.1f} | "

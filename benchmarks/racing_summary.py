@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
-from scipy.stats import ttest_ind
+from benchmarks.sweep.report import mean_std, welch_p
 
 
 def sweep_rows(folder: Path, setting: str | None = None, searches: bool = True) -> dict[tuple[str, str, int], dict]:
@@ -27,14 +28,12 @@ def sweep_rows(folder: Path, setting: str | None = None, searches: bool = True) 
             if bool(r.get("evaluations")) == searches and setting in (None, r["setting"])}
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-
-
-def welch_p(a: list[float], b: list[float]) -> str:
-    if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
+def p_text(a: list[float], b: list[float]) -> str:
+    """Welch's p-value as table text ("1 (identical)" for identical constant samples, "n/a" when undefined)."""
+    if len(a) >= 2 and len(b) >= 2 and statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
         return "n/a" if a != b else "1 (identical)"
-    return f"{ttest_ind(a, b, equal_var=False).pvalue:.3g}"
+    p = welch_p(a, b)
+    return "n/a" if math.isnan(p) else f"{p:.3g}"
 
 
 def summary(plain_dir: Path, racing_dir: Path) -> str:
@@ -55,8 +54,8 @@ def summary(plain_dir: Path, racing_dir: Path) -> str:
             f"| {method} | {budget} | {len(seeds)} | {statistics.mean(r['examples_fraction'] for r in rr):.0%} "
             f"| {statistics.mean(p['search_seconds'] for p in pr):.0f} "
             f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} "
-            f"| {mean_sd([p['test'] for p in pr])} | {mean_sd([r['test'] for r in rr])} "
-            f"| {welch_p([p['test'] for p in pr], [r['test'] for r in rr])} | {same}/{len(seeds)} |")
+            f"| {mean_std([p['test'] for p in pr])} | {mean_std([r['test'] for r in rr])} "
+            f"| {p_text([p['test'] for p in pr], [r['test'] for r in rr])} | {same}/{len(seeds)} |")
     lines += ["", "Equal wall time: racing at 256 evaluations against plain at 128.", "",
               "| search | seeds | search s, plain 128 | search s, racing 256 | test, plain 128 | test, racing 256 | p |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -68,8 +67,8 @@ def summary(plain_dir: Path, racing_dir: Path) -> str:
         rr = [racing[(method, "large", s)] for s in seeds]
         lines.append(
             f"| {method} | {len(seeds)} | {statistics.mean(p['search_seconds'] for p in pr):.0f} "
-            f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} | {mean_sd([p['test'] for p in pr])} "
-            f"| {mean_sd([r['test'] for r in rr])} | {welch_p([p['test'] for p in pr], [r['test'] for r in rr])} |")
+            f"| {statistics.mean(r['search_seconds'] for r in rr):.0f} | {mean_std([p['test'] for p in pr])} "
+            f"| {mean_std([r['test'] for r in rr])} | {p_text([p['test'] for p in pr], [r['test'] for r in rr])} |")
     return "\n".join(lines)
 
 

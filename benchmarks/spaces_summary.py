@@ -17,8 +17,8 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.racing_summary import mean_sd, sweep_rows, welch_p
-from benchmarks.sweep.report import host_label
+from benchmarks.racing_summary import p_text, sweep_rows
+from benchmarks.sweep.report import host_label, mean_std
 
 SETTING = "multi_task_unseen"
 
@@ -39,9 +39,9 @@ def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmae
                     lines.append(f"| {method} | {budget} | {space} | (not run) | | | | |")
                     continue
                 test = [c["test"] for c in cells]
-                p = "" if space == "expert" or not all(expert) else welch_p(test, [c["test"] for c in expert])
+                p = "" if space == "expert" or not all(expert) else p_text(test, [c["test"] for c in expert])
                 lines.append(
-                    f"| {method} | {budget} | {space} | {mean_sd(test)} | {mean_sd([c['validation'] for c in cells])} "
+                    f"| {method} | {budget} | {space} | {mean_std(test)} | {mean_std([c['validation'] for c in cells])} "
                     f"| {p} | {statistics.mean(c['evaluation_seconds'] for c in cells):.0f} "
                     f"| {', '.join(f'{h} x{n}' for h, n in sorted(Counter(host_label(c.get('host')) for c in cells).items()))} |")
     statics = {m: r["test"] for folder in folders.values() if (folder / "rows.jsonl").is_file()

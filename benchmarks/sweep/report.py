@@ -19,7 +19,8 @@ from benchmarks.sweep.config import SEARCH_METHODS  # noqa: E402
 Row = dict[str, Any]
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` to 4 decimals (the value alone for one sample, "" for none)."""
     if not values:
         return ""
     if len(values) == 1:
@@ -84,10 +85,10 @@ def setting_table(rows: list[Row], methods: list[str]) -> str:
     for method in methods:
         if method not in averages:
             continue
-        cells = [_mean_std(by_cell[(method, group)]) for group in groups]
+        cells = [mean_std(by_cell[(method, group)]) for group in groups]
         if len(groups) > 1:
-            cells.append(_mean_std(list(averages[method].values())))
-        cells.append(_mean_std(list(validation[method].values())))
+            cells.append(mean_std(list(averages[method].values())))
+        cells.append(mean_std(list(validation[method].values())))
         base = method.removesuffix(PRODUCT)
         reference = "evogm" + (PRODUCT if method.endswith(PRODUCT) else "")
         p = None
