@@ -161,6 +161,23 @@ def host_label(host: str | None) -> str:
     return " + ".join(part for part in parts[1:] if part) or host
 
 
+def task_table(rows: list[Row], methods: list[str]) -> str:
+    """Test score per task (mean over seeds) of each method's choice in a multi-task setting, and their mean: the
+    shape of arXiv 2605.29295's Table 2 ("" when a row has no per-task scores or the setting is single-task)."""
+    if not rows or any(len(row["tasks"]) < 2 or "test_tasks" not in row for row in rows):
+        return ""
+    tasks = list(rows[0]["tasks"])
+    lines = ["| method | " + " | ".join(tasks) + " | mean |", "| --- |" + " --- |" * (len(tasks) + 1)]
+    for method in methods:
+        chosen = [row for row in rows if row["method"] == method]
+        if not chosen:
+            continue
+        means = [statistics.mean(row["test_tasks"][task] for row in chosen) for task in tasks]
+        lines.append(f"| {method} | " + " | ".join(f"{m:.4f}" for m in means)
+                     + f" | {statistics.mean(row['test'] for row in chosen):.4f} |")
+    return "\n".join(lines)
+
+
 def write_report(rows: list[Row], methods: list[str], out_dir: str | Path, preamble: str,
                  product_statics: list[str] = ()) -> Path:
     """Write results.md (per setting and budget: scores, convergence PNG, cost) under `out_dir`; return its path.
@@ -175,11 +192,13 @@ def write_report(rows: list[Row], methods: list[str], out_dir: str | Path, pream
         chosen = chosen + product_rows(chosen, list(product_statics))
         shown = [m for method in methods for m in ([method, method + PRODUCT] if method in SEARCH_METHODS else [method])]
         plot_name = f"convergence_{setting}_{budget}.png"
+        tasks = task_table([r for r in chosen if not r["method"].endswith(PRODUCT)], methods)
         convergence_plot(chosen, [m for m in methods if m in SEARCH_METHODS], out_dir / plot_name,
                          f"{setting}, budget {budget}")
         sections.append(f"## {setting}, budget `{budget}`\n\nTest scores of each method's choice (chosen on "
                         f"the search part, picked on the selection part); mean ± std over seeds; `(product)` rows: the "
                         f"pick against the static merges on the selection part.\n\n{setting_table(chosen, shown)}\n\n"
+                        + (f"Test score per task (mean over seeds):\n\n{tasks}\n\n" if tasks else "") +
                         f"![convergence]({plot_name})\n\nCost per run (mean over its runs):\n\n"
                         f"{cost_table([r for r in chosen if not r['method'].endswith(PRODUCT)], methods)}\n")
     path = out_dir / "results.md"
