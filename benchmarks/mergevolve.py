@@ -1,8 +1,8 @@
 """MERGEvolve beyond the experts' span (issue 17, part 2): from a poor and a good merge, over a sigma sweep.
 
-    python -m benchmarks.mergevolve [--seeds 0 1 2 3] [--sigmas 0.01 0.1 0.3 1.0] [--generations 8] [--pairs 4]
+    python -m benchmarks.mergevolve [--preset tiny] [--seeds 0 1 2 3] [--sigmas 0.01 0.1 0.3 1.0] [--generations 8]
 
-On the tiny zoo's multi-task unseen setting (search part capped at 32 examples per task, 30% of each validation file
+On a zoo preset's multi-task unseen setting (default: the tiny zoo) (search part capped at 32 examples per task, 30% of each validation file
 held out for selection, normalised fitness as in a search run), MERGEvolve starts from
 
 * a *poor* merge: the model soup (every coefficient 1/N), and
@@ -11,8 +11,9 @@ held out for selection, normalised fitness as in a search run), MERGEvolve start
 and runs `--generations` generations of 2 x `--pairs` + 1 evaluations at each sigma (relative to each layer's
 delta; 0.01 barely leaves the span). Per run: the start's and the final centre's fitness on the search and selection
 parts, the raw test mean, and the final centre's span residual (the relative norm of its delta outside the
-experts' span). Resumable: finished runs are kept in ``benchmarks/results/mergevolve/rows.jsonl``; the report is
-``benchmarks/results/beyond_hull.md`` (its MERGEvolve section).
+experts' span). Resumable: finished runs are kept in ``benchmarks/results/mergevolve/rows.jsonl`` (other presets:
+``mergevolve_<preset>/``); the report is the preset's MERGEvolve section of ``benchmarks/results/beyond_hull.md``
+(the rest of that file is written by hand and kept).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from evox_merge.run.loop import search
 from evox_merge.run.zoo_search import zoo_paths
 from evox_merge.tasks import read_task, split_task
 from evox_merge.util.machine import machine_markdown
-from evox_merge.util.report_text import with_hand_written
+from evox_merge.util.report_text import replace_section
 
 OUT = Path("benchmarks/results/mergevolve")
 REPORT = Path("benchmarks/results/beyond_hull.md")
@@ -48,6 +49,7 @@ def fitness(problem: MergeProblem, merge: StaticMerge) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", help="zoo preset (its cached build)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.01, 0.1, 0.3, 1.0])
     parser.add_argument("--generations", type=int, default=8)
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-validation", type=int, default=32)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    base, adapters, _, unseen = zoo_paths("tiny", 0, None)
+    base, adapters, _, unseen = zoo_paths(args.preset, 0, None)
+    out = OUT if args.preset == "tiny" else OUT.with_name(f"mergevolve_{args.preset}")
     experts = ExpertSet.load(base, adapters)
     parts = [split_task(read_task(spec), 0.3, args.max_validation) for spec in unseen]
     search_part = MergeProblem(experts, [s for s, _ in parts], batch_size=128)
@@ -65,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     test = MergeProblem(experts, [read_task(spec.with_split("test")) for spec in unseen], batch_size=128)
     starts = {"poor (model soup)": tune_static_merge("model_soup", search_part),
               "good (task arithmetic)": tune_static_merge("task_arithmetic", search_part)}
-    OUT.mkdir(parents=True, exist_ok=True)
-    rows_path = OUT / "rows.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
     done = {(r["start"], r["sigma"], r["seed"]) for r in map(json.loads, rows_path.read_text().splitlines())} if (
         rows_path.exists()) else set()
     for label, start in starts.items():
@@ -92,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
                 with open(rows_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    write_report([json.loads(line) for line in rows_path.read_text().splitlines()], args)
+    write_report([json.loads(line) for line in rows_path.read_text().splitlines()], args, len(unseen))
 
 
-def write_report(rows: list[dict], args) -> None:
+def write_report(rows: list[dict], args, tasks: int) -> None:
     def mean(values):
         return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
 
@@ -110,27 +113,22 @@ def write_report(rows: list[dict], args) -> None:
                 f"{mean([r['final_selection'] for r in group])} | {group[0]['start_test']:.4f} -> "
                 f"{mean([r['final_test'] for r in group])} | {mean([r['span_residual'] for r in group])} | "
                 f"{statistics.mean(r['seconds'] for r in group):.0f} |")
-    text = f"""# Beyond the hull: search spaces and MERGEvolve
-
-The MERGEvolve table is rewritten by `benchmarks/mergevolve.py`; the search-space comparison and the reading below
-its marker are written by hand (the space table from `python -m benchmarks.spaces_summary`).
-
-## MERGEvolve
+    text = f"""## MERGEvolve on the `{args.preset}` zoo
 
 Command: `python -m benchmarks.mergevolve {' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}' for k, v in vars(args).items())}`
 
-Tiny zoo, multi-task unseen (10 tasks), search part at most {args.max_validation} examples per task, selection part
-30% of each validation file, fitness normalised (0 = base, 1 = best single expert per task); test = raw mean over
-the 500 test examples per task. MERGEvolve: {args.generations} generations x ({args.pairs} antithetic pairs + the
+The `{args.preset}` zoo, multi-task unseen ({tasks} tasks), search part at most {args.max_validation} examples per task,
+selection part 30% of each validation file, fitness normalised (0 = base, 1 = best single expert per task); test =
+raw mean over every test example. MERGEvolve: {args.generations} generations x ({args.pairs} antithetic pairs + the
 centre), rank-{args.rank} perturbations, sigma relative to each layer's delta; mean ± std over seeds.
 
 {chr(10).join(lines)}
 
-## Machine
-
+Machine:
 {machine_markdown()}
 """
-    REPORT.write_text(with_hand_written(text, REPORT, "benchmarks/mergevolve.py"))
+    REPORT.write_text(replace_section(REPORT, f"mergevolve-{args.preset}", text,
+                                      "# Beyond the hull: search spaces and MERGEvolve\n"))
     print(f"wrote {REPORT}")
 
 

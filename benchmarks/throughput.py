@@ -29,6 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from evox_merge.util.machine import machine_markdown
+from evox_merge.util.report_text import replace_section
 from evox_merge.zoo.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from evox_merge.experts import ExpertSet
 from evox_merge.problems.merge_problem import MergeProblem
@@ -175,17 +176,6 @@ def measure(kind: str, spec: TaskSpec, args, base_dir: Path, adapter_dirs: list[
             **per_candidate}
 
 
-def replace_section(path: Path, key: str, text: str) -> str:
-    """The report at `path` with its section `key` (between ``<!-- section:key -->`` markers) replaced by `text`,
-    or appended; the other sections are kept."""
-    begin, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    old = path.read_text() if path.is_file() else "# Throughput: seconds per candidate evaluation\n"
-    if begin in old and end in old:
-        return old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    return old.rstrip() + "\n\n" + block + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="a zoo preset (e.g. smollm2): measure on its base, experts and tasks")
@@ -248,7 +238,8 @@ Machine (measured {time.strftime("%Y-%m-%d")}):
 {machine_markdown()}
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(replace_section(args.out, f"zoo-{args.preset}" if args.preset else "random", section))
+    args.out.write_text(replace_section(args.out, f"zoo-{args.preset}" if args.preset else "random", section,
+                                        "# Throughput: seconds per candidate evaluation\n"))
     print(section)
 
 

@@ -1,4 +1,5 @@
-"""Benchmark reports that a script rewrites while keeping the reading a person wrote below a marker."""
+"""Benchmark reports that a script rewrites while keeping what a person wrote: below a marker, or outside the
+script's own sections."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def hand_written(path: Path, script: str) -> str:
 def with_hand_written(generated: str, path: Path, script: str) -> str:
     """`generated` followed by the marker and whatever was written by hand below it in `path` before."""
     return f"{generated.rstrip()}\n\n{keep_marker(script)}\n{hand_written(path, script)}"
+
+
+def replace_section(path: Path, key: str, text: str, title: str = "") -> str:
+    """The report at `path` with its section `key` (between ``<!-- section:key -->`` markers) replaced by `text`,
+    or appended (to `title` if there is no report yet); everything outside the section is kept."""
+    begin, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.is_file() else title
+    if begin in old and end in old:
+        return old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    return old.rstrip() + "\n\n" + block + "\n"
