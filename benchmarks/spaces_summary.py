@@ -8,6 +8,12 @@ Reads each sweep's rows.jsonl (`benchmarks/configs/search_quality.yaml` for the 
 every sweep ran, and prints a Markdown table per search: test (raw mean over the tasks) and search-part fitness,
 mean ± std over seeds, the Welch p-value against the expert space, and the mean evaluation seconds per run (compare
 those only between rows that ran on the same machine).
+
+    python -m benchmarks.spaces_summary --time 16
+
+also measures seconds per candidate in each space side by side, in one process: the same `--time` random candidates
+(written in each space from the same expert-space rows) on the tiny zoo's multi-task unseen search part (32 examples
+per task), interleaved over 3 repeats, median.
 """
 
 from __future__ import annotations
@@ -51,14 +57,50 @@ def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmae
     return "\n".join(lines)
 
 
+def time_spaces(candidates: int, repeats: int = 3) -> str:
+    """Seconds per candidate of the expert, layer and operator spaces on the same problem, side by side."""
+    import time
+
+    import torch
+
+    from evox_merge.experts import ExpertSet
+    from evox_merge.experts.spaces import build_space
+    from evox_merge.problems.merge_problem import MergeProblem
+    from evox_merge.run.zoo_search import zoo_paths
+    from evox_merge.tasks import read_task, split_task
+
+    torch.set_num_threads(1)
+    base, adapters, _, unseen = zoo_paths("tiny", 0, None)
+    experts = ExpertSet.load(base, adapters)
+    tasks = [split_task(read_task(spec), 0.3, 32)[0] for spec in unseen]
+    spaces = {"expert": {}, "layer": {"groups": 2}, "operator": {"method": "ties"}}
+    problems = {name: MergeProblem(experts, tasks, batch_size=128, space=build_space(
+        list(experts.target_names), experts.expert_names, name, **options)) for name, options in spaces.items()}
+    rows = torch.rand(candidates, experts.num_experts, generator=torch.Generator().manual_seed(0))
+    seconds: dict[str, list[float]] = {name: [] for name in spaces}
+    for _ in range(repeats):
+        for name, problem in problems.items():
+            started = time.perf_counter()
+            problem.evaluate_per_task(problem.in_space(rows))
+            seconds[name].append((time.perf_counter() - started) / candidates)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    lines = [f"Seconds per candidate ({candidates} candidates, median of {repeats} interleaved repeats, one thread):",
+             "", "| space | s / candidate | vs expert |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {value:.3f} | {value / median['expert']:.2f}x |" for name, value in median.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     results = Path("benchmarks/results")
     parser.add_argument("--expert", type=Path, default=results / "search_quality")
     parser.add_argument("--layer", type=Path, default=results / "space_layer")
     parser.add_argument("--operator", type=Path, default=results / "space_operator")
+    parser.add_argument("--time", type=int, default=0, help="also time this many candidates in each space")
     args = parser.parse_args()
     print(summary({"expert": args.expert, "layer": args.layer, "operator": args.operator}))
+    if args.time:
+        print("\n" + time_spaces(args.time))
 
 
 if __name__ == "__main__":
