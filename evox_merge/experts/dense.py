@@ -205,7 +205,6 @@ class TensorReader:
         return tensor.reshape(entry.shape).to(device=like.device, dtype=like.dtype)
 
 
-
 @dataclass(eq=False)
 class DenseTarget:
     """The dense task vectors of one base parameter, from the experts that change it.
