@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--max-validation", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="where the model scores candidates, e.g. cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     base, adapters, _, unseen = zoo_paths(args.preset, 0, None)
     out = OUT if args.preset == "tiny" else OUT.with_name(f"mergevolve_{args.preset}")
-    experts = ExpertSet.load(base, adapters)
+    experts = ExpertSet.load(base, adapters, device=args.device)
     parts = [split_task(read_task(spec), 0.3, args.max_validation) for spec in unseen]
     search_part = MergeProblem(experts, [s for s, _ in parts], batch_size=128)
     search_part.normalise(anchor_normalisation(search_part))
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                        "start_selection": fitness(selection, start), "final_selection": fitness(selection, final),
                        "start_test": float(start.score(test).mean()), "final_test": float(final.score(test).mean()),
                        "span_residual": span_report(experts.layers, experts.num_experts, final.deltas)["relative"],
-                       "seconds": time.perf_counter() - started}
+                       "seconds": time.perf_counter() - started, "device": args.device}
                 with open(rows_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)

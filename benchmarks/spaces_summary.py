@@ -49,7 +49,7 @@ def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmae
                 lines.append(
                     f"| {method} | {budget} | {space} | {mean_std(test)} | {mean_std([c['validation'] for c in cells])} "
                     f"| {p} | {statistics.mean(c['evaluation_seconds'] for c in cells):.0f} "
-                    f"| {', '.join(f'{h} x{n}' for h, n in sorted(Counter(host_label(c.get('host')) for c in cells).items()))} |")
+                    f"| {', '.join(f'{h} x{n}' for h, n in sorted(Counter(host_label(c.get('host'), c.get('device')) for c in cells).items()))} |")
     statics = {m: r["test"] for folder in folders.values() if (folder / "rows.jsonl").is_file()
                for (m, _, _), r in sweep_rows(folder, SETTING, searches=False).items() if m not in ("base",)}
     lines += ["", "Static merges (tuned on the search part; the same in every sweep): "

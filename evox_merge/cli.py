@@ -171,7 +171,7 @@ def _bench(args: argparse.Namespace) -> None:
         only = parse_only(args.only)
     except ValueError as error:
         raise EvoxMergeError(str(error)) from None
-    path = run_sweep(args.config, progress=not args.quiet, only=only, workers=args.workers)
+    path = run_sweep(args.config, progress=not args.quiet, only=only, workers=args.workers, device=args.device)
     print(f"sweep results in {path}")
 
 
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE[,VALUE]",
                        help="run a slice of the grid: setting, method, seed or budget (repeat for several fields)")
     bench.add_argument("--workers", type=int, default=None, help="worker processes (overrides the config's)")
+    bench.add_argument("--device", default=None,
+                       help="where the model scores candidates, e.g. cuda (overrides the config's setup.device)")
     bench.set_defaults(handler=_bench)
 
     algorithms = commands.add_parser("algorithms", help="list the search algorithms algorithm.name accepts")

@@ -73,6 +73,29 @@ def test_bad_sweep_config_names_the_key(tmp_path):
         load_sweep_config(tmp_path / "bad.yaml")
 
 
+def test_a_device_cuda_lacks_fails_before_any_model_loads_and_rows_record_the_device(tiny_setup, tmp_path,
+                                                                                    monkeypatch):
+    import torch
+
+    from benchmarks.sweep import runner
+    from benchmarks.sweep.report import host_label
+    from evox_merge.util.errors import MergeInputError
+
+    path = sweep_config(tiny_setup, tmp_path, ["base"], seeds=(0,))
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(runner, "load_setup", lambda *_: pytest.fail("loaded the model before checking --device"))
+        with pytest.raises(MergeInputError, match=r"--device cuda: .*CUDA is not available"):
+            run_sweep(path, progress=False, device="cuda")
+        monkeypatch.undo()
+    with pytest.raises(MergeInputError, match=r"--device gpu: .*not a torch device"):
+        run_sweep(path, progress=False, device="gpu")
+    run_sweep(path, progress=False, device="cpu", only={"setting": {"multi_task_unseen"}})
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert rows and {row["device"] for row in rows} == {"cpu"}
+    assert host_label(rows[0]["host"], rows[0]["device"]) == host_label(rows[0]["host"])  # the CPU: no mention
+    assert host_label("Xeon, 16 cores, NVIDIA H200", "cuda") == "16 cores + NVIDIA H200, scored on cuda"
+
+
 def test_product_takes_whichever_wins_the_selection_part():
     from benchmarks.sweep.report import product_rows
 

@@ -164,4 +164,5 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
     row["test_tasks"] = dict(zip(test.task_names, test_scores.tolist()))
     row["wall_seconds"] = time.perf_counter() - started
     row["host"] = host_description()
+    row["device"] = config.setup.device
     return row

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evox_merge.problems.static_merges import STATIC_MERGES
-from evox_merge.run.config import RacingConfig, SpaceConfig
+from evox_merge.run.config import RacingConfig, SpaceConfig, check_device
 from evox_merge.run.registry import algorithm_names, is_multi_objective
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.strict import StrictModel as _Strict
@@ -30,6 +30,12 @@ class SetupConfig(_Strict):
     experts: list[str] | None = None
     seen_tasks: str | None = None
     unseen_tasks: str | None = None
+    device: str = "cpu"  # where the model, its factors and the scoring run (the algorithms stay on the CPU)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return check_device(device)
 
     @model_validator(mode="after")
     def _one_source(self) -> "SetupConfig":

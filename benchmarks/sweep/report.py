@@ -137,7 +137,7 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
         if not chosen:
             continue
         wall = statistics.mean(row["wall_seconds"] for row in chosen)
-        hosts = Counter(host_label(row.get("host")) for row in chosen)
+        hosts = Counter(host_label(row.get("host"), row.get("device")) for row in chosen)
         ran_on = ", ".join(f"{label} x{count}" for label, count in sorted(hosts.items()))
         if chosen[0]["evaluations"] is None:
             lines.append(f"| {method} | {len(chosen)} | static | | {wall:.1f} | | | | {ran_on} |")
@@ -152,13 +152,15 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def host_label(host: str | None) -> str:
+def host_label(host: str | None, device: str | None = None) -> str:
     """A short machine label from a row's host description (rows from before hosts were recorded: this repo's
-    2-core benchmark machine)."""
+    2-core benchmark machine) and the device it scored on (rows without one, or "cpu": the CPU, even where a GPU
+    was present)."""
     if not host:
         return "2 cores"
     parts = [part.strip() for part in host.split(",")]
-    return " + ".join(part for part in parts[1:] if part) or host
+    label = " + ".join(part for part in parts[1:] if part) or host
+    return label + (f", scored on {device}" if device and device != "cpu" else "")
 
 
 def task_table(rows: list[Row], methods: list[str]) -> str:

@@ -11,14 +11,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from benchmarks.sweep.cells import Cell, grid, run_cell
-from benchmarks.sweep.config import STATIC_METHODS, SweepConfig, load_sweep_config
+from benchmarks.sweep.config import STATIC_METHODS, SetupConfig, SweepConfig, load_sweep_config
 from benchmarks.sweep.report import write_report
 from benchmarks.sweep.setup import load_setup
 from evox_merge.util.atomic import write_text_atomic
+from evox_merge.util.errors import MergeInputError
 from evox_merge.util.machine import host_description, machine_markdown
+from evox_merge.util.strict import format_validation_errors
 
 logger = logging.getLogger(__name__)
 ROWS_NAME = "rows.jsonl"
@@ -38,21 +41,28 @@ def _finished(path: Path) -> dict[str, dict]:
 
 
 def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report_only: bool = False,
-              only: dict[str, set[str]] | None = None, workers: int | None = None) -> Path:
+              only: dict[str, set[str]] | None = None, workers: int | None = None,
+              device: str | None = None) -> Path:
     """Run (or finish) a sweep and write rows.jsonl, results.md, the convergence plots and the exact config.
 
     Time is recorded in timing.jsonl after every finished cell (one entry per invocation, with the machine it ran
     on), so a sweep stopped midway and resumed in several sittings, or split over machines, still reports its whole
     wall time. With `report_only`, no cell runs: results.md is written from the rows finished so far (a partial
     report says how many cells remain). `only` runs a slice of the grid (e.g. ``{"setting": {"multi_task_seen"}}``:
-    a cell runs when each named field's value is one of those given), `workers` overrides the config's; the
-    report still covers the whole grid.
+    a cell runs when each named field's value is one of those given), `workers` and `device` override the
+    config's (each row records the device it scored on); the report still covers the whole grid.
 
     Returns:
         the path of results.md.
     """
     if not isinstance(config, SweepConfig):
         config = load_sweep_config(config)
+    if device is not None:
+        try:
+            setup = SetupConfig.model_validate({**config.setup.model_dump(), "device": device})
+        except ValidationError as error:
+            raise MergeInputError(f"--device {device}: {format_validation_errors(error)}") from None
+        config = config.model_copy(update={"setup": setup})
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = load_setup(config.setup)

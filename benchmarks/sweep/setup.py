@@ -29,7 +29,7 @@ def load_setup(config: SetupConfig) -> BenchSetup:
 
         base, experts, seen, unseen = zoo_paths(config.zoo_preset, config.zoo_seed, config.zoo_dir)
     return BenchSetup(
-        experts=ExpertSet.load(base, experts),
+        experts=ExpertSet.load(base, experts, device=config.device),
         specs={spec.name: spec for spec in [*seen, *unseen]},
         seen=[spec.name for spec in seen],
         unseen=[spec.name for spec in unseen],

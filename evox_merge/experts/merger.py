@@ -79,7 +79,7 @@ class InPlaceMerger:
             raise KeyError(f"not target layers of these experts: {unknown}")
         self.restore()
         for name, delta in deltas.items():
-            self._weights[name].add_(delta.to(self._weights[name].dtype))
+            self._weights[name].add_(delta.to(self._weights[name]))  # the weight's dtype and device
 
     @torch.no_grad()
     def restore(self) -> None:

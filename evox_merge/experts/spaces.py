@@ -220,7 +220,7 @@ class PerturbationSpace:
         """The dense delta per target layer of candidate ``x = (seed, sign)``."""
         seed, sign = int(x[0]), float(x[1])
         noise = self.noise(torch.tensor([seed], dtype=torch.int64))
-        return {name: self.centre[name] + sign * self.sigma * self.scales[name] * noise[name][0]
+        return {name: self.centre[name] + sign * self.sigma * self.scales[name] * noise[name][0].to(self.centre[name])
                 for name in self.layer_names}
 
     def from_expert(self, coefficients: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,21 @@ class MergevolveConfig(_Strict):
     learning_rate: float = Field(default=1.0, gt=0)
 
 
+def check_device(device: str) -> str:
+    """`device` if it names a torch device this machine has (a pydantic validator's ValueError otherwise)."""
+    if device == "cpu":  # the common case needs no torch import
+        return device
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"not a torch device: {error}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return device
+
+
 class SearchConfig(_Strict):
     """Everything one search needs; paths are resolved against the config file's folder.
 
@@ -294,17 +309,7 @@ class SearchConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if device == "cpu":  # the common case needs no torch import
-            return device
-        import torch
-
-        try:
-            torch.device(device)
-        except RuntimeError as error:
-            raise ValueError(f"not a torch device: {error}") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        return device
+        return check_device(device)
 
     def task_specs(self, base_dir: str | Path = ".") -> list[TaskSpec]:
         """The task specs (read from the spec file when ``tasks`` is a path)."""
