@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import Counter
 from pathlib import Path
 
 from benchmarks.racing_summary import p_text, sweep_rows
-from benchmarks.sweep.report import host_label, mean_std
+from benchmarks.sweep.report import mean_std, ran_on
 
 SETTING = "multi_task_unseen"
 
@@ -49,7 +48,7 @@ def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmae
                 lines.append(
                     f"| {method} | {budget} | {space} | {mean_std(test)} | {mean_std([c['validation'] for c in cells])} "
                     f"| {p} | {statistics.mean(c['evaluation_seconds'] for c in cells):.0f} "
-                    f"| {', '.join(f'{h} x{n}' for h, n in sorted(Counter(host_label(c.get('host'), c.get('device')) for c in cells).items()))} |")
+                    f"| {ran_on(cells)} |")
     statics = {m: r["test"] for folder in folders.values() if (folder / "rows.jsonl").is_file()
                for (m, _, _), r in sweep_rows(folder, SETTING, searches=False).items() if m not in ("base",)}
     lines += ["", "Static merges (tuned on the search part; the same in every sweep): "

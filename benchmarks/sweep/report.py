@@ -137,10 +137,9 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
         if not chosen:
             continue
         wall = statistics.mean(row["wall_seconds"] for row in chosen)
-        hosts = Counter(host_label(row.get("host"), row.get("device")) for row in chosen)
-        ran_on = ", ".join(f"{label} x{count}" for label, count in sorted(hosts.items()))
+        machines = ran_on(chosen)
         if chosen[0]["evaluations"] is None:
-            lines.append(f"| {method} | {len(chosen)} | static | | {wall:.1f} | | | | {ran_on} |")
+            lines.append(f"| {method} | {len(chosen)} | static | | {wall:.1f} | | | | {machines} |")
             continue
         algorithm = statistics.mean(row["algorithm_seconds"] for row in chosen)
         evaluation = statistics.mean(row["evaluation_seconds"] for row in chosen)
@@ -148,8 +147,14 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
         examples = statistics.mean(row.get("examples_fraction", 1.0) for row in chosen)
         share = algorithm / (algorithm + evaluation) if algorithm + evaluation > 0 else 0.0
         lines.append(f"| {method} | {len(chosen)} | {evaluations:.0f} | {examples:.0%} | {wall:.1f} | "
-                     f"{algorithm:.2f} | {evaluation:.1f} | {share:.1%} | {ran_on} |")
+                     f"{algorithm:.2f} | {evaluation:.1f} | {share:.1%} | {machines} |")
     return "\n".join(lines)
+
+
+def ran_on(rows: list[Row]) -> str:
+    """Where rows ran: each machine label (`host_label`) with its count of rows."""
+    hosts = Counter(host_label(row.get("host"), row.get("device")) for row in rows)
+    return ", ".join(f"{label} x{count}" for label, count in sorted(hosts.items()))
 
 
 def host_label(host: str | None, device: str | None = None) -> str:
