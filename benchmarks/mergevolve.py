@@ -1,6 +1,6 @@
 """MERGEvolve beyond the experts' span (issue 17, part 2): from a poor and a good merge, over a sigma sweep.
 
-    python -m benchmarks.mergevolve [--preset tiny] [--seeds 0 1 2 3] [--sigmas 0.01 0.1 0.3 1.0] [--generations 8]
+    python -m benchmarks.mergevolve [--preset tiny] [--starts poor good] [--seeds 0 1 2 3] [--sigmas 0.01 0.1 0.3 1.0] [--generations 8]
 
 On a zoo preset's multi-task unseen setting (default: the tiny zoo) (search part capped at 32 examples per task, 30% of each validation file
 held out for selection, normalised fitness as in a search run), MERGEvolve starts from
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--max-validation", type=int, default=32)
+    parser.add_argument("--starts", nargs="+", choices=("poor", "good"), default=["poor", "good"],
+                        help="which starting merges to evolve (a bigger model: only the good one, to fit the machine)")
     parser.add_argument("--device", default="cpu", help="where the model scores candidates, e.g. cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -67,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     search_part.normalise(anchor_normalisation(search_part))
     selection = MergeProblem(experts, [s for _, s in parts], batch_size=128).normalise(search_part.normalisation)
     test = MergeProblem(experts, [read_task(spec.with_split("test")) for spec in unseen], batch_size=128)
-    starts = {"poor (model soup)": tune_static_merge("model_soup", search_part),
-              "good (task arithmetic)": tune_static_merge("task_arithmetic", search_part)}
+    labels = {"poor": ("poor (model soup)", "model_soup"), "good": ("good (task arithmetic)", "task_arithmetic")}
+    starts = {labels[s][0]: tune_static_merge(labels[s][1], search_part) for s in args.starts}
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     done = {(r["start"], r["sigma"], r["seed"]) for r in map(json.loads, rows_path.read_text().splitlines())} if (
