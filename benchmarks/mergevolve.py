@@ -33,6 +33,7 @@ from evox_merge.experts.spaces import PerturbationSpace
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation
 from evox_merge.problems.static_merges import StaticMerge, tune_static_merge
+from evox_merge.run.config import check_device
 from evox_merge.run.loop import search
 from evox_merge.run.zoo_search import zoo_paths
 from evox_merge.tasks import read_task, split_task
@@ -47,6 +48,14 @@ def fitness(problem: MergeProblem, merge: StaticMerge) -> float:
     return float(problem.aggregate(merge.score(problem).unsqueeze(0))[0])
 
 
+def _device(device: str) -> str:
+    """The --device argument, checked as a search config's `device` is (before any model loads)."""
+    try:
+        return check_device(device)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", help="zoo preset (its cached build)")
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-validation", type=int, default=32)
     parser.add_argument("--starts", nargs="+", choices=("poor", "good"), default=["poor", "good"],
                         help="which starting merges to evolve (a bigger model: only the good one, to fit the machine)")
-    parser.add_argument("--device", default="cpu", help="where the model scores candidates, e.g. cuda")
+    parser.add_argument("--device", default="cpu", type=_device, help="where the model scores candidates, e.g. cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     base, adapters, _, unseen = zoo_paths(args.preset, 0, None)
