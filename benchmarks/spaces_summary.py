@@ -9,11 +9,13 @@ every sweep ran, and prints a Markdown table per search: test (raw mean over the
 mean ± std over seeds, the Welch p-value against the expert space, and the mean evaluation seconds per run (compare
 those only between rows that ran on the same machine).
 
-    python -m benchmarks.spaces_summary --time 16
+    python -m benchmarks.spaces_summary --time 16 [--time-operator] [--preset smollm2]
 
 also measures seconds per candidate in each space side by side, in one process: the same `--time` random candidates
-(written in each space from the same expert-space rows) on the tiny zoo's multi-task unseen search part (32 examples
-per task), interleaved over 3 repeats, median.
+(written in each space from the same expert-space rows) on a zoo's (`--preset`, default tiny) multi-task unseen
+search part (at most 32 examples per task), interleaved over 3 repeats, median; `--time-operator` times building one
+TIES candidate's deltas over every target layer with peft's `merge_utils.ties` against ours (the operator space's
+extra cost per candidate), side by side.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmae
     return "\n".join(lines)
 
 
-def time_spaces(candidates: int, repeats: int = 3) -> str:
+def time_spaces(candidates: int, repeats: int = 3, preset: str = "tiny") -> str:
     """Seconds per candidate of the expert, layer and operator spaces on the same problem, side by side."""
     import time
 
@@ -69,7 +71,7 @@ def time_spaces(candidates: int, repeats: int = 3) -> str:
     from evox_merge.tasks import read_task, split_task
 
     torch.set_num_threads(1)
-    base, adapters, _, unseen = zoo_paths("tiny", 0, None)
+    base, adapters, _, unseen = zoo_paths(preset, 0, None)
     experts = ExpertSet.load(base, adapters)
     tasks = [split_task(read_task(spec), 0.3, 32)[0] for spec in unseen]
     spaces = {"expert": {}, "layer": {"groups": 2}, "operator": {"method": "ties"}}
@@ -83,9 +85,67 @@ def time_spaces(candidates: int, repeats: int = 3) -> str:
             problem.evaluate_per_task(problem.in_space(rows))
             seconds[name].append((time.perf_counter() - started) / candidates)
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    lines = [f"Seconds per candidate ({candidates} candidates, median of {repeats} interleaved repeats, one thread):",
+    lines = [f"Seconds per candidate, {preset} zoo ({candidates} candidates, median of {repeats} interleaved repeats, "
+             "one thread):",
              "", "| space | s / candidate | vs expert |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value:.3f} | {value / median['expert']:.2f}x |" for name, value in median.items()]
+    return "\n".join(lines)
+
+
+def time_operator(preset: str, repeats: int = 3) -> str:
+    """Seconds to build one operator-space (TIES) candidate's deltas over every target layer of a zoo: peft's
+    ``merge_utils.ties`` (``topk`` pruning per expert) against ours (`evox_merge.experts.kernel.operator_delta`,
+    batched ``kthvalue`` thresholds), interleaved, median; and how many merged entries differ."""
+    import time
+
+    import torch
+    from peft.utils import merge_utils
+
+    from evox_merge.experts import ExpertSet
+    from evox_merge.experts.kernel import operator_delta, target_task_vectors
+    from evox_merge.experts.spaces import build_space
+    from evox_merge.run.zoo_search import zoo_paths
+
+    torch.set_num_threads(1)
+    base, adapters, _, _ = zoo_paths(preset, 0, None)
+    experts = ExpertSet.load(base, adapters)
+    n, weights, density = experts.num_experts, torch.linspace(0.2, 0.9, experts.num_experts), 0.4
+    targets = [experts.targets[name] for name in experts.target_names]
+
+    def peft_ties() -> list[torch.Tensor]:
+        return [merge_utils.ties(list(target_task_vectors(t, n)), weights, density) for t in targets]
+
+    def ours() -> list[torch.Tensor]:
+        return [operator_delta(t, n, "ties", weights, density) for t in targets]
+
+    space = build_space(list(experts.target_names), experts.expert_names, "operator", method="ties")
+    candidate = torch.cat([torch.tensor([2 * density - 1]), weights])
+    started = time.perf_counter()
+    space.deltas(candidate, experts.targets)  # the first candidate sorts the magnitude tables
+    first_candidate = time.perf_counter() - started
+
+    def space_deltas() -> list[torch.Tensor]:
+        return list(space.deltas(candidate, experts.targets).values())
+
+    seconds: dict[str, list[float]] = {"peft merge_utils.ties": [], "ours, kthvalue thresholds": [],
+                                       "ours, sorted tables (the operator space)": []}
+    for _ in range(repeats):
+        for name, build in zip(seconds, (peft_ties, ours, space_deltas)):
+            started = time.perf_counter()
+            build()
+            seconds[name].append(time.perf_counter() - started)
+    expected = peft_ties()
+    differ = sum(int((a != b).sum()) for a, b in zip(expected, ours()))  # entries tied at a threshold
+    assert all(torch.equal(a, b) for a, b in zip(ours(), space_deltas()))
+    entries = sum(int(target_task_vectors(t, n)[0].numel()) for t in targets)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    first = next(iter(median.values()))
+    lines = [f"One TIES candidate's deltas, {preset} zoo ({len(targets)} target layers, {n} experts, {entries:,} "
+             f"entries per expert; density {density}; median of {repeats} interleaved repeats, one thread; "
+             f"merged entries that differ: {differ:,}, entries tied exactly at a pruning threshold, which topk keeps "
+             "one of and ours keeps all of):", "", "| implementation | s / candidate | speed-up |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {value:.2f} | {first / value:.2f}x |" for name, value in median.items()]
+    lines += ["", f"The operator space's first candidate, which also sorts the tables: {first_candidate:.2f} s."]
     return "\n".join(lines)
 
 
@@ -96,10 +156,15 @@ def main() -> None:
     parser.add_argument("--layer", type=Path, default=results / "space_layer")
     parser.add_argument("--operator", type=Path, default=results / "space_operator")
     parser.add_argument("--time", type=int, default=0, help="also time this many candidates in each space")
+    parser.add_argument("--time-operator", action="store_true",
+                        help="also time one TIES candidate's merge: peft's merge_utils.ties against ours")
+    parser.add_argument("--preset", default="tiny", help="zoo preset for --time and --time-operator (tiny, smollm2)")
     args = parser.parse_args()
     print(summary({"expert": args.expert, "layer": args.layer, "operator": args.operator}))
     if args.time:
-        print("\n" + time_spaces(args.time))
+        print("\n" + time_spaces(args.time, preset=args.preset))
+    if args.time_operator:
+        print("\n" + time_operator(args.preset))
 
 
 if __name__ == "__main__":

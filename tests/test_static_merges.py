@@ -34,6 +34,20 @@ def test_ties_equals_peft_merge_utils_and_scores_through_the_problem(problem):
     torch.testing.assert_close(merge.score(problem), merge.validation_scores)
 
 
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.77, 1.0])
+def test_batched_magnitude_pruning_is_peft_s_per_expert(density):
+    """Our threshold pruning (kthvalue, or a lookup in the sorted table an operator space keeps) keeps exactly the
+    entries peft's topk pruning keeps (no ties in random floats)."""
+    from evox_merge.experts.kernel import magnitude_prune, sorted_magnitudes
+
+    task_vectors = torch.randn(3, 37, 53, generator=torch.Generator().manual_seed(int(density * 100)))
+    task_vectors[1] = 0.0  # an expert that does not change this layer
+    expected = torch.stack([merge_utils.magnitude_based_pruning(t, density) for t in task_vectors])
+    assert torch.equal(magnitude_prune(task_vectors, density), expected)
+    assert torch.equal(magnitude_prune(task_vectors, density, sorted_magnitudes(task_vectors)), expected)
+    assert torch.equal(magnitude_prune(task_vectors, 0.0004), torch.zeros_like(task_vectors))  # k = 0 keeps none
+
+
 def test_dare_is_seeded_and_leaves_global_rng_alone(problem):
     state = torch.random.get_rng_state()
     first = baselines.dense_merge(problem, "dare_linear", density=0.5, scalings=(0.5,), seed=1)

@@ -70,18 +70,49 @@ def target_task_vectors(target, num_experts: int) -> torch.Tensor:
     return target.task_vectors(num_experts)
 
 
+def sorted_magnitudes(task_vectors: torch.Tensor) -> torch.Tensor:
+    """Each expert's task-vector magnitudes in ascending order, ``(N, numel)``: the table `magnitude_prune` reads a
+    density's threshold from (an operator-space search sorts once and prunes every candidate by lookup)."""
+    return task_vectors.reshape(task_vectors.shape[0], -1).abs().sort(dim=1).values
+
+
+def magnitude_prune(task_vectors: torch.Tensor, density: float, magnitudes: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``int(density * numel)`` largest-magnitude entries of each of `task_vectors (N, ...)`, zero the rest:
+    `peft.utils.merge_utils.magnitude_based_pruning` per expert, batched, with the k-th largest magnitude as a
+    threshold (read from `magnitudes`, `sorted_magnitudes`' table, or found by ``kthvalue``) instead of ``topk``'s
+    indices (faster per candidate on CPU; benchmarks/results/beyond_hull.md). Entries tied exactly at the
+    threshold are all kept, where ``topk`` keeps an arbitrary subset of them."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    k = int(density * flat.shape[1])
+    if k == 0:
+        return torch.zeros_like(task_vectors)
+    magnitude = flat.abs()
+    if magnitudes is not None:
+        threshold = magnitudes[:, flat.shape[1] - k].unsqueeze(1)
+    else:
+        threshold = magnitude.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
+    return torch.where(magnitude >= threshold, flat, 0).reshape(task_vectors.shape)
+
+
 def operator_delta(layer, num_experts: int, method: str, weights: torch.Tensor,
-                   density: float) -> torch.Tensor:
-    """One target's (a `LayerFactors` or a dense parameter's) merged delta by a `peft.utils.merge_utils` operator over the experts' dense task
-    vectors: TIES (``ties``: keep the `density` largest entries, elect signs, weight by `weights (N,)`), DARE
-    (``dare_linear``: drop entries at random, keeping `density`, rescale) or DARE-TIES (``dare_ties``). DARE draws
-    its masks from torch's global RNG (seed it for reproducible masks)."""
+                   density: float, magnitudes: torch.Tensor | None = None) -> torch.Tensor:
+    """One target's (a `LayerFactors` or a dense parameter's) merged delta by a `peft.utils.merge_utils` operator
+    over the experts' dense task vectors: TIES (``ties``: keep the `density` largest entries, elect signs, weight by
+    `weights (N,)`; the pruning is `magnitude_prune`, with `magnitudes` its optional sorted table, the sign election
+    and disjoint merge peft's), DARE (``dare_linear``: drop entries at random, keeping `density`, rescale) or
+    DARE-TIES (``dare_ties``). DARE draws its masks from torch's global RNG (seed it for reproducible masks)."""
     if method not in OPERATORS:
         raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    task_vectors = list(target_task_vectors(layer, num_experts))
-    return getattr(merge_utils, method)(task_vectors, weights.to(task_vectors[0]), density)
+    task_vectors = target_task_vectors(layer, num_experts)
+    weights = weights.to(task_vectors)
+    if method == "ties":
+        pruned = magnitude_prune(task_vectors, density, magnitudes)
+        sign_mask = merge_utils.calculate_majority_sign_mask(pruned)
+        weighted = pruned * weights.reshape(-1, *[1] * (pruned.dim() - 1))
+        return merge_utils.disjoint_merge(weighted, sign_mask)
+    return getattr(merge_utils, method)(list(task_vectors), weights, density)
 
 
 def span_residual(layer: LayerFactors, num_experts: int, delta: torch.Tensor) -> tuple[float, float]:
