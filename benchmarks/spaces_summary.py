@@ -37,8 +37,9 @@ def summary(folders: dict[str, Path], methods: tuple[str, ...] = ("evogm", "cmae
     lines = [f"Seeds {seeds} (those every sweep ran), {SETTING}.", "",
              "| search | budget | space | test | search part | p (vs expert space) | evaluation s / run | ran on |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    budgets = [b for b in ("paper", "large") if any(key[1] == b for found in rows.values() for key in found)]
     for method in methods:
-        for budget in ("paper", "large"):
+        for budget in budgets:
             expert = [rows["expert"].get((method, budget, s)) for s in seeds]
             for space, found in rows.items():
                 cells = [found.get((method, budget, s)) for s in seeds]
