@@ -135,10 +135,10 @@ def time_operator(preset: str, repeats: int = 3) -> str:
             started = time.perf_counter()
             build()
             seconds[name].append(time.perf_counter() - started)
-    expected = peft_ties()
-    differ = sum(int((a != b).sum()) for a, b in zip(expected, ours()))  # entries tied at a threshold
-    assert all(torch.equal(a, b) for a, b in zip(ours(), space_deltas()))
-    entries = sum(int(target_task_vectors(t, n)[0].numel()) for t in targets)
+    expected, mine = peft_ties(), ours()
+    differ = sum(int((a != b).sum()) for a, b in zip(expected, mine))  # entries tied at a threshold
+    assert all(torch.equal(a, b) for a, b in zip(mine, space_deltas()))
+    entries = sum(delta.numel() for delta in expected)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     first = next(iter(median.values()))
     lines = [f"One TIES candidate's deltas, {preset} zoo ({len(targets)} target layers, {n} experts, {entries:,} "

@@ -110,7 +110,7 @@ def operator_delta(layer, num_experts: int, method: str, weights: torch.Tensor,
     if method == "ties":
         pruned = magnitude_prune(task_vectors, density, magnitudes)
         sign_mask = merge_utils.calculate_majority_sign_mask(pruned)
-        weighted = pruned * weights.reshape(-1, *[1] * (pruned.dim() - 1))
+        weighted = pruned * merge_utils.reshape_weight_task_tensors(pruned, weights)
         return merge_utils.disjoint_merge(weighted, sign_mask)
     return getattr(merge_utils, method)(list(task_vectors), weights, density)
 
