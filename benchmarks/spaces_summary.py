@@ -14,8 +14,8 @@ those only between rows that ran on the same machine).
 also measures seconds per candidate in each space side by side, in one process: the same `--time` random candidates
 (written in each space from the same expert-space rows) on a zoo's (`--preset`, default tiny) multi-task unseen
 search part (at most 32 examples per task), interleaved over 3 repeats, median; `--time-operator` times building one
-TIES candidate's deltas over every target layer with peft's `merge_utils.ties` against ours (the operator space's
-extra cost per candidate), side by side.
+TIES candidate's deltas over every target layer with peft's `merge_utils.ties` against ours, with and without the
+sorted tables, whole layer and block by block (the operator space's extra cost per candidate), side by side.
 """
 
 from __future__ import annotations
@@ -95,15 +95,18 @@ def time_spaces(candidates: int, repeats: int = 3, preset: str = "tiny") -> str:
 
 def time_operator(preset: str, repeats: int = 3) -> str:
     """Seconds to build one operator-space (TIES) candidate's deltas over every target layer of a zoo: peft's
-    ``merge_utils.ties`` (``topk`` pruning per expert) against ours (`evox_merge.experts.kernel.operator_delta`,
-    batched ``kthvalue`` thresholds), interleaved, median; and how many merged entries differ."""
+    ``merge_utils.ties`` (``topk`` pruning per expert) against ours (threshold pruning,
+    `evox_merge.experts.kernel.magnitude_prune`, then peft's sign election and merge) with ``kthvalue`` thresholds
+    (the static merge) and with the operator space's sorted tables, whole layer at once or block by block of rows
+    (`evox_merge.experts.kernel.ties_layer_delta`, the operator space); interleaved, median; and how many merged
+    entries differ from peft's."""
     import time
 
     import torch
     from peft.utils import merge_utils
 
     from evox_merge.experts import ExpertSet
-    from evox_merge.experts.kernel import operator_delta, target_task_vectors
+    from evox_merge.experts.kernel import _ties_merge, magnitude_prune, operator_delta, target_task_vectors
     from evox_merge.experts.spaces import build_space
     from evox_merge.run.zoo_search import zoo_paths
 
@@ -111,40 +114,47 @@ def time_operator(preset: str, repeats: int = 3) -> str:
     base, adapters, _, _ = zoo_paths(preset, 0, None)
     experts = ExpertSet.load(base, adapters)
     n, weights, density = experts.num_experts, torch.linspace(0.2, 0.9, experts.num_experts), 0.4
-    targets = [experts.targets[name] for name in experts.target_names]
-
-    def peft_ties() -> list[torch.Tensor]:
-        return [merge_utils.ties(list(target_task_vectors(t, n)), weights, density) for t in targets]
-
-    def ours() -> list[torch.Tensor]:
-        return [operator_delta(t, n, "ties", weights, density) for t in targets]
-
-    space = build_space(list(experts.target_names), experts.expert_names, "operator", method="ties")
+    names = list(experts.target_names)
+    targets = [experts.targets[name] for name in names]
+    space = build_space(names, experts.expert_names, "operator", method="ties")
     candidate = torch.cat([torch.tensor([2 * density - 1]), weights])
     started = time.perf_counter()
     space.deltas(candidate, experts.targets)  # the first candidate sorts the magnitude tables
     first_candidate = time.perf_counter() - started
+    tables = [space._magnitudes(name, target) for name, target in zip(names, targets)]
 
-    def space_deltas() -> list[torch.Tensor]:
-        return list(space.deltas(candidate, experts.targets).values())
+    def peft_ties() -> list[torch.Tensor]:
+        return [merge_utils.ties(list(target_task_vectors(t, n)), weights, density) for t in targets]
 
-    seconds: dict[str, list[float]] = {"peft merge_utils.ties": [], "ours, kthvalue thresholds": [],
-                                       "ours, sorted tables (the operator space)": []}
+    def whole(table) -> list[torch.Tensor]:
+        return [_ties_merge(magnitude_prune(target_task_vectors(t, n), density, table(i)), weights)
+                for i, t in enumerate(targets)]
+
+    def blocks(table) -> list[torch.Tensor]:
+        return [operator_delta(t, n, "ties", weights, density, table(i)) for i, t in enumerate(targets)]
+
+    builds = {"peft merge_utils.ties": peft_ties,
+              "ours, kthvalue thresholds (the static TIES merge)": lambda: blocks(lambda i: None),
+              "ours, sorted tables, whole layer (session 8's operator space)": lambda: whole(tables.__getitem__),
+              "ours, sorted tables, blocks of rows (the operator space)": lambda: blocks(tables.__getitem__)}
+    seconds: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(repeats):
-        for name, build in zip(seconds, (peft_ties, ours, space_deltas)):
+        for name, build in builds.items():
             started = time.perf_counter()
             build()
             seconds[name].append(time.perf_counter() - started)
-    expected, mine = peft_ties(), ours()
+    expected, mine = peft_ties(), blocks(lambda i: None)
     differ = sum(int((a != b).sum()) for a, b in zip(expected, mine))  # entries tied at a threshold
-    assert all(torch.equal(a, b) for a, b in zip(mine, space_deltas()))
+    assert all(torch.equal(a, b) for a, b in zip(mine, space.deltas(candidate, experts.targets).values()))
+    assert all(torch.equal(a, b) for a, b in zip(mine, whole(tables.__getitem__)))
     entries = sum(delta.numel() for delta in expected)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     first = next(iter(median.values()))
     lines = [f"One TIES candidate's deltas, {preset} zoo ({len(targets)} target layers, {n} experts, {entries:,} "
              f"entries per expert; density {density}; median of {repeats} interleaved repeats, one thread; "
-             f"merged entries that differ: {differ:,}, entries tied exactly at a pruning threshold, which topk keeps "
-             "one of and ours keeps all of):", "", "| implementation | s / candidate | speed-up |", "| --- | --- | --- |"]
+             f"merged entries that differ from peft's: {differ:,}, entries tied exactly at a pruning threshold, which "
+             "topk keeps one of and ours keeps all of; ours are equal to each other entry for entry):", "",
+             "| implementation | s / candidate | speed-up |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value:.2f} | {first / value:.2f}x |" for name, value in median.items()]
     lines += ["", f"The operator space's first candidate, which also sorts the tables: {first_candidate:.2f} s."]
     return "\n".join(lines)

@@ -67,3 +67,26 @@ def test_every_static_merge_is_tuned_on_the_problem_and_rescores_to_its_fitness(
         assert rescored == pytest.approx(merge.fitness, abs=1e-6)
     with pytest.raises(ValueError, match="unknown static merge"):
         baselines.tune_static_merge("soup", problem)
+
+
+@pytest.mark.parametrize("density", [0.0001, 0.3, 1.0])
+def test_ties_by_blocks_of_rows_equals_the_whole_layer_merge(density, monkeypatch):
+    """The operator space's TIES (`ties_layer_delta`: a LoRA layer's task vectors built, pruned and merged block by
+    block of rows, thresholds from the sorted table) equals pruning and merging the whole layer at once, entry for
+    entry, with uneven ranks, an expert that does not target the layer and blocks that do not divide the rows."""
+    from evox_merge.experts import kernel
+
+    generator = torch.Generator().manual_seed(7)
+    ranks = [4, 0, 8, 2]
+    layer = kernel.LayerFactors(torch.randn(sum(ranks), 29, generator=generator),
+                                torch.randn(41, sum(ranks), generator=generator),
+                                torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)]))
+    weights = torch.tensor([0.3, 0.9, -0.5, 1.2])
+    task_vectors = kernel.dense_task_vectors(layer, 4)
+    whole = kernel._ties_merge(kernel.magnitude_prune(task_vectors, density), weights)
+    monkeypatch.setattr(kernel, "TIES_BLOCK_ENTRIES", 29 * 6)  # 6 rows a block: 7 blocks, the last of 5 rows
+    blocks = kernel.operator_delta(layer, 4, "ties", weights, density, kernel.sorted_magnitudes(task_vectors))
+    assert torch.equal(blocks, whole)
+    assert torch.equal(kernel.operator_delta(layer, 4, "ties", weights, density), whole)  # no table: whole layer
+    if density < 1:
+        torch.testing.assert_close(whole, merge_utils.ties(list(task_vectors), weights, density))

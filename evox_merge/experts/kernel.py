@@ -76,22 +76,71 @@ def sorted_magnitudes(task_vectors: torch.Tensor) -> torch.Tensor:
     return task_vectors.reshape(task_vectors.shape[0], -1).abs().sort(dim=1).values
 
 
+def pruning_thresholds(task_vectors: torch.Tensor, density: float,
+                       magnitudes: torch.Tensor | None = None) -> torch.Tensor:
+    """Per expert of `task_vectors (N, ...)`, the magnitude an entry needs to be among the ``int(density * numel)``
+    largest, ``(N,)``: read from `magnitudes` (`sorted_magnitudes`' table) or found by ``kthvalue``; ``inf`` when
+    that count is 0 (nothing kept)."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    return _thresholds(flat, flat.shape[1], density, magnitudes)
+
+
+def _thresholds(flat: torch.Tensor | None, numel: int, density: float, magnitudes: torch.Tensor | None) -> torch.Tensor:
+    k = int(density * numel)
+    if k == 0:
+        table = magnitudes if magnitudes is not None else flat
+        return torch.full((table.shape[0],), float("inf"), dtype=table.dtype, device=table.device)
+    if magnitudes is not None:
+        return magnitudes[:, numel - k]
+    return flat.abs().kthvalue(numel - k + 1, dim=1).values
+
+
 def magnitude_prune(task_vectors: torch.Tensor, density: float, magnitudes: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ``int(density * numel)`` largest-magnitude entries of each of `task_vectors (N, ...)`, zero the rest:
     `peft.utils.merge_utils.magnitude_based_pruning` per expert, batched, with the k-th largest magnitude as a
-    threshold (read from `magnitudes`, `sorted_magnitudes`' table, or found by ``kthvalue``) instead of ``topk``'s
-    indices (faster per candidate on CPU; benchmarks/results/beyond_hull.md). Entries tied exactly at the
-    threshold are all kept, where ``topk`` keeps an arbitrary subset of them."""
-    flat = task_vectors.reshape(task_vectors.shape[0], -1)
-    k = int(density * flat.shape[1])
-    if k == 0:
-        return torch.zeros_like(task_vectors)
-    magnitude = flat.abs()
-    if magnitudes is not None:
-        threshold = magnitudes[:, flat.shape[1] - k].unsqueeze(1)
-    else:
-        threshold = magnitude.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
-    return torch.where(magnitude >= threshold, flat, 0).reshape(task_vectors.shape)
+    threshold (`pruning_thresholds`) instead of ``topk``'s indices (faster per candidate on CPU;
+    benchmarks/results/beyond_hull.md). Entries tied exactly at the threshold are all kept, where ``topk`` keeps
+    an arbitrary subset of them."""
+    threshold = pruning_thresholds(task_vectors, density, magnitudes)
+    shape = (-1,) + (1,) * (task_vectors.dim() - 1)
+    return torch.where(task_vectors.abs() >= threshold.reshape(shape), task_vectors, 0)
+
+
+def _ties_merge(pruned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """peft's TIES after pruning: its sign election and disjoint merge of `pruned (N, ...)` weighted `weights`."""
+    sign_mask = merge_utils.calculate_majority_sign_mask(pruned)
+    weighted = pruned * merge_utils.reshape_weight_task_tensors(pruned, weights)
+    return merge_utils.disjoint_merge(weighted, sign_mask)
+
+
+TIES_BLOCK_ENTRIES = 1 << 16
+"""Entries per expert in one block of `ties_layer_delta` (a block's temporaries stay in the CPU's cache)."""
+
+
+def task_vector_rows(layer: LayerFactors, num_experts: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of every expert's dense delta of a LoRA layer, ``(N, stop - start, in)``: the same
+    products as `dense_task_vectors` (each row is one expert's scaled ``B`` row times ``A_cat``)."""
+    eye = torch.eye(num_experts, dtype=layer.A_cat.dtype, device=layer.A_cat.device)
+    rows = layer.B_scaled[start:stop]
+    return torch.stack([(rows * eye[i][layer.expert_of_rank]) @ layer.A_cat for i in range(num_experts)])
+
+
+def ties_layer_delta(layer: LayerFactors, num_experts: int, weights: torch.Tensor, density: float,
+                     magnitudes: torch.Tensor) -> torch.Tensor:
+    """TIES over a LoRA layer's task vectors block by block of output rows, given the layer's sorted magnitude
+    table (`sorted_magnitudes`): each block's task-vector rows are built from the factors (`task_vector_rows`),
+    pruned at the per-expert thresholds the table gives, and sign-elected and merged by peft (`_ties_merge`), so no
+    ``(N, out, in)`` temporary exists and the passes over the entries run on blocks that stay in the CPU's cache.
+    Equals ``_ties_merge(magnitude_prune(...))`` over the whole layer entry for entry (every entry goes through the
+    same operations)."""
+    out_features, in_features = layer.B_scaled.shape[0], layer.A_cat.shape[1]
+    threshold = _thresholds(None, out_features * in_features, density, magnitudes).reshape(-1, 1, 1)
+    delta = torch.empty(out_features, in_features, dtype=layer.B_scaled.dtype, device=layer.B_scaled.device)
+    step = max(1, TIES_BLOCK_ENTRIES // in_features)
+    for start in range(0, out_features, step):
+        rows = task_vector_rows(layer, num_experts, start, min(start + step, out_features))
+        delta[start:start + step] = _ties_merge(torch.where(rows.abs() >= threshold, rows, 0), weights)
+    return delta
 
 
 def operator_delta(layer, num_experts: int, method: str, weights: torch.Tensor,
@@ -99,19 +148,19 @@ def operator_delta(layer, num_experts: int, method: str, weights: torch.Tensor,
     """One target's (a `LayerFactors` or a dense parameter's) merged delta by a `peft.utils.merge_utils` operator
     over the experts' dense task vectors: TIES (``ties``: keep the `density` largest entries, elect signs, weight by
     `weights (N,)`; the pruning is `magnitude_prune`, with `magnitudes` its optional sorted table, the sign election
-    and disjoint merge peft's), DARE (``dare_linear``: drop entries at random, keeping `density`, rescale) or
-    DARE-TIES (``dare_ties``). DARE draws its masks from torch's global RNG (seed it for reproducible masks)."""
+    and disjoint merge peft's; a LoRA layer with a table block by block, `ties_layer_delta`), DARE (``dare_linear``: drop entries
+    at random, keeping `density`, rescale) or DARE-TIES (``dare_ties``). DARE draws its masks from torch's global
+    RNG (seed it for reproducible masks)."""
     if method not in OPERATORS:
         raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    if method == "ties" and isinstance(layer, LayerFactors) and magnitudes is not None:
+        return ties_layer_delta(layer, num_experts, weights.to(layer.B_scaled), density, magnitudes)
     task_vectors = target_task_vectors(layer, num_experts)
     weights = weights.to(task_vectors)
     if method == "ties":
-        pruned = magnitude_prune(task_vectors, density, magnitudes)
-        sign_mask = merge_utils.calculate_majority_sign_mask(pruned)
-        weighted = pruned * merge_utils.reshape_weight_task_tensors(pruned, weights)
-        return merge_utils.disjoint_merge(weighted, sign_mask)
+        return _ties_merge(magnitude_prune(task_vectors, density, magnitudes), weights)
     return getattr(merge_utils, method)(list(task_vectors), weights, density)
 
 

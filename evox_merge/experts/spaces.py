@@ -20,6 +20,7 @@ experts, task-arithmetic scales) in every space.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -136,7 +137,8 @@ class OperatorSpace:
     every expert's dense task vector of every layer and the operator over them. DARE's random masks come from
     `seed`, the same for every candidate, so a candidate's merge is a function of ``x``. TIES sorts each layer's
     task-vector magnitudes once (kept up to `SORTED_CACHE_BYTES` per space; layers past it find their thresholds
-    per candidate), so a candidate's pruning is a lookup and one pass."""
+    per candidate), so a candidate's pruning is a lookup, and merges LoRA layers block by block of rows
+    (`evox_merge.experts.kernel.ties_layer_delta`) without an ``(N, out, in)`` temporary."""
 
     layer_names: tuple[str, ...]
     expert_names: tuple[str, ...]
@@ -176,9 +178,13 @@ class OperatorSpace:
             return None
         if name not in self._sorted:
             used = sum(table.numel() * table.element_size() for table in self._sorted.values() if table is not None)
-            vectors = target_task_vectors(layer, len(self.expert_names))
-            fits = used + vectors.numel() * vectors.element_size() <= SORTED_CACHE_BYTES
-            self._sorted[name] = sorted_magnitudes(vectors) if fits else None
+            if isinstance(layer, LayerFactors):  # the table's size, known before building anything
+                shape, dtype = (layer.B_scaled.shape[0], layer.A_cat.shape[1]), layer.B_scaled.dtype
+            else:
+                shape, dtype = layer.shape, layer.dtype
+            size = len(self.expert_names) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self._sorted[name] = (sorted_magnitudes(target_task_vectors(layer, len(self.expert_names)))
+                                  if used + size <= SORTED_CACHE_BYTES else None)
         return self._sorted[name]
 
     def from_expert(self, coefficients: torch.Tensor) -> torch.Tensor:
