@@ -44,7 +44,9 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _summary_table(result) -> str:
-    """The release beside the baselines, mean score per split, and where the files are."""
+    """The release beside the baselines, mean score per split, how clearly it won, and where the files are."""
+    from evox_merge.run.report import margin_sentence
+
     splits = list(next(iter(result.scores.values())))
     won = "a static merge won the selection" if not result.release.startswith("record:") else "a searched candidate"
     lines = [f"Results in {result.output_dir} (model card: README.md, provenance: recipe.json)",
@@ -55,7 +57,8 @@ def _summary_table(result) -> str:
             f"{'n/a' if by_split[s]['mean'] is None else format(by_split[s]['mean'], '.4f'):>18}" for s in splits
         )
         lines.append(f"{merge:<18}{cells}")
-    return "\n".join(lines)
+    margin = margin_sentence(result.recipe["release"].get("selection_margin"), result.release)
+    return "\n".join(lines if margin is None else [*lines, "", margin])
 
 
 def _parse_coefficients(text: str) -> list[float]:

@@ -82,6 +82,11 @@ def test_a_search_with_a_mergevolve_stage_records_it_and_releases_the_better_mer
     assert stage["released"] == (stage["final_fitness"] > stage["start_fitness"])
     assert stage["span_residual"]["relative"] > 0 and stage["start"].startswith("record:")
     assert (recipe["release"]["name"] == "mergevolve") == stage["released"]
+    margin = stage["selection_margin"]  # the evolved centre against its start, paired on the selection part
+    assert stage["judged_on"] == "selection part" and margin["over"] == stage["start"]
+    assert margin["margin"] == pytest.approx(stage["final_fitness"] - stage["start_fitness"], abs=1e-6)
+    # no static merges: nothing of the other kind in the contest, so the release has a margin only if evolved
+    assert recipe["release"]["selection_margin"] == (margin if stage["released"] else None)
     assert recipe["lineage"]["nodes"][-1]["kind"] == "release"
     spec_file = tmp_path / "tasks.yaml"
     spec_file.write_text(yaml.safe_dump([spec.to_dict() for spec in tiny_setup.tasks]))

@@ -61,6 +61,14 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert {"release", "best_searched", "base", "best_single", "task_arithmetic", "ties", "dare"} <= set(scores)
     assert set(scores["release"]) == {"search", "selection", "test"}
     assert recipe["release"]["name"] in [c["name"] for c in recipe["selection"]["candidates"]]
+    margin = recipe["release"]["selection_margin"]  # the release against the other kind's best, with its interval
+    by_name = {c["name"]: c for c in recipe["selection"]["candidates"]}
+    assert by_name[margin["over"]]["kind"] != by_name[recipe["release"]["name"]]["kind"]
+    low, high = margin["ci95"]
+    assert low <= margin["margin"] <= high and margin["distinguishable"] == (low > 0)
+    assert margin["margin"] == pytest.approx(by_name[recipe["release"]["name"]]["selection_fitness"]
+                                             - by_name[margin["over"]]["selection_fitness"], abs=1e-6)
+    assert "paired bootstrap interval" in (out / "README.md").read_text()
     assert recipe["normalisation"]["mode"] == "base_best_single"
     kinds = {node["kind"] for node in recipe["lineage"]["nodes"]}
     assert kinds == {"expert", "basis vector", "release"}

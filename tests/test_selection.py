@@ -7,7 +7,8 @@ import torch
 
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation, normalisation_from_anchors
-from evox_merge.run.selection import searched_candidates, select_release, static_candidates
+from evox_merge.run.selection import (release_rival, searched_candidates, select_release, selection_margin,
+                                      static_candidates)
 from evox_merge.tasks import read_task, split_task
 
 
@@ -40,6 +41,50 @@ def test_a_static_merge_can_win_and_without_a_selection_part_the_best_searched_d
     hopeless = searched_candidates(_records([[-1.0, -1.0, -1.0, -1.0]], [10.0]), top_k=3)
     assert select_release(hopeless + statics, problem).kind == "static"
     assert select_release(hopeless + statics, None).name == hopeless[0].name
+
+
+def test_example_parts_recorded_on_every_scoring_path_give_the_scores(tiny_setup, tiny_experts):
+    """A linear merge, a dense (TIES) merge and a searched candidate, scored while recording: each task's
+    per-example parts sum to the score it gets without recording."""
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks)
+    merges = [c.merge for c in static_candidates(problem, ["task_arithmetic", "ties"])]
+    merges.append(searched_candidates(_records([[0.3, -0.2, 0.6, 0.1]], [1.0]), top_k=1)[0].merge)
+    for merge in merges:
+        plain = merge.score(problem)
+        with problem.recording_example_parts() as parts:
+            recorded = merge.score(problem)
+        assert len(parts) == len(tiny_setup.tasks)
+        assert [num.numel() for num, _ in parts] == [len(task.records) for task in problem.tasks]
+        from_parts = torch.tensor([float(num.sum() / den.sum()) for num, den in parts], dtype=torch.float64)
+        torch.testing.assert_close(from_parts, plain, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(recorded, plain, rtol=1e-6, atol=1e-6)
+    assert problem._parts is None  # recording ends with the block
+
+
+def test_selection_margin_is_a_paired_bootstrap_against_the_other_kind(tiny_setup, tiny_experts):
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks).normalise(anchor_normalisation(
+        MergeProblem(tiny_experts, tiny_setup.tasks)))
+    statics = static_candidates(problem, ["best_single", "task_arithmetic"])
+    searched = searched_candidates(_records([[-1.0, -1.0, -1.0, -1.0], [0.4, 0.4, 0.4, 0.4]], [2.0, 1.0]), top_k=2)
+    candidates = searched + statics
+    winner = select_release(candidates, problem)
+    rival = release_rival(winner, candidates)
+    assert rival.kind != winner.kind
+    assert rival.selection_fitness == max(c.selection_fitness for c in candidates if c.kind != winner.kind)
+    margin = selection_margin(winner, rival, problem, resamples=500)
+    assert margin["over"] == rival.name and margin["resamples"] == 500
+    assert margin["margin"] == pytest.approx(winner.selection_fitness - rival.selection_fitness, abs=1e-6)
+    low, high = margin["ci95"]
+    assert low <= margin["margin"] <= high and margin["distinguishable"] == (low > 0)
+    assert margin["examples"] == {t.spec.name: len(t.records) for t in problem.tasks}
+    # a merge against itself: every resample gives 0, nothing to tell apart
+    same = selection_margin(statics[1], statics[1], problem, resamples=200)
+    assert same["margin"] == 0 and same["ci95"] == [0.0, 0.0] and not same["distinguishable"]
+    assert same["rival_as_good_share"] == 1.0
+    # the worst searched candidate against task arithmetic: a clear loss, the whole interval below 0
+    hopeless = selection_margin(searched[0], statics[1], problem, resamples=500)
+    assert hopeless["ci95"][1] < 0 and hopeless["rival_as_good_share"] == 1.0
+    assert selection_margin(winner, None, problem) is None
 
 
 def test_searched_candidates_are_distinct_top_k_and_skip_failures():

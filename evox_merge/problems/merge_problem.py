@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from evox.core import Problem
@@ -68,6 +69,7 @@ class MergeProblem(Problem):
         if isinstance(candidates_per_pass, bool) or not isinstance(candidates_per_pass, int) or candidates_per_pass < 1:
             raise MergeInputError(f"candidates_per_pass must be an integer >= 1, got {candidates_per_pass!r}")
         self.candidates_per_pass = candidates_per_pass
+        self._parts: list | None = None  # per task (numerators, denominators) while recording_example_parts
         self.experts = experts
         self.tasks = [task if isinstance(task, Task) else read_task(task) for task in tasks]
         self.task_names = [task.name for task in self.tasks]
@@ -198,10 +200,34 @@ class MergeProblem(Problem):
             for p, coefficients in enumerate(pop):
                 self._write_candidate(coefficients)
                 for k, scorer in enumerate(self.scorers):
-                    scores[p, k] = scorer.score(self.experts.model)
+                    scores[p, k] = self._score(scorer)
         finally:
             self.merger.restore()
         return scores
+
+    def _score(self, scorer) -> float:
+        """One task's score of the merge written in the model (while `recording_example_parts`, from its
+        per-example parts, which are kept)."""
+        if self._parts is None:
+            return scorer.score(self.experts.model)
+        numerators, denominators = scorer.example_parts(self.experts.model)
+        self._parts.append((numerators, denominators))
+        return float(numerators.sum() / denominators.sum())
+
+    @contextmanager
+    def recording_example_parts(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Within the block, scoring one merge (any path: `evaluate_per_task` of one candidate, `evaluate_linear`,
+        `evaluate_deltas`, `StaticMerge.score`) also fills the yielded list with its per-task
+        ``(numerators, denominators)`` per example (the scorers' `example_parts`; a task's score is
+        ``sum(numerators) / sum(denominators)``), for paired comparisons of merges on the same examples. Scores one
+        candidate per pass and without racing meanwhile."""
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        saved = self.candidates_per_pass, self.racing, self._parts
+        self.candidates_per_pass, self.racing, self._parts = 1, None, parts
+        try:
+            yield parts
+        finally:
+            self.candidates_per_pass, self.racing, self._parts = saved
 
     def _write_candidate(self, candidate: torch.Tensor) -> None:
         """Write one candidate's merge into the model: ``(N,)`` coefficients in the expert space, ``(L, N)`` in a
@@ -271,7 +297,7 @@ class MergeProblem(Problem):
         """Scores ``(K,)`` of the model ``W0 + delta`` per named target layer (for dense merges such as TIES)."""
         try:
             self.merger.apply_deltas(deltas)
-            return torch.tensor([scorer.score(self.experts.model) for scorer in self.scorers], dtype=torch.float64)
+            return torch.tensor([self._score(scorer) for scorer in self.scorers], dtype=torch.float64)
         finally:
             self.merger.restore()
 

@@ -21,7 +21,7 @@ from evox_merge.experts.spaces import PerturbationSpace
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.static_merges import StaticMerge
 from evox_merge.run.loop import search
-from evox_merge.run.selection import Candidate, score_table
+from evox_merge.run.selection import Candidate, score_table, selection_margin
 from evox_merge.util.atomic import write_text_atomic
 
 RECORDS = "mergevolve_records.jsonl"
@@ -55,10 +55,13 @@ def mergevolve_stage(config: Any, problem: MergeProblem, selection: dict[str, An
                           judged if judge_split == "selection" else None)
     selection["candidates"].append(candidate)
     selection["scores"]["mergevolve"] = score_table({"mergevolve": final}, splits)["mergevolve"]
+    margin = (selection_margin(candidate, start, splits["selection"], seed=config.seed)
+              if judge_split == "selection" else None)
     if released:
         selection["scores"]["mergevolve_start"] = selection["scores"]["release"]
         selection["scores"]["release"] = selection["scores"]["mergevolve"]
         selection["winner"] = candidate
+        selection["margin"] = margin
     span = span_report(experts.layers, experts.num_experts, final.deltas)
     return {
         "settings": stage.model_dump(),
@@ -71,5 +74,6 @@ def mergevolve_stage(config: Any, problem: MergeProblem, selection: dict[str, An
         "final_fitness": judged,
         "final_search_fitness": final.fitness,
         "released": released,
+        "selection_margin": margin,
         "span_residual": span,
     }

@@ -126,6 +126,7 @@ def build_recipe(
     release["coefficients"] = winner.merge.coefficients.tolist() if winner.merge.coefficients is not None else None
     release["chosen_on"] = "selection part" if config.selection_fraction > 0 else "search part (no selection part)"
     release["static_merge_won"] = winner.kind == "static"
+    release["selection_margin"] = selection.get("margin")  # evox_merge.run.selection.selection_margin
     if winner.merge.dense:  # TIES/DARE or an operator-space candidate: how far outside the experts' span
         release["span_residual"] = span_report(experts.targets, experts.num_experts,
                                                winner.merge.merged_deltas(experts.targets))

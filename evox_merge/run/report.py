@@ -207,15 +207,32 @@ Chosen on the {member['chosen_on']}; coefficients [{coefficients}]; parents {mem
     return "\n".join(parts) + "\n![pareto front](pareto_front.png)\n"
 
 
+def margin_sentence(margin: dict[str, Any] | None, released: str) -> str | None:
+    """One line for people: the release's selection margin (`evox_merge.run.selection.selection_margin`) and whether it means anything."""
+    if margin is None:
+        return None
+    if margin["margin"] is None:
+        return f"{released} against {margin['over']} on the selection part: not finite, no margin."
+    low, high = margin["ci95"]
+    examples = sum(margin["examples"].values())
+    verdict = ("a clear win" if margin["distinguishable"] else
+               "within noise: this many selection examples cannot tell them apart (a larger selection part could)")
+    return (f"{released} beat {margin['over']} on the selection part by {margin['margin']:+.4f} fitness "
+            f"(95% paired bootstrap interval {low:+.4f} .. {high:+.4f}, {examples} examples): {verdict}.")
+
+
 def _verdict(recipe: dict[str, Any]) -> str:
-    """One plain sentence on what was released and why."""
+    """Plain sentences on what was released, why, and how clearly it won (`selection_margin`)."""
     release, selection = recipe["release"], recipe["selection"]
     if release["static_merge_won"]:
-        return (f"**A static merge won: this release is `{release['name']}`, not a searched candidate.** On the "
-                f"selection part (examples the search never saw) it beat the search's {selection['top_k']} best "
-                f"candidates (best of them: `{selection['best_searched']}`); see the table below.")
-    return (f"The release is the searched candidate `{release['name']}`, chosen on the {release['chosen_on']} "
-            "against the static merges in the table below.")
+        verdict = (f"**A static merge won: this release is `{release['name']}`, not a searched candidate.** On the "
+                   f"selection part (examples the search never saw) it beat the search's {selection['top_k']} best "
+                   f"candidates (best of them: `{selection['best_searched']}`); see the table below.")
+    else:
+        verdict = (f"The release is the searched candidate `{release['name']}`, chosen on the {release['chosen_on']} "
+                   "against the static merges in the table below.")
+    margin = margin_sentence(release.get("selection_margin"), f"`{release['name']}`")
+    return verdict if margin is None else f"{verdict} {margin}"
 
 
 def model_card(recipe: dict[str, Any]) -> str:

@@ -110,6 +110,56 @@ def select_release(candidates: list[Candidate], selection_problem: MergeProblem 
     return winner
 
 
+MARGIN_RESAMPLES = 2000
+"""Bootstrap resamples of the selection part behind `selection_margin`."""
+
+
+def release_rival(winner: Candidate, candidates: list[Candidate]) -> Candidate | None:
+    """The release's closest rival of the other kind, on the selection part: the best static merge when a searched
+    candidate won, the best searched one when a static merge won (None if there is none)."""
+    rivals = [c for c in candidates if c.kind != winner.kind and c.selection_fitness is not None]
+    return max(rivals, key=lambda c: c.selection_fitness) if rivals else None
+
+
+def selection_margin(winner: Candidate, rival: Candidate | None, selection_problem: MergeProblem,
+                     resamples: int = MARGIN_RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
+    """How clearly `winner` beat `rival` (e.g. `release_rival`) on the selection part: the difference of their
+    selection fitness with a 95% paired bootstrap interval: the selection part's examples resampled with
+    replacement within each task, the same resample for both merges, each task's score recomputed from its
+    per-example parts (`MergeProblem.recording_example_parts`) and the fitness from them (the problem's
+    normalisation and task weights). An interval that contains 0 says that this many selection examples cannot
+    tell the two merges apart. None without a rival; values None when a score is not finite."""
+    if rival is None:
+        return None
+    parts = []
+    for candidate in (winner, rival):
+        with selection_problem.recording_example_parts() as recorded:
+            candidate.merge.score(selection_problem)
+        parts.append(recorded)
+    generator = torch.Generator().manual_seed(seed)
+    resampled = torch.empty(2, resamples, len(parts[0]), dtype=torch.float64)
+    for k, ((num_w, den_w), (num_r, den_r)) in enumerate(zip(*parts)):
+        index = torch.randint(num_w.numel(), (resamples, num_w.numel()), generator=generator)
+        resampled[0, :, k] = num_w.double()[index].sum(1) / den_w.double()[index].sum(1)
+        resampled[1, :, k] = num_r.double()[index].sum(1) / den_r.double()[index].sum(1)
+    weights = selection_problem.task_weights.double()
+    differences = (selection_problem.normalisation.apply(resampled[0]) @ weights
+                   - selection_problem.normalisation.apply(resampled[1]) @ weights)
+    margin = _fitness_from_parts(parts[0], selection_problem) - _fitness_from_parts(parts[1], selection_problem)
+    finite = math.isfinite(margin) and bool(torch.isfinite(differences).all())
+    low, high = (torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist() if finite
+                 else (None, None))
+    return {"over": rival.name, "margin": margin if finite else None, "ci95": [low, high],
+            "rival_as_good_share": float((differences <= 0).double().mean()) if finite else None,
+            "distinguishable": bool(finite and low > 0), "resamples": resamples,
+            "examples": {name: int(num.numel()) for name, (num, _) in zip(selection_problem.task_names, parts[0])}}
+
+
+def _fitness_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], problem: MergeProblem) -> float:
+    scores = torch.tensor([[float(num.double().sum() / den.double().sum()) for num, den in parts]], dtype=torch.float64)
+    return float(problem.normalisation.apply(scores)[0] @ problem.task_weights.double())
+
+
 def named_scores(problem: MergeProblem, task_scores: torch.Tensor) -> dict[str, float | None]:
     """Per task its raw score, ``mean`` (raw weighted mean) and ``normalised`` (the fitness the search uses)."""
     values = {name: float(s) for name, s in zip(problem.task_names, task_scores)}
