@@ -215,7 +215,8 @@ def margin_sentence(margin: dict[str, Any] | None, released: str) -> str | None:
         return f"{released} against {margin['over']} on the selection part: not finite, no margin."
     low, high = margin["ci95"]
     examples = sum(margin["examples"].values())
-    verdict = ("a clear win" if margin["distinguishable"] else
+    verdict = ("above the resampling noise, though optimistic: the winner was picked on these same examples"
+               if margin["distinguishable"] else
                "within noise: this many selection examples cannot tell them apart (a larger selection part could)")
     return (f"{released} beat {margin['over']} on the selection part by {margin['margin']:+.4f} fitness "
             f"(95% paired bootstrap interval {low:+.4f} .. {high:+.4f}, {examples} examples): {verdict}.")

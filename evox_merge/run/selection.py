@@ -128,7 +128,9 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
     replacement within each task, the same resample for both merges, each task's score recomputed from its
     per-example parts (`MergeProblem.recording_example_parts`) and the fitness from them (the problem's
     normalisation and task weights). An interval that contains 0 says that this many selection examples cannot
-    tell the two merges apart. None without a rival; values None when a score is not finite."""
+    tell the two merges apart; one above 0 is optimistic when `winner` was picked on these same examples (the
+    winner's curse: the best of several candidates on a sample is better on it than elsewhere), so it is a warning
+    when it fails, not proof when it holds. None without a rival; values None when a score is not finite."""
     if rival is None:
         return None
     parts = []
