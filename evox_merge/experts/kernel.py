@@ -148,9 +148,9 @@ def operator_delta(layer, num_experts: int, method: str, weights: torch.Tensor,
     """One target's (a `LayerFactors` or a dense parameter's) merged delta by a `peft.utils.merge_utils` operator
     over the experts' dense task vectors: TIES (``ties``: keep the `density` largest entries, elect signs, weight by
     `weights (N,)`; the pruning is `magnitude_prune`, with `magnitudes` its optional sorted table, the sign election
-    and disjoint merge peft's; a LoRA layer with a table block by block, `ties_layer_delta`), DARE (``dare_linear``: drop entries
-    at random, keeping `density`, rescale) or DARE-TIES (``dare_ties``). DARE draws its masks from torch's global
-    RNG (seed it for reproducible masks)."""
+    and disjoint merge peft's; a LoRA layer with a table block by block, `ties_layer_delta`), DARE
+    (``dare_linear``: drop entries at random, keeping `density`, rescale) or DARE-TIES (``dare_ties``). DARE draws
+    its masks from torch's global RNG (seed it for reproducible masks)."""
     if method not in OPERATORS:
         raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
     if not 0 < density <= 1:

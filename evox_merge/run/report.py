@@ -208,7 +208,8 @@ Chosen on the {member['chosen_on']}; coefficients [{coefficients}]; parents {mem
 
 
 def margin_sentence(margin: dict[str, Any] | None, released: str) -> str | None:
-    """One line for people: the release's selection margin (`evox_merge.run.selection.selection_margin`) and whether it means anything."""
+    """One line for people: the release's selection margin (`evox_merge.run.selection.selection_margin`) and
+    whether it means anything."""
     if margin is None:
         return None
     if margin["margin"] is None:
