@@ -51,8 +51,7 @@ def merged_delta(layer: LayerFactors, coefficients: torch.Tensor) -> torch.Tenso
 
 def dense_task_vectors(layer: LayerFactors, num_experts: int) -> torch.Tensor:
     """Every expert's dense delta ``s_i B_i A_i`` of this layer, ``(N, out, in)`` (zeros where not targeted)."""
-    eye = torch.eye(num_experts, dtype=layer.A_cat.dtype, device=layer.A_cat.device)
-    return torch.stack([merged_delta(layer, eye[i]) for i in range(num_experts)])
+    return task_vector_rows(layer, num_experts, 0, layer.B_scaled.shape[0])
 
 
 def target_delta(target, coefficients: torch.Tensor) -> torch.Tensor:
@@ -118,8 +117,8 @@ TIES_BLOCK_ENTRIES = 1 << 16
 
 
 def task_vector_rows(layer: LayerFactors, num_experts: int, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of every expert's dense delta of a LoRA layer, ``(N, stop - start, in)``: the same
-    products as `dense_task_vectors` (each row is one expert's scaled ``B`` row times ``A_cat``)."""
+    """Rows ``start:stop`` of every expert's dense delta of a LoRA layer, ``(N, stop - start, in)``: each row is one
+    expert's scaled ``B`` row (`merged_factors` with that expert's one-hot coefficients) times ``A_cat``."""
     eye = torch.eye(num_experts, dtype=layer.A_cat.dtype, device=layer.A_cat.device)
     rows = layer.B_scaled[start:stop]
     return torch.stack([(rows * eye[i][layer.expert_of_rank]) @ layer.A_cat for i in range(num_experts)])

@@ -133,10 +133,10 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
     when it fails, not proof when it holds. None without a rival; values None when a score is not finite."""
     if rival is None:
         return None
-    parts = []
+    parts, observed = [], []
     for candidate in (winner, rival):
         with selection_problem.recording_example_parts() as recorded:
-            candidate.merge.score(selection_problem)
+            observed.append(candidate.merge.score(selection_problem))  # each task's score from its parts
         parts.append(recorded)
     generator = torch.Generator().manual_seed(seed)
     resampled = torch.empty(2, resamples, len(parts[0]), dtype=torch.float64)
@@ -144,10 +144,12 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
         index = torch.randint(num_w.numel(), (resamples, num_w.numel()), generator=generator)
         resampled[0, :, k] = num_w.double()[index].sum(1) / den_w.double()[index].sum(1)
         resampled[1, :, k] = num_r.double()[index].sum(1) / den_r.double()[index].sum(1)
-    weights = selection_problem.task_weights.double()
-    differences = (selection_problem.normalisation.apply(resampled[0]) @ weights
-                   - selection_problem.normalisation.apply(resampled[1]) @ weights)
-    margin = _fitness_from_parts(parts[0], selection_problem) - _fitness_from_parts(parts[1], selection_problem)
+
+    def fitness(task_scores: torch.Tensor) -> torch.Tensor:  # NaN stays NaN (the problem's aggregate masks it)
+        return selection_problem.normalisation.apply(task_scores) @ selection_problem.task_weights.double()
+
+    differences = fitness(resampled[0]) - fitness(resampled[1])
+    margin = float(fitness(torch.stack(observed)) @ torch.tensor([1.0, -1.0], dtype=torch.float64))
     finite = math.isfinite(margin) and bool(torch.isfinite(differences).all())
     low, high = (torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist() if finite
                  else (None, None))
@@ -155,11 +157,6 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
             "rival_as_good_share": float((differences <= 0).double().mean()) if finite else None,
             "distinguishable": bool(finite and low > 0), "resamples": resamples,
             "examples": {name: int(num.numel()) for name, (num, _) in zip(selection_problem.task_names, parts[0])}}
-
-
-def _fitness_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor]], problem: MergeProblem) -> float:
-    scores = torch.tensor([[float(num.double().sum() / den.double().sum()) for num, den in parts]], dtype=torch.float64)
-    return float(problem.normalisation.apply(scores)[0] @ problem.task_weights.double())
 
 
 def named_scores(problem: MergeProblem, task_scores: torch.Tensor) -> dict[str, float | None]:
