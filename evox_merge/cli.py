@@ -48,7 +48,10 @@ def _summary_table(result) -> str:
     from evox_merge.run.report import margin_sentence
 
     splits = list(next(iter(result.scores.values())))
-    won = "a static merge won the selection" if not result.release.startswith("record:") else "a searched candidate"
+    release = result.recipe["release"]
+    won = ("a searched candidate" if release["kind"] == "searched" else
+           f"a static merge: {release['contest_winner']} won the selection, not clearly (rule {release['rule']})"
+           if release.get("rule_overrode") else "a static merge won the selection")
     lines = [f"Results in {result.output_dir} (model card: README.md, provenance: recipe.json)",
              f"Released: {result.release} ({won}); raw mean score per split:", ""]
     lines.append(f"{'merge':<18}" + "".join(f"{split + ' mean':>18}" for split in splits))
@@ -57,7 +60,8 @@ def _summary_table(result) -> str:
             f"{'n/a' if by_split[s]['mean'] is None else format(by_split[s]['mean'], '.4f'):>18}" for s in splits
         )
         lines.append(f"{merge:<18}{cells}")
-    margin = margin_sentence(result.recipe["release"].get("selection_margin"), result.release)
+    margin = margin_sentence(release.get("selection_margin"),
+                             release["contest_winner"] if release.get("rule_overrode") else result.release)
     return "\n".join(lines if margin is None else [*lines, "", margin])
 
 

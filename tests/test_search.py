@@ -75,6 +75,31 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert "Intended use:** tests" in (out / "README.md").read_text()
 
 
+def test_the_release_rule_is_recorded_and_an_override_is_told_plainly(finished_run):
+    from types import SimpleNamespace
+
+    from evox_merge.cli import _summary_table
+    from evox_merge.run.report import model_card
+
+    result, _ = finished_run
+    recipe = json.loads((result.output_dir / "recipe.json").read_text())
+    release = recipe["release"]
+    assert release["rule"] == "best" and release["contest_winner"] == release["name"]
+    assert release["rule_overrode"] is False
+    # how a run under `release.rule: significant` reads when its searched winner did not win clearly
+    margin = {**release["selection_margin"], "over": "task_arithmetic", "distinguishable": False}
+    release.update(name="task_arithmetic", kind="static", static_merge_won=True, rule="significant",
+                   contest_winner="record:7", rule_overrode=True, selection_margin=margin)
+    card = model_card(recipe)
+    assert "The release is the static merge `task_arithmetic`: the searched candidate `record:7` won" in card
+    assert "`record:7` beat task_arithmetic on the selection part" in card and "within noise" in card
+    summary = _summary_table(SimpleNamespace(output_dir=result.output_dir, scores=result.scores, recipe=recipe,
+                                             release="task_arithmetic"))
+    assert "Released: task_arithmetic (a static merge: record:7 won the selection, not clearly (rule significant))" \
+        in summary
+    assert "record:7 beat task_arithmetic" in summary
+
+
 def test_mean_objective_packet_is_unchanged_and_records_carry_evidence(finished_run, capsys):
     from evox_merge.run.evidence import RUN_EVIDENCE_FIELDS, full_record
     from evox_merge.run.monitor import EVIDENCE_FIELDS

@@ -7,8 +7,8 @@ import torch
 
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation, normalisation_from_anchors
-from evox_merge.run.selection import (release_rival, searched_candidates, select_release, selection_margin,
-                                      static_candidates)
+from evox_merge.run.selection import (release_by_rule, release_rival, searched_candidates, select_release,
+                                      selection_margin, static_candidates)
 from evox_merge.tasks import read_task, split_task
 
 
@@ -85,6 +85,28 @@ def test_selection_margin_is_a_paired_bootstrap_against_the_other_kind(tiny_setu
     hopeless = selection_margin(searched[0], statics[1], problem, resamples=500)
     assert hopeless["ci95"][1] < 0 and hopeless["rival_as_good_share"] == 1.0
     assert selection_margin(winner, None, problem) is None
+
+
+def test_rule_significant_releases_a_searched_winner_only_when_it_wins_clearly(tiny_setup, tiny_experts):
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks).normalise(anchor_normalisation(
+        MergeProblem(tiny_experts, tiny_setup.tasks)))
+    statics = static_candidates(problem, ["best_single", "task_arithmetic"])
+    best_static = select_release(statics, problem)
+    # a searched candidate with the best static merge's coefficients ties with it and, listed first, wins the contest
+    twin = searched_candidates(_records([best_static.merge.coefficients.tolist()], [1.0]), top_k=1)
+    candidates = twin + statics
+    winner = select_release(candidates, problem)
+    rival = release_rival(winner, candidates)
+    assert winner.kind == "searched" and rival is best_static
+    margin = selection_margin(winner, rival, problem, resamples=200)
+    assert margin["margin"] == pytest.approx(0, abs=1e-6) and not margin["distinguishable"]
+    assert release_by_rule("best", winner, rival, margin) is winner
+    assert release_by_rule("significant", winner, rival, margin) is rival  # not a clear win: the static merge
+    assert release_by_rule("significant", winner, rival, {**margin, "distinguishable": True}) is winner
+    assert release_by_rule("significant", winner, None, None) is winner  # no static merge competed
+    assert release_by_rule("significant", best_static, winner, margin) is best_static  # statics need no margin
+    with pytest.raises(ValueError, match="release rule 'clear'"):
+        release_by_rule("clear", winner, rival, margin)
 
 
 def test_searched_candidates_are_distinct_top_k_and_skip_failures():

@@ -88,16 +88,24 @@ class BudgetConfig(_Strict):
         return -(-self.evaluations // pop_size)
 
 
+RELEASE_RULES = ("best", "significant")
+"""How the release is chosen from the selection contest (`evox_merge.run.selection.release_by_rule`)."""
+
+
 class ReleaseConfig(_Strict):
     """What the release packet holds besides the recipe and the merged LoRA adapter.
 
     ``baselines``: the static merges (`evox_merge.problems.static_merges.STATIC_MERGES`) compete with the searched
-    candidates on the selection part and are reported beside the release.
+    candidates on the selection part and are reported beside the release. ``rule``: ``best`` releases the
+    contest's winner; ``significant`` releases a searched winner only when its selection margin over the best static
+    merge is above resampling noise, else that static merge (`evox_merge.run.selection.release_by_rule`; measured
+    in benchmarks/results/release_rule.md).
     """
 
     full_model: bool = False
     adapter_rank: int | None = Field(default=None, ge=1)
     baselines: bool = True
+    rule: Literal[RELEASE_RULES] = "best"
 
 
 class ObjectivesConfig(_Strict):

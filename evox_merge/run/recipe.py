@@ -127,6 +127,10 @@ def build_recipe(
     release["chosen_on"] = "selection part" if config.selection_fraction > 0 else "search part (no selection part)"
     release["static_merge_won"] = winner.kind == "static"
     release["selection_margin"] = selection.get("margin")  # evox_merge.run.selection.selection_margin
+    release["rule"] = config.release.rule  # evox_merge.run.selection.release_by_rule
+    contest_winner = selection.get("contest_winner", winner)
+    release["contest_winner"] = contest_winner.name  # the selection contest's winner (before any MERGEvolve stage)
+    release["rule_overrode"] = contest_winner.kind == "searched" and winner.kind == "static"
     if winner.merge.dense:  # TIES/DARE or an operator-space candidate: how far outside the experts' span
         release["span_residual"] = span_report(experts.targets, experts.num_experts,
                                                winner.merge.merged_deltas(experts.targets))

@@ -226,6 +226,12 @@ def margin_sentence(margin: dict[str, Any] | None, released: str) -> str | None:
 def _verdict(recipe: dict[str, Any]) -> str:
     """Plain sentences on what was released, why, and how clearly it won (`selection_margin`)."""
     release, selection = recipe["release"], recipe["selection"]
+    if release.get("rule_overrode"):
+        contest_winner = release["contest_winner"]
+        margin = margin_sentence(release.get("selection_margin"), f"`{contest_winner}`")
+        return (f"**The release is the static merge `{release['name']}`: the searched candidate `{contest_winner}` "
+                f"won the selection contest, but not clearly, and the release rule `{release['rule']}` releases a "
+                f"searched candidate only when it wins clearly.** {margin}")
     if release["static_merge_won"]:
         verdict = (f"**A static merge won: this release is `{release['name']}`, not a searched candidate.** On the "
                    f"selection part (examples the search never saw) it beat the search's {selection['top_k']} best "

@@ -55,8 +55,8 @@ from evox_merge.run.release import write_merge
 from evox_merge.run.report import (
     plot_coefficients, plot_fitness, plot_layer_coefficients, plot_task_scores, write_history_csv, write_model_card,
 )
-from evox_merge.run.selection import (release_rival, score_table, searched_candidates, select_release,
-                                      selection_margin, static_candidates)
+from evox_merge.run.selection import (release_by_rule, release_rival, score_table, searched_candidates,
+                                      select_release, selection_margin, static_candidates)
 from evox_merge.tasks import read_task, split_task
 from evox_merge.run.workflow import build_workflow
 
@@ -377,20 +377,21 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
     bar = tqdm(total=steps, desc="selecting and scoring the release", unit="step", disable=not show, leave=False)
     statics = static_candidates(problem, static_names, seed=config.seed, progress=bar)
     selection_problem = splits.get("selection")
-    winner = select_release(searched + statics, selection_problem, progress=bar)
+    contest_winner = select_release(searched + statics, selection_problem, progress=bar)
     best_searched = select_release(searched, selection_problem)  # reuses the scores of the contest above
-    margin = None
+    margin, winner = None, contest_winner
     if selection_problem is not None:  # how clearly it won: a paired bootstrap against the other kind's best
         bar.set_postfix_str("selection margin of the release")
-        margin = selection_margin(winner, release_rival(winner, searched + statics), selection_problem,
-                                  seed=config.seed)
+        rival = release_rival(contest_winner, searched + statics)
+        margin = selection_margin(contest_winner, rival, selection_problem, seed=config.seed)
+        winner = release_by_rule(config.release.rule, contest_winner, rival, margin)
         bar.update(2)
     merges = {"release": winner.merge, "best_searched": best_searched.merge,
               **{candidate.name: candidate.merge for candidate in statics}}
     scores = score_table(merges, splits, progress=bar)
     bar.close()
-    return {"winner": winner, "best_searched": best_searched, "candidates": searched + statics, "scores": scores,
-            "splits": splits, "margin": margin}
+    return {"winner": winner, "contest_winner": contest_winner, "best_searched": best_searched,
+            "candidates": searched + statics, "scores": scores, "splits": splits, "margin": margin}
 
 
 def _peak_memory_mb(device: str) -> float:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.static_merges import StaticMerge, tune_static_merge
+from evox_merge.run.config import RELEASE_RULES
 
 Scores = dict[str, dict[str, dict[str, float | None]]]
 
@@ -157,6 +158,22 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
             "rival_as_good_share": float((differences <= 0).double().mean()) if finite else None,
             "distinguishable": bool(finite and low > 0), "resamples": resamples,
             "examples": {name: int(num.numel()) for name, (num, _) in zip(selection_problem.task_names, parts[0])}}
+
+
+def release_by_rule(rule: str, winner: Candidate, rival: Candidate | None, margin: dict[str, Any] | None) -> Candidate:
+    """The merge to release under `rule`, given the selection contest's `winner`, its `rival` of the other kind
+    (`release_rival`) and the margin between them (`selection_margin`).
+
+    ``best``: the winner. ``significant``: the winner, except that a searched winner whose margin over the best
+    static merge is not distinguishable from resampling noise (95% interval not above 0, or not finite) gives way
+    to that static merge: a search must win clearly to be released. A static winner, or a searched one with no
+    static rival, is released under either rule."""
+    if rule not in RELEASE_RULES:
+        raise ValueError(f"release rule {rule!r}: expected one of {RELEASE_RULES}")
+    if rule == "significant" and winner.kind == "searched" and rival is not None and not (
+            margin is not None and margin["distinguishable"]):
+        return rival
+    return winner
 
 
 def named_scores(problem: MergeProblem, task_scores: torch.Tensor) -> dict[str, float | None]:
