@@ -160,7 +160,10 @@ def build_recipe(
             "selection_fraction": config.selection_fraction,
             "top_k": config.selection_top_k,
             "rule": "the release is the candidate with the best normalised mean on the selection part; searched "
-                    "candidates enter by their search-part rank, static merges are tuned on the search part",
+                    "candidates enter by their search-part rank, static merges are tuned on the search part"
+                    + ("; a searched winner is released only when its margin over the best static merge is "
+                       "distinguishable (release.rule: significant), else that static merge"
+                       if config.release.rule == "significant" else ""),
             "candidates": [candidate.to_dict() for candidate in selection["candidates"]],
             "best_searched": selection["best_searched"].name,
         },
