@@ -10,8 +10,9 @@ otherwise. The rule was fixed before this measurement (the conventional 95% inte
 
 For every search row of each sweep whose pick won the contest, this script rebuilds the row's selection part
 (`benchmarks.sweep.cells._problems`, the same split, normalisation and search space), re-tunes the winning static
-merge on the search part exactly as the sweep did (checked: its selection fitness must equal the sweep row's),
-scores both with per-example parts and applies the rule. Both merges' test scores come from the sweep's rows, so
+merge on the search part exactly as the sweep did, scores both with per-example parts (checked: the margin must
+equal the sweep rows' selection fitness difference where both rows scored on this device; rows scored on a GPU are
+re-scored here, and both margins are kept) and applies the rule. Both merges' test scores come from the sweep's rows, so
 the table compares, run by run, what each rule would have released. Writes ``benchmarks/results/release_rule.md``
 and one JSON line per contested run to ``benchmarks/results/release_rule/rows.jsonl``.
 """
@@ -75,14 +76,15 @@ def contested_runs(sweep_dir: Path, progress: bool = True) -> list[dict]:
         margin = selection_margin(pick, rival, selection, seed=row["seed"])
         released = release_by_rule("significant", pick, rival, margin)
         expected = row["selection"] - rival_row["selection"]
-        if margin["margin"] is None or abs(margin["margin"] - expected) > TOLERANCE:
+        same_device = {row.get("device"), rival_row.get("device")} <= {None, config.setup.device}
+        if margin["margin"] is None or (same_device and abs(margin["margin"] - expected) > TOLERANCE):
             raise RuntimeError(f"{sweep_dir}: {key}: re-scored margin {margin['margin']} differs from the sweep "
                                f"rows' {expected} (pick {row['selection']}, {rival_row['method']} "
                                f"{rival_row['selection']}): the rebuild is not the sweep's selection part")
         out.append({"sweep": sweep_dir.name, "setting": row["setting"], "tasks": row["tasks"],
                     "method": row["method"], "seed": row["seed"], "budget": row["budget"], "pick": row["pick"],
                     "rival": rival_row["method"], "margin": margin, "rule_released": released.kind,
-                    "test_pick": row["test"], "test_rival": rival_row["test"],
+                    "test_pick": row["test"], "test_rival": rival_row["test"], "sweep_margin": expected,
                     "seconds": time.perf_counter() - started})
         if progress:
             print(f"{sweep_dir.name} {row['setting']} {'+'.join(row['tasks'])[:30]} {row['method']} "
@@ -107,7 +109,7 @@ def _summary(contested: list[dict], products: dict[tuple, list[dict]]) -> list[s
     by_run = {(c["sweep"], c["setting"], tuple(c["tasks"]), c["method"], c["seed"], c["budget"]): c
               for c in contested}
     for (sweep, setting, budget, method), runs in sorted(products.items()):
-        best, strict, gained, lost, kept, won = [], [], 0, 0, 0, 0
+        gained, lost, kept, won = 0, 0, 0, 0
         per_seed_best, per_seed_strict = defaultdict(list), defaultdict(list)
         for product in runs:
             c = by_run.get((sweep, setting, tuple(product["tasks"]), method, product["seed"], budget))
@@ -123,8 +125,6 @@ def _summary(contested: list[dict], products: dict[tuple, list[dict]]) -> list[s
                     lost += test_strict < test_best
             per_seed_best[product["seed"]].append(test_best)
             per_seed_strict[product["seed"]].append(test_strict)
-            best.append(test_best)
-            strict.append(test_strict)
         seeds_best = [statistics.mean(v) for v in per_seed_best.values()]
         seeds_strict = [statistics.mean(v) for v in per_seed_strict.values()]
         p = paired_p(seeds_best, seeds_strict)
@@ -134,43 +134,62 @@ def _summary(contested: list[dict], products: dict[tuple, list[dict]]) -> list[s
     return lines
 
 
+def _overrides_line(contested: list[dict], runs: int, label: str, mean_change: bool = True) -> str:
+    """One row of the per-sweep table: how often the rule overrode the contest and what that did to test (no mean
+    change across sweeps: their test scores are on different scales)."""
+    overrides = [c for c in contested if c["rule_released"] == "static"]
+    changes = [c["test_rival"] - c["test_pick"] for c in overrides]
+    mean = f"{statistics.mean(changes):+.4f}" if changes and mean_change else ""
+    return (f"| {label} | {runs} | {len(contested)} | {len(overrides)} | {mean} | {sum(d > 0 for d in changes)} / "
+            f"{sum(d < 0 for d in changes)} / {sum(d == 0 for d in changes)} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", help="sweep output folders (each with config.yaml and rows.jsonl)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the rows this script wrote before (no scoring)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    contested, products = [], defaultdict(list)
+    products = defaultdict(list)
+    if args.report_only:
+        contested = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+        seconds = json.loads((out / "run.json").read_text())["seconds"]
+    else:
+        contested = [c for sweep in map(Path, args.sweeps) for c in contested_runs(sweep)]
+        seconds = time.perf_counter() - started
+        (out / "rows.jsonl").write_text("".join(json.dumps(c) + "\n" for c in contested))
+        (out / "run.json").write_text(json.dumps({"sweeps": args.sweeps, "seconds": seconds}))
     for sweep in map(Path, args.sweeps):
-        contested += contested_runs(sweep)
         config = load_sweep_config(sweep / "config.yaml")
         rows = list(_finished(sweep / ROWS_NAME).values())
         for product in product_rows(rows, [m for m in config.product_statics if m in config.methods]):
             products[(sweep.name, product["setting"], product["budget"],
                       product["method"].removesuffix(PRODUCT))].append(product)
-    (out / "rows.jsonl").write_text("".join(json.dumps(c) + "\n" for c in contested))
-    overrides = [c for c in contested if c["rule_released"] == "static"]
-    changes = [c["test_rival"] - c["test_pick"] for c in overrides]
-    total = (f"Over all {sum(map(len, products.values()))} search runs of {len(args.sweeps)} sweeps, the pick won the "
-             f"contest in {len(contested)}; the rule `significant` would have released the static merge instead in "
-             f"{len(overrides)} of them"
-             + (f", changing test by {statistics.mean(changes):+.4f} on average (gained in "
-                f"{sum(d > 0 for d in changes)}, lost in {sum(d < 0 for d in changes)}, equal in "
-                f"{sum(d == 0 for d in changes)})." if changes else "."))
+    by_sweep = [_overrides_line([c for c in contested if c["sweep"] == sweep.name],
+                                sum(len(runs) for key, runs in products.items() if key[0] == sweep.name), sweep.name)
+                for sweep in map(Path, args.sweeps)]
+    total = _overrides_line(contested, sum(map(len, products.values())), "**all**", mean_change=False)
     text = "\n".join([
         "# The release rule: best on the selection part, or only when the margin is distinguishable",
         "",
-        f"`python -m benchmarks.release_rule {' '.join(args.sweeps)}` ({time.perf_counter() - started:.0f} s).",
-        "Rows: `release_rule/rows.jsonl` (one per run whose searched pick won the contest, with its margin).",
+        f"`python -m benchmarks.release_rule {' '.join(args.sweeps)}` ({seconds:.0f} s of scoring, one thread).",
+        "Rows: `release_rule/rows.jsonl` (one per run whose searched pick won the contest, with its margin); "
+        "`--report-only` rewrites this file from them.",
         "",
         __doc__.split("\n\n", 2)[2].split("Writes")[0].strip(),
         "",
+        "| sweep | search runs | pick won the contest | rule `significant` released the static merge instead | "
+        "mean test change of those | gained / lost / equal on test |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *by_sweep,
         total,
         "",
-        "Test: the sweeps' raw test mean of the merge each rule releases; mean ± std over seeds (single-task "
+        "Per search: the sweeps' raw test mean of the merge each rule releases; mean ± std over seeds (single-task "
         "settings: averaged over tasks per seed first); p: paired t-test over the seed means (same seeds, two rules).",
         "",
         *_summary(contested, products),
