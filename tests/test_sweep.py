@@ -166,3 +166,31 @@ def test_a_sweep_in_a_layer_space_keeps_the_evaluation_budget(tiny_setup, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
     n = len(tiny_setup.adapter_dirs)
     assert len(rows) == 1 and rows[0]["evaluations"] == 4 * 4 and len(rows[0]["coefficients"]) == 2 * n
+
+
+def test_the_release_rule_replay_rebuilds_each_contest_exactly(tiny_setup, tmp_path):
+    """benchmarks.release_rule on a finished sweep: every run whose pick won is re-scored with per-example parts,
+    its margin equals the sweep rows' (the script checks it and raises otherwise), and the report rewrites from
+    its rows alone."""
+    from benchmarks import release_rule
+    from benchmarks.sweep.report import product_rows
+
+    path = sweep_config(tiny_setup, tmp_path, ["task_arithmetic", "best_single", "random", "cmaes"], seeds=(0, 1, 2))
+    config = load_sweep_config(path).model_copy(update={"settings": ["multi_task_unseen"],
+                                                        "large_budget_settings": []})
+    run_sweep(config, progress=False)
+    sweep_rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    products = product_rows(sweep_rows, ["task_arithmetic", "best_single"])
+    won = [p for p in products if p["winner"] == p["method"].removesuffix(" (product)")]
+    assert won, "the fixture must give the replay a contest a search won"
+    out = tmp_path / "replay" / "release_rule"
+    release_rule.main([str(tmp_path / "out"), "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == len(won)
+    for row in rows:
+        assert row["margin"]["margin"] == pytest.approx(row["sweep_margin"], abs=1e-6)
+        assert row["rule_released"] == ("searched" if row["margin"]["distinguishable"] else "static")
+    report = (tmp_path / "replay" / "release_rule.md").read_text()
+    assert f"| **all** | {len(products)} | {len(won)} |" in report
+    release_rule.main([str(tmp_path / "out"), "--out", str(out), "--report-only"])
+    assert (tmp_path / "replay" / "release_rule.md").read_text() == report
