@@ -143,7 +143,10 @@ def test_only_runs_a_slice_and_the_rest_resumes(tiny_setup, tmp_path):
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert {(r["setting"], r["method"]) for r in rows} == {("multi_task_unseen", "random")} and len(rows) == 2
     assert all(r["host"] for r in rows) and "still to run" in results.read_text()
-    run_sweep(path, progress=False)
+    run_sweep(path, progress=False, workers=2, device="cpu")  # this invocation's overrides
+    assert load_sweep_config(tmp_path / "out" / "config.yaml").workers == 1  # the sweep as configured
+    timing = [json.loads(line) for line in (tmp_path / "out" / "timing.jsonl").read_text().splitlines()]
+    assert [(t["workers"], t["device"]) for t in timing] == [(1, "cpu"), (2, "cpu")]
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert len(rows) == 2 * 2 + 1 + 2 and len({(r["setting"], r["method"], r["budget"], str(r["tasks"])) for r in rows}) == 7
     with pytest.raises(ValueError, match="FIELD=VALUE"):

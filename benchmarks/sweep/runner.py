@@ -57,6 +57,7 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
     """
     if not isinstance(config, SweepConfig):
         config = load_sweep_config(config)
+    given = config  # config.yaml records the sweep as configured; this invocation's overrides go to timing.jsonl
     if device is not None:
         try:
             setup = SetupConfig.model_validate({**config.setup.model_dump(), "device": device})
@@ -73,7 +74,7 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
     if workers is not None:
         config = config.model_copy(update={"workers": workers})
     if not report_only:
-        (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(given.model_dump(mode="json"), sort_keys=False))
         logger.info("sweep: %d cells, %d already done, %d to run now", len(cells), len(done), len(todo))
         _run_cells(todo, config, out, len(cells), progress)
         done = _finished(rows_path)
@@ -116,7 +117,8 @@ def _run_cells(todo: list[Cell], config: SweepConfig, out: Path, total: int, pro
         nonlocal finished
         _append(handle, row, bar)
         finished += 1
-        _record_time(out / TIMING_NAME, start_date, finished, time.perf_counter() - started, config.workers)
+        _record_time(out / TIMING_NAME, start_date, finished, time.perf_counter() - started, config.workers,
+                     config.setup.device)
 
     with open(out / ROWS_NAME, "a") as handle:
         if config.workers == 1:
@@ -131,10 +133,12 @@ def _run_cells(todo: list[Cell], config: SweepConfig, out: Path, total: int, pro
     bar.close()
 
 
-def _record_time(path: Path, start_date: str, cells: int, seconds: float, workers: int) -> None:
-    """Write this invocation's entry (cells finished, seconds so far) into timing.jsonl, replacing its last one."""
+def _record_time(path: Path, start_date: str, cells: int, seconds: float, workers: int, device: str) -> None:
+    """Write this invocation's entry (cells finished, seconds so far, its workers and device) into timing.jsonl,
+    replacing its last one."""
     entries = [entry for entry in _invocations(path) if entry["date"] != start_date]
-    entries.append({"date": start_date, "cells": cells, "seconds": seconds, "workers": workers, "host": HOST})
+    entries.append({"date": start_date, "cells": cells, "seconds": seconds, "workers": workers, "device": device,
+                    "host": HOST})
     write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in entries))
 
 
@@ -150,8 +154,9 @@ def _timing_summary(invocations: list[dict]) -> str:
     if not invocations:
         return "no recorded time (timing.jsonl is missing)"
     minutes = sum(entry["seconds"] for entry in invocations) / 60
-    parts = ", ".join(f"{e['cells']} cells in {e['seconds'] / 60:.1f} min with {e['workers']} worker processes on "
-                      f"{e['date'][:10]}" + (f" ({e['host']})" if e.get("host") else "") for e in invocations)
+    parts = ", ".join(f"{e['cells']} cells in {e['seconds'] / 60:.1f} min with {e['workers']} worker processes"
+                      + (f" scoring on {e['device']}" if e.get("device", "cpu") != "cpu" else "")
+                      + f" on {e['date'][:10]}" + (f" ({e['host']})" if e.get("host") else "") for e in invocations)
     return f"{minutes:.1f} minutes in all ({parts}; from timing.jsonl)"
 
 
