@@ -69,6 +69,10 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert margin["margin"] == pytest.approx(by_name[recipe["release"]["name"]]["selection_fitness"]
                                              - by_name[margin["over"]]["selection_fitness"], abs=1e-6)
     assert "paired bootstrap interval" in (out / "README.md").read_text()
+    oob = margin["out_of_bag"]  # the whole contest rerun on resamples, judged on what each left out
+    assert set(oob) == {"gain", "ci95", "searched_won_share", "resamples"} and 0 < oob["resamples"] <= 2000
+    assert oob["ci95"][0] <= oob["gain"] <= oob["ci95"][1] and 0 <= oob["searched_won_share"] <= 1
+    assert "Out of bag (the contest rerun on" in (out / "README.md").read_text()
     assert recipe["normalisation"]["mode"] == "base_best_single"
     kinds = {node["kind"] for node in recipe["lineage"]["nodes"]}
     assert kinds == {"expert", "basis vector", "release"}

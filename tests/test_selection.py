@@ -7,8 +7,8 @@ import torch
 
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation, normalisation_from_anchors
-from evox_merge.run.selection import (release_by_rule, release_rival, searched_candidates, select_release,
-                                      selection_margin, static_candidates)
+from evox_merge.run.selection import (contest_out_of_bag, release_by_rule, release_rival, searched_candidates,
+                                      select_release, selection_margin, static_candidates)
 from evox_merge.tasks import read_task, split_task
 
 
@@ -107,6 +107,46 @@ def test_rule_significant_releases_a_searched_winner_only_when_it_wins_clearly(t
     assert release_by_rule("significant", best_static, winner, margin) is best_static  # statics need no margin
     with pytest.raises(ValueError, match="release rule 'clear'"):
         release_by_rule("clear", winner, rival, margin)
+
+
+def test_out_of_bag_reruns_the_contest_on_each_resample_and_judges_it_on_what_the_resample_left_out(
+        tiny_setup, tiny_experts):
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks).normalise(anchor_normalisation(
+        MergeProblem(tiny_experts, tiny_setup.tasks)))
+    statics = static_candidates(problem, ["best_single", "task_arithmetic"])
+    searched = searched_candidates(_records([[0.4, 0.4, 0.4, 0.4], [0.1, 0.2, 0.0, 0.3]], [2.0, 1.0]), top_k=2)
+    candidates = searched + statics
+    select_release(candidates, problem)  # records every contestant's per-example parts
+    assert all(c.selection_parts is not None for c in candidates)
+    estimate = contest_out_of_bag(candidates, problem, resamples=20, seed=3)
+    # the same 20 resamples, one at a time: the contest rerun in the bag, both picks judged on the rest
+    generator = torch.Generator().manual_seed(3)
+    draws = [torch.randint(len(task.records), (20, len(task.records)), generator=generator) for task in problem.tasks]
+    differences, searched_won = [], 0
+    for b in range(20):
+        bag, rest = [], []
+        for k, task in enumerate(problem.tasks):
+            inside = draws[k][b]
+            outside = torch.tensor(sorted(set(range(len(task.records))) - set(inside.tolist())))
+            parts = [(num.double(), den.double()) for num, den in (c.selection_parts[k] for c in candidates)]
+            bag.append([float(num[inside].sum() / den[inside].sum()) for num, den in parts])
+            rest.append([float(num[outside].sum() / den[outside].sum()) for num, den in parts])
+        weights = problem.task_weights.double()
+        in_bag = problem.normalisation.apply(torch.tensor(bag, dtype=torch.float64).T) @ weights
+        left_out = problem.normalisation.apply(torch.tensor(rest, dtype=torch.float64).T) @ weights
+        winner = int(in_bag.argmax())
+        best_static = max(range(2, 4), key=lambda i: (in_bag[i], -i))
+        differences.append(float(left_out[winner] - left_out[best_static]))
+        searched_won += candidates[winner].kind == "searched"
+    assert estimate["resamples"] == 20
+    assert estimate["gain"] == pytest.approx(sum(differences) / 20, abs=1e-9)
+    assert estimate["searched_won_share"] == searched_won / 20
+    # a searched twin of the best static merge gains nothing in any resample
+    best_static = select_release(statics, problem)
+    twin = searched_candidates(_records([best_static.merge.coefficients.tolist()], [1.0]), top_k=1)
+    same = contest_out_of_bag(twin + statics, problem, resamples=200)
+    assert same["gain"] == 0 and same["ci95"] == [0.0, 0.0]
+    assert contest_out_of_bag(statics, problem) is None and contest_out_of_bag(searched, problem) is None
 
 
 def test_searched_candidates_are_distinct_top_k_and_skip_failures():

@@ -219,8 +219,15 @@ def margin_sentence(margin: dict[str, Any] | None, released: str) -> str | None:
     verdict = ("above the resampling noise, though optimistic: the winner was picked on these same examples"
                if margin["distinguishable"] else
                "within noise: this many selection examples cannot tell them apart (a larger selection part could)")
-    return (f"{released} beat {margin['over']} on the selection part by {margin['margin']:+.4f} fitness "
-            f"(95% paired bootstrap interval {low:+.4f} .. {high:+.4f}, {examples} examples): {verdict}.")
+    sentence = (f"{released} beat {margin['over']} on the selection part by {margin['margin']:+.4f} fitness "
+                f"(95% paired bootstrap interval {low:+.4f} .. {high:+.4f}, {examples} examples): {verdict}.")
+    oob = margin.get("out_of_bag")
+    if oob is not None:
+        sentence += (f" Out of bag (the contest rerun on {oob['resamples']} resamples of the selection part, each "
+                     f"judged on the examples it left out), the contest is expected to gain {oob['gain']:+.4f} "
+                     f"fitness over releasing the best static merge (a searched candidate won "
+                     f"{oob['searched_won_share']:.0%} of the resamples).")
+    return sentence
 
 
 def _verdict(recipe: dict[str, Any]) -> str:

@@ -55,8 +55,8 @@ from evox_merge.run.release import write_merge
 from evox_merge.run.report import (
     plot_coefficients, plot_fitness, plot_layer_coefficients, plot_task_scores, write_history_csv, write_model_card,
 )
-from evox_merge.run.selection import (release_by_rule, release_rival, score_table, searched_candidates,
-                                      select_release, selection_margin, static_candidates)
+from evox_merge.run.selection import (contest_out_of_bag, release_by_rule, release_rival, score_table,
+                                      searched_candidates, select_release, selection_margin, static_candidates)
 from evox_merge.tasks import read_task, split_task
 from evox_merge.run.workflow import build_workflow
 
@@ -384,6 +384,8 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
         bar.set_postfix_str("selection margin of the release")
         rival = release_rival(contest_winner, searched + statics)
         margin = selection_margin(contest_winner, rival, selection_problem, seed=config.seed)
+        if margin is not None:  # what the contest is expected to gain on new examples (no winner's curse)
+            margin["out_of_bag"] = contest_out_of_bag(searched + statics, selection_problem, seed=config.seed)
         winner = release_by_rule(config.release.rule, contest_winner, rival, margin)
         bar.update(2)
     merges = {"release": winner.merge, "best_searched": best_searched.merge,
