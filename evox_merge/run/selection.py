@@ -149,9 +149,7 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
         resampled[0, :, k] = num_w.double()[index].sum(1) / den_w.double()[index].sum(1)
         resampled[1, :, k] = num_r.double()[index].sum(1) / den_r.double()[index].sum(1)
 
-    def fitness(task_scores: torch.Tensor) -> torch.Tensor:  # NaN stays NaN (the problem's aggregate masks it)
-        return selection_problem.normalisation.apply(task_scores) @ selection_problem.task_weights.double()
-
+    fitness = _fitness_of(selection_problem)
     differences = fitness(resampled[0]) - fitness(resampled[1])
     margin = float(fitness(torch.stack(observed)) @ torch.tensor([1.0, -1.0], dtype=torch.float64))
     finite = math.isfinite(margin) and bool(torch.isfinite(differences).all())
@@ -161,6 +159,12 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
             "rival_as_good_share": float((differences <= 0).double().mean()) if finite else None,
             "distinguishable": bool(finite and low > 0), "resamples": resamples,
             "examples": {name: int(num.numel()) for name, (num, _) in zip(selection_problem.task_names, parts[0])}}
+
+
+def _fitness_of(problem: MergeProblem):
+    """Raw task scores ``(..., K)`` -> the problem's fitness ``(...)`` (normalised, weighted), in float64; a NaN
+    task score stays NaN (the problem's `aggregate` masks it instead)."""
+    return lambda task_scores: problem.normalisation.apply(task_scores) @ problem.task_weights.double()
 
 
 def _selection_parts(candidate: Candidate, selection_problem: MergeProblem) -> list:
@@ -204,9 +208,7 @@ def contest_out_of_bag(candidates: list[Candidate], selection_problem: MergeProb
         in_bag[:, :, k] = (counts @ numerators.T) / (counts @ denominators.T)
         out_of_bag[:, :, k] = (left_out @ numerators.T) / (left_out @ denominators.T)  # NaN: none left out
 
-    def fitness(task_scores: torch.Tensor) -> torch.Tensor:  # (B, C, K) -> (B, C); NaN stays NaN
-        return selection_problem.normalisation.apply(task_scores) @ selection_problem.task_weights.double()
-
+    fitness = _fitness_of(selection_problem)
     bag, judged = fitness(in_bag).nan_to_num(nan=-math.inf), fitness(out_of_bag)  # a failed merge never wins
     static = torch.tensor([kind == "static" for kind in kinds])
     winner = bag.argmax(1)  # the first of equals, as `select_release`
