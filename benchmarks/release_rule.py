@@ -42,13 +42,18 @@ OUT = Path("benchmarks/results/release_rule")
 TOLERANCE = 1e-6  # re-tuned static merge and re-scored pick against the sweep row's selection fitness
 
 
-def contested_runs(sweep_dir: Path, progress: bool = True) -> list[dict]:
-    """One dict per search run of the sweep whose pick won the selection contest: the margin, and both merges'
-    test scores (from the sweep's rows)."""
+def _sweep(sweep_dir: Path):
+    """A finished sweep's config, rows, the static merges its contests use, and its product rows."""
     config = load_sweep_config(sweep_dir / "config.yaml")
     rows = list(_finished(sweep_dir / ROWS_NAME).values())
     statics = [m for m in config.product_statics if m in config.methods]
-    products = product_rows(rows, statics)
+    return config, rows, statics, product_rows(rows, statics)
+
+
+def contested_runs(sweep_dir: Path, progress: bool = True) -> list[dict]:
+    """One dict per search run of the sweep whose pick won the selection contest: the margin, and both merges'
+    test scores (from the sweep's rows)."""
+    config, rows, statics, products = _sweep(sweep_dir)
     searches = {(r["setting"], tuple(r["tasks"]), r["method"], r["seed"], r["budget"]): r
                 for r in rows if r["evaluations"] is not None}
     setup = cells._cached_setup(config.setup.model_dump_json())
@@ -165,9 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "rows.jsonl").write_text("".join(json.dumps(c) + "\n" for c in contested))
         (out / "run.json").write_text(json.dumps({"sweeps": args.sweeps, "seconds": seconds}))
     for sweep in map(Path, args.sweeps):
-        config = load_sweep_config(sweep / "config.yaml")
-        rows = list(_finished(sweep / ROWS_NAME).values())
-        for product in product_rows(rows, [m for m in config.product_statics if m in config.methods]):
+        for product in _sweep(sweep)[3]:
             products[(sweep.name, product["setting"], product["budget"],
                       product["method"].removesuffix(PRODUCT))].append(product)
     by_sweep = [_overrides_line([c for c in contested if c["sweep"] == sweep.name],

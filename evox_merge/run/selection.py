@@ -142,15 +142,9 @@ def selection_margin(winner: Candidate, rival: Candidate | None, selection_probl
     parts = [_selection_parts(candidate, selection_problem) for candidate in (winner, rival)]
     observed = [torch.tensor([float(num.sum() / den.sum()) for num, den in recorded], dtype=torch.float64)
                 for recorded in parts]  # each task's score from its parts
-    generator = torch.Generator().manual_seed(seed)
-    resampled = torch.empty(2, resamples, len(parts[0]), dtype=torch.float64)
-    for k, ((num_w, den_w), (num_r, den_r)) in enumerate(zip(*parts)):
-        index = torch.randint(num_w.numel(), (resamples, num_w.numel()), generator=generator)
-        resampled[0, :, k] = num_w.double()[index].sum(1) / den_w.double()[index].sum(1)
-        resampled[1, :, k] = num_r.double()[index].sum(1) / den_r.double()[index].sum(1)
-
+    resampled, _ = _resampled_task_scores(parts, resamples, seed)
     fitness = _fitness_of(selection_problem)
-    differences = fitness(resampled[0]) - fitness(resampled[1])
+    differences = fitness(resampled[:, 0]) - fitness(resampled[:, 1])
     margin = float(fitness(torch.stack(observed)) @ torch.tensor([1.0, -1.0], dtype=torch.float64))
     finite = math.isfinite(margin) and bool(torch.isfinite(differences).all())
     low, high = (torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist() if finite
@@ -165,6 +159,28 @@ def _fitness_of(problem: MergeProblem):
     """Raw task scores ``(..., K)`` -> the problem's fitness ``(...)`` (normalised, weighted), in float64; a NaN
     task score stays NaN (the problem's `aggregate` masks it instead)."""
     return lambda task_scores: problem.normalisation.apply(task_scores) @ problem.task_weights.double()
+
+
+def _resampled_task_scores(parts: list[list], resamples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bootstrap resamples of the selection part, the same for every candidate: per task its examples drawn with
+    replacement. `parts`: per candidate its per-task ``(numerators, denominators)``. Returns each candidate's task
+    scores ``(B, C, K)`` on each resample (the bag) and on the examples the resample left out (NaN where a task
+    left none out)."""
+    generator = torch.Generator().manual_seed(seed)
+    tasks = len(parts[0])
+    in_bag = torch.empty(resamples, len(parts), tasks, dtype=torch.float64)
+    left_out_scores = torch.empty_like(in_bag)
+    for k in range(tasks):
+        numerators = torch.stack([p[k][0].double() for p in parts])  # (C, n)
+        denominators = torch.stack([p[k][1].double() for p in parts])
+        n = numerators.shape[1]
+        counts = torch.zeros(resamples, n, dtype=torch.float64)
+        counts.scatter_add_(1, torch.randint(n, (resamples, n), generator=generator),
+                            torch.ones(resamples, n, dtype=torch.float64))
+        left_out = (counts == 0).double()
+        in_bag[:, :, k] = (counts @ numerators.T) / (counts @ denominators.T)
+        left_out_scores[:, :, k] = (left_out @ numerators.T) / (left_out @ denominators.T)
+    return in_bag, left_out_scores
 
 
 def _selection_parts(candidate: Candidate, selection_problem: MergeProblem) -> list:
@@ -193,21 +209,7 @@ def contest_out_of_bag(candidates: list[Candidate], selection_problem: MergeProb
     if "static" not in kinds or "searched" not in kinds:
         return None
     parts = [_selection_parts(candidate, selection_problem) for candidate in candidates]
-    generator = torch.Generator().manual_seed(seed)
-    tasks = len(parts[0])
-    in_bag = torch.empty(resamples, len(candidates), tasks, dtype=torch.float64)
-    out_of_bag = torch.empty_like(in_bag)
-    for k in range(tasks):
-        numerators = torch.stack([p[k][0].double() for p in parts])  # (C, n)
-        denominators = torch.stack([p[k][1].double() for p in parts])
-        n = numerators.shape[1]
-        counts = torch.zeros(resamples, n, dtype=torch.float64)
-        counts.scatter_add_(1, torch.randint(n, (resamples, n), generator=generator),
-                            torch.ones(resamples, n, dtype=torch.float64))
-        left_out = (counts == 0).double()
-        in_bag[:, :, k] = (counts @ numerators.T) / (counts @ denominators.T)
-        out_of_bag[:, :, k] = (left_out @ numerators.T) / (left_out @ denominators.T)  # NaN: none left out
-
+    in_bag, out_of_bag = _resampled_task_scores(parts, resamples, seed)
     fitness = _fitness_of(selection_problem)
     bag, judged = fitness(in_bag).nan_to_num(nan=-math.inf), fitness(out_of_bag)  # a failed merge never wins
     static = torch.tensor([kind == "static" for kind in kinds])
