@@ -8,7 +8,7 @@ import torch
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation, normalisation_from_anchors
 from evox_merge.run.selection import (contest_out_of_bag, release_by_rule, release_rival, searched_candidates,
-                                      select_release, selection_margin, static_candidates)
+                                      select_release, selection_margin, static_candidates, tied_with)
 from evox_merge.tasks import read_task, split_task
 
 
@@ -41,6 +41,18 @@ def test_a_static_merge_can_win_and_without_a_selection_part_the_best_searched_d
     hopeless = searched_candidates(_records([[-1.0, -1.0, -1.0, -1.0]], [10.0]), top_k=3)
     assert select_release(hopeless + statics, problem).kind == "static"
     assert select_release(hopeless + statics, None).name == hopeless[0].name
+
+
+def test_an_exact_tie_releases_the_static_merge(tiny_setup, tiny_experts):
+    """A searched candidate equal to tuned task arithmetic, listed first, ties it exactly: the static merge wins the
+    contest, the searched one is named as tied, and no out-of-bag resample gives the tie to the search."""
+    problem = MergeProblem(tiny_experts, tiny_setup.tasks)
+    statics = static_candidates(problem, ["task_arithmetic"])
+    copy = searched_candidates(_records([statics[0].merge.coefficients.tolist()], [1.0]), top_k=1)
+    winner = select_release(copy + statics, problem)
+    assert copy[0].selection_fitness == statics[0].selection_fitness
+    assert winner.kind == "static" and tied_with(winner, copy + statics) == [copy[0].name]
+    assert contest_out_of_bag(copy + statics, problem, resamples=50)["searched_won_share"] == 0.0
 
 
 def test_example_parts_recorded_on_every_scoring_path_give_the_scores(tiny_setup, tiny_experts):
@@ -92,12 +104,14 @@ def test_rule_significant_releases_a_searched_winner_only_when_it_wins_clearly(t
         MergeProblem(tiny_experts, tiny_setup.tasks)))
     statics = static_candidates(problem, ["best_single", "task_arithmetic"])
     best_static = select_release(statics, problem)
-    # a searched candidate with the best static merge's coefficients ties with it and, listed first, wins the contest
+    # a searched candidate with the best static merge's coefficients ties with it: the contest releases the static
+    # merge; the rule is checked on the searched twin as if it had won (a margin of exactly 0)
     twin = searched_candidates(_records([best_static.merge.coefficients.tolist()], [1.0]), top_k=1)
     candidates = twin + statics
-    winner = select_release(candidates, problem)
+    assert select_release(candidates, problem) is best_static
+    winner = twin[0]
     rival = release_rival(winner, candidates)
-    assert winner.kind == "searched" and rival is best_static
+    assert rival is best_static
     margin = selection_margin(winner, rival, problem, resamples=200)
     assert margin["margin"] == pytest.approx(0, abs=1e-6) and not margin["distinguishable"]
     assert release_by_rule("best", winner, rival, margin) is winner

@@ -62,7 +62,7 @@ def product_rows(rows: list[Row], statics: list[str]) -> list[Row]:
                   and r["setting"] == row["setting"] and r["tasks"] == row["tasks"]
                   and (r["method"] != "dare" or r["seed"] == row["seed"])]
         key = lambda r: -math.inf if r.get("selection") is None else r["selection"]  # noqa: E731
-        winner = max([row, *rivals], key=key)  # the search's pick first: it wins ties
+        winner = max([*rivals, row], key=key)  # the static merges first: they win exact ties, as in `select_release`
         products.append({**row, "method": row["method"] + PRODUCT, "winner": winner["method"],
                          "test": winner["test"], "selection": winner.get("selection"),
                          "test_normalised": winner.get("test_normalised")})

@@ -89,8 +89,9 @@ def static_candidates(search_problem: MergeProblem, names: Sequence[str], seed: 
 
 def select_release(candidates: list[Candidate], selection_problem: MergeProblem | None,
                    progress: tqdm | None = None) -> Candidate:
-    """Score every candidate on the selection part (those not scored yet) and return the best (the first listed on
-    ties).
+    """Score every candidate on the selection part (those not scored yet) and return the best. An exact tie goes to
+    the simpler merge: a static merge before a searched candidate, else the first listed (`tied_with` names the
+    others).
 
     Without a selection problem the best searched candidate (by search fitness) is returned.
     """
@@ -111,9 +112,16 @@ def select_release(candidates: list[Candidate], selection_problem: MergeProblem 
     best = -math.inf
     winner = candidates[0]
     for candidate in candidates:
-        if candidate.selection_fitness > best:
+        simpler = candidate.kind == "static" and winner.kind == "searched"
+        if candidate.selection_fitness > best or (candidate.selection_fitness == best and simpler):
             best, winner = candidate.selection_fitness, candidate
     return winner
+
+
+def tied_with(winner: Candidate, candidates: list[Candidate]) -> list[str]:
+    """The other candidates whose selection fitness equals the winner's exactly (the contest broke a tie)."""
+    return [c.name for c in candidates
+            if c is not winner and c.selection_fitness is not None and c.selection_fitness == winner.selection_fitness]
 
 
 MARGIN_RESAMPLES = 2000
@@ -213,7 +221,9 @@ def contest_out_of_bag(candidates: list[Candidate], selection_problem: MergeProb
     fitness = _fitness_of(selection_problem)
     bag, judged = fitness(in_bag).nan_to_num(nan=-math.inf), fitness(out_of_bag)  # a failed merge never wins
     static = torch.tensor([kind == "static" for kind in kinds])
-    winner = bag.argmax(1)  # the first of equals, as `select_release`
+    top = bag == bag.max(1, keepdim=True).values
+    static_top = top & static  # an exact tie goes to a static merge, as in `select_release`
+    winner = torch.where(static_top.any(1), static_top.double().argmax(1), top.double().argmax(1))
     best_static = torch.where(static, bag, torch.tensor(-math.inf, dtype=torch.float64)).argmax(1)
     rows = torch.arange(resamples)
     difference = judged[rows, winner] - judged[rows, best_static]
