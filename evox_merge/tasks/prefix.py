@@ -54,11 +54,12 @@ class PrefixState:
 
     Attributes:
         keys_values: per layer, ``(keys, values)`` of shape ``(copies, heads, length, head_dim)``.
-        logits: ``(copies, length, vocab)``, where asked for (language modelling scores the prefix's own tokens).
+        states: ``(copies, length, ...)``, where asked for (language modelling scores the prefix's own tokens):
+            what `evox_merge.tasks.logprobs.TokenLogprobs.states` gives for every prefix position.
     """
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]
-    logits: torch.Tensor | None
+    states: torch.Tensor | None
 
     @property
     def length(self) -> int:
@@ -104,19 +105,23 @@ class SharedPrefix:
         return cls(torch.tensor([list(sequences[0][:length])], dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def run(self, model: PreTrainedModel, copies: int = 1, logits: bool = False) -> PrefixState:
-        """The prefix through `model` once per copy (each copy a candidate, see `evox_merge.experts.rows`)."""
+    def run(self, model: PreTrainedModel, copies: int = 1, tokens=None) -> PrefixState:
+        """The prefix through `model` once per copy (each copy a candidate, see `evox_merge.experts.rows`); with
+        `tokens` (a `TokenLogprobs` of `model`) its states at every prefix position too."""
         attention = getattr(model.config, "_attn_implementation", None) or "eager"
         if attention not in ("sdpa", "eager"):
             raise NotImplementedError(
                 f"shared prefixes are built for sdpa and eager attention (padding inside the sequence, a 4D mask "
                 f"for multiple choice); this model uses {attention!r}: build its scorers with min_shared_prefix=None"
             )
-        output = model(input_ids=self.ids.expand(copies, -1), use_cache=True, logits_to_keep=0 if logits else 1)
+        if tokens is not None:
+            states, output = tokens.states(input_ids=self.ids.expand(copies, -1), use_cache=True)
+        else:
+            states, output = None, model(input_ids=self.ids.expand(copies, -1), use_cache=True, logits_to_keep=1)
         cache = getattr(output, cache_argument(model))
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             raise NotImplementedError(
                 f"shared prefixes need a plain dynamic KV cache; this model's has {type(cache.layers[0]).__name__} "
                 "layers (sliding-window attention?): build its scorers with min_shared_prefix=None"
             )
-        return PrefixState([(layer.keys, layer.values) for layer in cache.layers], output.logits if logits else None)
+        return PrefixState([(layer.keys, layer.values) for layer in cache.layers], states)

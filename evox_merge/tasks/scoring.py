@@ -20,6 +20,7 @@ from evox_merge.tasks.batching import (
 )
 from evox_merge.util.errors import TaskFormatError
 from evox_merge.tasks.generation import greedy_completions, stop_token_ids
+from evox_merge.tasks.logprobs import TokenLogprobs
 from evox_merge.tasks.prefix import cache_argument
 from evox_merge.tasks.prefix import MIN_SHARED_PREFIX, SharedPrefix
 from evox_merge.tasks import Task
@@ -109,11 +110,11 @@ class LanguageModelScorer:
         """Per text, the summed log-probability of its scored tokens ``(copies, texts)`` float64 and how many
         tokens were scored ``(texts,)``, under the model's current weights (`copies`: see `MergeProblem`)."""
         sums = torch.zeros(copies, self._counts.numel(), dtype=torch.float64)
-        state = self.prefix.run(model, copies, logits=True) if self.prefix is not None else None
+        tokens = TokenLogprobs(model, copies)
+        state = self.prefix.run(model, copies, tokens=tokens) if self.prefix is not None else None
         cache_name = cache_argument(model)
-        if state is not None:
-            logprobs = torch.log_softmax(state.logits.float(), dim=-1)  # (copies, skip, V)
-            picked = logprobs.gather(-1, self._prefix_targets.expand(copies, -1).unsqueeze(-1)).squeeze(-1).double()
+        if state is not None:  # (copies, skip)
+            picked = tokens.logprobs(state.states, self._prefix_targets.expand(copies, -1)).double()
             tails = torch.cat([picked.flip(-1).cumsum(-1).flip(-1), picked.new_zeros(copies, 1)], dim=1)
             sums += tails[:, self._prefix_start].cpu()  # the sum of each row's scored prefix tokens
 
@@ -121,10 +122,9 @@ class LanguageModelScorer:
             tiled = tile_batch(batch, copies)
             mask = tiled.attention_mask if state is None else state.mask(tiled.attention_mask)
             extra = {} if state is None else {cache_name: state.cache(batch.rows.numel())}
-            logits = model(input_ids=tiled.input_ids, attention_mask=mask, **extra).logits
+            states, _ = tokens.states(input_ids=tiled.input_ids, attention_mask=mask, **extra)
             scored = tiled.targets != IGNORE
-            logprobs = torch.log_softmax(logits[scored].float(), dim=-1)  # (n_scored, V)
-            picked = logprobs.gather(-1, tiled.targets[scored].unsqueeze(-1)).squeeze(-1).double()
+            picked = tokens.logprobs(states[scored], tiled.targets[scored]).double()  # (n_scored,)
             per_row = picked.new_zeros(scored.shape[0]).index_add_(0, scored.nonzero()[:, 0], picked)
             sums[:, batch.rows] += per_row.view(copies, -1).cpu()
 
@@ -213,28 +213,31 @@ class MultipleChoiceScorer(ChoiceAnswers):
         when `copies` is given (see `MergeProblem`'s ``candidates_per_pass``)."""
         logprobs = torch.empty((copies or 1, *self._choice_chars.shape), dtype=torch.float64)
         cache_name = cache_argument(model)
+        tokens = TokenLogprobs(model, copies or 1)
         state = self.prefix.run(model, copies or 1) if self.prefix is not None else None
 
         def run(batch) -> None:
             tiled = tile_batch(batch, copies or 1)
             rows, choices, length = tiled.choice_ids.shape
-            prompt = model(input_ids=tiled.prompt_ids, attention_mask=tiled.prompt_mask,
-                           position_ids=tiled.prompt_positions, use_cache=True, logits_to_keep=1)
+            last, prompt = tokens.states(1, input_ids=tiled.prompt_ids, attention_mask=tiled.prompt_mask,
+                                         position_ids=tiled.prompt_positions, use_cache=True)
             cache = getattr(prompt, cache_name)
             cache.batch_repeat_interleave(choices)
             choice_ids = tiled.choice_ids.reshape(rows * choices, length)
             choice_mask = tiled.choice_mask.reshape(rows * choices, length)
             start = tiled.prompt_positions[:, -1:].repeat_interleave(choices, dim=0) + 1
-            continued = model(
-                input_ids=choice_ids,
-                attention_mask=torch.cat([tiled.prompt_mask.repeat_interleave(choices, dim=0), choice_mask], dim=1),
-                position_ids=start + torch.arange(length, device=start.device),
+            continued, _ = tokens.states(
+                length - 1,
+                input_ids=choice_ids[:, :-1],
+                attention_mask=torch.cat([tiled.prompt_mask.repeat_interleave(choices, dim=0), choice_mask[:, :-1]],
+                                         dim=1),
+                position_ids=start + torch.arange(length - 1, device=start.device),
                 use_cache=True,
                 **{cache_name: cache},
-            )
+            ) if length > 1 else (last.new_zeros(rows * choices, 0, last.shape[-1]), None)
             # Token 0 of a choice is predicted by the prompt's last position, token j by the choice's position j-1.
-            logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(choices, dim=0), continued.logits[:, :-1]], 1)
-            store(batch, logits.view(rows, choices * length, -1), tiled.choice_ids, tiled.choice_mask)
+            states = torch.cat([last.repeat_interleave(choices, dim=0), continued], 1)
+            store(batch, states.view(rows, choices * length, -1), tiled.choice_ids, tiled.choice_mask)
 
         def run_packed(batch) -> None:
             tiled = tile_batch(batch, copies or 1)
@@ -242,15 +245,15 @@ class MultipleChoiceScorer(ChoiceAnswers):
             visible = torch.cat([tiled.visible.new_ones(*tiled.visible.shape[:2], state.length), tiled.visible], 2)
             mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
                 ~visible, torch.finfo(dtype).min)
-            output = model(input_ids=tiled.input_ids, attention_mask=mask.unsqueeze(1), position_ids=tiled.positions,
-                           logits_to_keep=tiled.predictor, use_cache=True,
-                           **{cache_name: state.cache(batch.rows.numel())})
-            store(batch, output.logits, tiled.choice_ids, tiled.choice_mask)
+            states, _ = tokens.states(tiled.predictor, input_ids=tiled.input_ids, attention_mask=mask.unsqueeze(1),
+                                      position_ids=tiled.positions, use_cache=True,
+                                      **{cache_name: state.cache(batch.rows.numel())})
+            store(batch, states, tiled.choice_ids, tiled.choice_mask)
 
-        def store(batch, logits: torch.Tensor, choice_ids: torch.Tensor, choice_mask: torch.Tensor) -> None:
-            """Sum each choice's token log-probabilities; ``logits (rows, C * La, V)`` predict its tokens."""
+        def store(batch, states: torch.Tensor, choice_ids: torch.Tensor, choice_mask: torch.Tensor) -> None:
+            """Sum each choice's token log-probabilities; ``states (rows, C * La, ...)`` predict its tokens."""
             rows, choices, length = choice_ids.shape
-            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, choice_ids.view(rows, -1, 1)).squeeze(-1)
+            picked = tokens.logprobs(states, choice_ids.view(rows, -1))
             summed = torch.where(choice_mask.view(rows, -1).bool(), picked, 0.0).view(rows, choices, length)
             logprobs[:, batch.rows] = summed.double().sum(-1).cpu().view(copies or 1, -1, choices)
 

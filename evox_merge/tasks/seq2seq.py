@@ -25,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from evox_merge.tasks import Task
 from evox_merge.tasks.batching import IGNORE, encode
 from evox_merge.tasks.generation import cut_at_stop
+from evox_merge.tasks.logprobs import checked_seq2seq_head, decoder_states, token_logprobs
 from evox_merge.tasks.scoring import ChoiceAnswers, CompletionAnswers, normalize_answer, pad_token_id, run_batches
 from evox_merge.util.errors import TaskFormatError
 
@@ -98,11 +99,13 @@ def target_logprobs(model: PreTrainedModel, batch: Seq2SeqBatch) -> torch.Tensor
     encoded = model.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     hidden = encoded.last_hidden_state.repeat_interleave(targets, dim=0)
     labels = batch.labels.reshape(rows * targets, length)
-    logits = model(encoder_outputs=(hidden,), attention_mask=batch.attention_mask.repeat_interleave(targets, dim=0),
-                   decoder_input_ids=batch.decoder_input_ids.reshape(rows * targets, length),
-                   decoder_attention_mask=(labels != IGNORE).long()).logits
+    head = checked_seq2seq_head(model)
+    states = decoder_states(model, head, encoder_outputs=(hidden,),
+                            attention_mask=batch.attention_mask.repeat_interleave(targets, dim=0),
+                            decoder_input_ids=batch.decoder_input_ids.reshape(rows * targets, length),
+                            decoder_attention_mask=(labels != IGNORE).long())
     scored = labels != IGNORE
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked = token_logprobs(head, states, labels.clamp(min=0))
     return torch.where(scored, picked, 0.0).double().sum(-1).view(rows, targets)
 
 
