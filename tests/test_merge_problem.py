@@ -146,14 +146,15 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny_setup, tiny_experts, mo
     pop = torch.tensor([[0.1, 0.2, -0.1, 0.0]])
     problem = MergeProblem(tiny_experts, tiny_setup.tasks, batch_size=8)
     expected = problem.evaluate_per_task(pop)
-    forward = type(tiny_experts.model).forward
+    body = type(tiny_experts.model.base_model)  # every scorer runs it (scoring from hidden states runs only it)
+    forward = body.forward
 
     def small_batches_only(self, input_ids=None, **kwargs):
         if input_ids.shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(self, input_ids=input_ids, **kwargs)
 
-    monkeypatch.setattr(type(tiny_experts.model), "forward", small_batches_only)
+    monkeypatch.setattr(body, "forward", small_batches_only)
     with caplog.at_level("WARNING"):
         halved = problem.evaluate_per_task(pop)
     torch.testing.assert_close(halved, expected, rtol=0, atol=1e-5)
