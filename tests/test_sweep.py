@@ -87,7 +87,7 @@ def test_a_device_cuda_lacks_fails_before_any_model_loads_and_rows_record_the_de
         with pytest.raises(MergeInputError, match=r"--device cuda: .*CUDA is not available"):
             run_sweep(path, progress=False, device="cuda")
         monkeypatch.undo()
-    with pytest.raises(MergeInputError, match=r"--device gpu: .*not a torch device"):
+    with pytest.raises(MergeInputError, match=r"--device gpu: .*'gpu' is not a device evox-merge runs on"):
         run_sweep(path, progress=False, device="gpu")
     run_sweep(path, progress=False, device="cpu", only={"setting": {"multi_task_unseen"}})
     rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]

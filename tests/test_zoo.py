@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import evox_merge.zoo.build as zoo_build
 from evox_merge.util.errors import ZooError
+from evox_merge.util.ownership import STAGING_MARKER
 from evox_merge.experts import ExpertSet
 from evox_merge.tasks import load_task_specs, read_task
 from evox_merge.zoo import PRESETS, build_zoo, default_zoo_dir, load_zoo
@@ -153,9 +154,9 @@ def test_a_build_killed_midway_leaves_nothing_that_looks_finished(tmp_path, monk
 def test_partial_zoo_is_detected_and_rebuilt(zoo_copy, micro_zoo, tmp_path):
     stale = tmp_path / ".micro-seed0.building-999999999-x"  # a staging dir whose process is gone
     (stale / "base").mkdir(parents=True)
-    (zoo_copy / "manifest.json").unlink()
+    (stale / STAGING_MARKER).write_text("")
     shutil.rmtree(zoo_copy / "experts" / "length")
-    with pytest.raises(ZooError, match=r"manifest\.json is missing.*--preset micro --seed 0"):
+    with pytest.raises(ZooError, match=r"experts/length/\S+ is missing.*--preset micro --seed 0"):
         load_zoo(zoo_copy)
     build_zoo(zoo_copy, preset="micro", seed=0, progress=False)
     assert (zoo_copy / "manifest.json").read_bytes() == (micro_zoo / "manifest.json").read_bytes()
@@ -174,7 +175,7 @@ def test_corrupted_or_missing_file_is_named_with_the_rebuild_command(zoo_copy, d
     with pytest.raises(ZooError, match=rf"{target}.*is {expected}.*{rebuild}"):
         load_zoo(zoo_copy)
     if damage == "truncate":
-        build_zoo(zoo_copy, preset="micro", seed=0, progress=False)  # a broken zoo is rebuilt
+        build_zoo(zoo_copy, preset="micro", seed=0, progress=False, rebuild=True)  # a broken zoo is rebuilt
         load_zoo(zoo_copy)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 import zipfile
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from evox_merge.cli import main as cli_main  # noqa: E402
 from evox_merge.util.errors import MergeInputError  # noqa: E402
 from evox_merge.util.hashing import file_sha256  # noqa: E402
+from evox_merge.util.ownership import STAGING_MARKER  # noqa: E402
 from evox_merge.zoo import build_zoo, load_zoo  # noqa: E402
 from evox_merge.zoo.smollm2 import data, fetch, settings, sources  # noqa: E402
 from evox_merge.zoo.smollm2.convert import convert_gguf  # noqa: E402
@@ -419,8 +421,9 @@ def test_whole_build_on_a_tiny_gguf_is_deterministic_and_loads(offline_stand_ins
 
 def test_a_killed_build_is_detected_and_rebuilt(offline_stand_ins, tiny_gguf, tmp_path):
     root = build_zoo(tmp_path / "zoo", preset="smollm2", progress=False, wheel=tiny_gguf)
-    (root / "manifest.json").unlink()  # what a build killed before its last write leaves
-    stale = tmp_path / ".zoo.building-999999999-x"
+    shutil.rmtree(root / "experts" / "code")  # a zoo missing files is rebuilt
+    stale = tmp_path / ".zoo.building-999999999-x"  # what a build killed before its swap leaves
     stale.mkdir()
+    (stale / STAGING_MARKER).write_text("")
     rebuilt = build_zoo(root, preset="smollm2", progress=False, wheel=tiny_gguf)
     assert load_zoo(rebuilt).preset == "smollm2" and not stale.exists()

@@ -1,4 +1,8 @@
-"""The sweep config: which merging setup, settings, methods, seeds and budgets a benchmark sweep runs."""
+"""The sweep config: which merging setup, settings, methods, seeds and budgets a benchmark sweep runs.
+
+Reading and checking a sweep config (`load_sweep_config`, `override_device`, `parse_only`) imports neither torch nor
+EvoX, so `evox-merge bench` refuses a bad config, setup or option in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,16 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from evox_merge.problems.static_merges import STATIC_MERGES
-from evox_merge.run.config import RacingConfig, SpaceConfig, check_device
-from evox_merge.run.registry import algorithm_names, is_multi_objective
+from evox_merge.problems.static_names import STATIC_MERGE_NAMES
+from evox_merge.run.config import RacingConfig, SpaceConfig, check_algorithm_params, check_device, seed_problem
+from evox_merge.run.registry import algorithm_names, argument_problems, is_multi_objective
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.strict import format_validation_errors
 
 SETTINGS = ("single_task_unseen", "multi_task_unseen", "multi_task_seen")
-STATIC_METHODS = tuple(STATIC_MERGES)  # every static merge the library knows
+STATIC_METHODS = STATIC_MERGE_NAMES  # every static merge the library knows
 SEARCH_METHODS = tuple(name for name in algorithm_names() if not is_multi_objective(name))  # scalar searches
 
 
@@ -91,6 +95,15 @@ class SweepConfig(_Strict):
     space: SpaceConfig = Field(default_factory=SpaceConfig)  # the search space of every search
     output_dir: str = "benchmarks/results/sweep"
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        for seed in seeds:
+            problem = seed_problem(seed)
+            if problem:
+                raise ValueError(problem)
+        return seeds
+
     @model_validator(mode="after")
     def _known_methods(self) -> "SweepConfig":
         unknown = sorted(set(self.methods) - set(STATIC_METHODS) - set(SEARCH_METHODS))
@@ -101,6 +114,13 @@ class SweepConfig(_Strict):
             raise ValueError(f"large_budget_methods must be search methods {list(SEARCH_METHODS)}; got {misplaced}")
         if "paper" not in self.budgets:
             raise ValueError("budgets must define 'paper' (the budget every setting runs)")
+        try:  # EvoGM's own arguments, by the rules a search config is checked with (no import)
+            check_algorithm_params("evogm", self.evogm_params)
+        except MergeInputError as error:
+            raise ValueError(str(error).replace("algorithm.params.", "evogm_params.")) from None
+        problems = argument_problems("evogm", 2, self.evogm_params)
+        if problems:
+            raise ValueError("; ".join(problems).replace("algorithm.params.", "evogm_params."))
         return self
 
 
@@ -121,4 +141,54 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
             "base": resolve(setup.base), "experts": [resolve(e) for e in setup.experts],
             "seen_tasks": resolve(setup.seen_tasks), "unseen_tasks": resolve(setup.unseen_tasks),
         })
+    _check_setup(setup, path)
     return config.model_copy(update={"setup": setup, "output_dir": str(Path(config.output_dir))})
+
+
+def _check_setup(setup: SetupConfig, path: Path) -> None:
+    """What the files say about a setup, before anything loads: an explicit setup's folders and task spec files
+    exist and read; a zoo setup's preset, seed and directory can be used (`check_zoo_arguments`)."""
+    from evox_merge.run.zoo_search import check_zoo_arguments
+    from evox_merge.tasks import load_task_specs
+    from evox_merge.util.errors import TaskFormatError, ZooError
+
+    if setup.base is None:
+        try:
+            check_zoo_arguments(setup.zoo_dir, setup.zoo_preset, setup.zoo_seed,
+                                ("setup.zoo_preset", "setup.zoo_dir", "setup.zoo_seed"))
+        except (MergeInputError, ZooError) as error:
+            raise MergeInputError(f"invalid sweep config {path}: {error}") from None
+        return
+    for key, folder in [("base", setup.base), *((f"experts[{i}]", e) for i, e in enumerate(setup.experts))]:
+        if not Path(folder).is_dir():
+            raise MergeInputError(f"invalid sweep config {path}: setup.{key}: {folder} is not a directory")
+    for key in ("seen_tasks", "unseen_tasks"):
+        try:
+            load_task_specs(getattr(setup, key))
+        except TaskFormatError as error:
+            raise MergeInputError(f"invalid sweep config {path}: setup.{key}: {error}") from None
+
+
+def override_device(config: SweepConfig, device: str | None) -> SweepConfig:
+    """`config` with ``setup.device`` replaced by `device` (``bench --device``), checked; `config` when None."""
+    if device is None:
+        return config
+    try:
+        setup = SetupConfig.model_validate({**config.setup.model_dump(), "device": device})
+    except ValidationError as error:
+        raise MergeInputError(f"--device {device}: {format_validation_errors(error)}") from None
+    return config.model_copy(update={"setup": setup})
+
+
+CELL_FIELDS = ("setting", "method", "seed", "budget")
+
+
+def parse_only(values: list[str]) -> dict[str, set[str]]:
+    """``["setting=multi_task_seen,multi_task_unseen", "budget=large"]`` -> ``{"setting": {...}, "budget": {...}}``."""
+    only: dict[str, set[str]] = {}
+    for value in values:
+        field, _, choices = value.partition("=")
+        if field not in CELL_FIELDS or not choices:
+            raise ValueError(f"--only {value!r}: expected FIELD=VALUE[,VALUE...] with FIELD one of {CELL_FIELDS}")
+        only.setdefault(field, set()).update(choice.strip() for choice in choices.split(","))
+    return only

@@ -5,23 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import time
 from datetime import datetime, timezone
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from benchmarks.sweep.cells import Cell, grid, run_cell
-from benchmarks.sweep.config import STATIC_METHODS, SetupConfig, SweepConfig, load_sweep_config
+from benchmarks.sweep.config import (STATIC_METHODS, SweepConfig, load_sweep_config, override_device,
+                                     parse_only)  # noqa: F401 (parse_only: `--only`, imported from here too)
 from benchmarks.sweep.report import write_report
 from benchmarks.sweep.setup import load_setup
 from evox_merge.util.atomic import write_text_atomic
-from evox_merge.util.errors import MergeInputError
 from evox_merge.util.machine import host_description, machine_markdown
-from evox_merge.util.strict import format_validation_errors
 
 logger = logging.getLogger(__name__)
 ROWS_NAME = "rows.jsonl"
@@ -58,12 +58,7 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
     if not isinstance(config, SweepConfig):
         config = load_sweep_config(config)
     given = config  # config.yaml records the sweep as configured; this invocation's overrides go to timing.jsonl
-    if device is not None:
-        try:
-            setup = SetupConfig.model_validate({**config.setup.model_dump(), "device": device})
-        except ValidationError as error:
-            raise MergeInputError(f"--device {device}: {format_validation_errors(error)}") from None
-        config = config.model_copy(update={"setup": setup})
+    config = override_device(config, device)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = load_setup(config.setup)
@@ -86,20 +81,6 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
         preamble += (f"\n**Partial results: {len(rows)} of {len(cells)} cells finished, {remaining} still to run** "
                      "(rerun the sweep command to finish; it resumes).\n")
     return write_report(rows, config.methods, out, preamble, config.product_statics)
-
-
-CELL_FIELDS = ("setting", "method", "seed", "budget")
-
-
-def parse_only(values: list[str]) -> dict[str, set[str]]:
-    """``["setting=multi_task_seen,multi_task_unseen", "budget=large"]`` -> ``{"setting": {...}, "budget": {...}}``."""
-    only: dict[str, set[str]] = {}
-    for value in values:
-        field, _, choices = value.partition("=")
-        if field not in CELL_FIELDS or not choices:
-            raise ValueError(f"--only {value!r}: expected FIELD=VALUE[,VALUE...] with FIELD one of {CELL_FIELDS}")
-        only.setdefault(field, set()).update(choice.strip() for choice in choices.split(","))
-    return only
 
 
 def _selected(cell: Cell, only: dict[str, set[str]]) -> bool:
@@ -126,11 +107,21 @@ def _run_cells(todo: list[Cell], config: SweepConfig, out: Path, total: int, pro
                 append(handle, run_cell(cell, config))
         else:
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_end_on_ctrl_c) as pool:
                 futures = [pool.submit(run_cell, cell, config) for cell in longest_first]
-                for future in as_completed(futures):
-                    append(handle, future.result())
+                try:
+                    for future in as_completed(futures):
+                        append(handle, future.result())
+                except KeyboardInterrupt:  # Ctrl-C: start no other cell (those finished are in rows.jsonl)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     bar.close()
+
+
+def _end_on_ctrl_c() -> None:
+    """In a worker process: Ctrl-C ends it at once and quietly (the main process says what was kept; the cell it
+    was running reruns when the sweep resumes)."""
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 
 def _record_time(path: Path, start_date: str, cells: int, seconds: float, workers: int, device: str) -> None:

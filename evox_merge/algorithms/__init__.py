@@ -3,16 +3,24 @@
 All share one constructor shape, `Algo(num_experts, pop_size=20, lb=-1.0, ub=1.0, seed=0, ...)`, and one budget
 convention (one step = one generation of `pop_size` evaluations; `init_step` evaluates the first population), and
 minimise: run them in `evox.workflows.StdWorkflow(algo, problem, opt_direction="max")` for higher-is-better scores.
+
+The classes are imported on first use, so `evox_merge.algorithms.limits` (what each algorithm accepts) is readable
+without importing torch or EvoX.
 """
 
-from .cmaes import BoundedCMAES
-from .evogm import EvoGM
-from .evogm_history import EvoGMHistory
-from .evogm_variants import VARIANTS, EvoGMSwitches
-from .generators import GeneratorPair
-from .pso import BoundedPSO
-from .random_search import RandomSearch
+import importlib
+from typing import Any
 
-__all__ = [
-    "VARIANTS", "BoundedCMAES", "BoundedPSO", "EvoGM", "EvoGMHistory", "EvoGMSwitches", "GeneratorPair", "RandomSearch",
-]
+_EXPORTS = {
+    "VARIANTS": "evogm_variants", "BoundedCMAES": "cmaes", "BoundedPSO": "pso", "EvoGM": "evogm",
+    "EvoGMHistory": "evogm_history", "EvoGMSwitches": "evogm_variants", "GeneratorPair": "generators",
+    "RandomSearch": "random_search",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from evox.algorithms import CMAES
 from evox.algorithms.so.es_variants.sort_utils import sort_by_key
 
+from evox_merge.util.errors import MergeInputError
+
 from .common import coefficient_bounds, expert_average, kth_best, rank_key
+from .limits import pop_size_problem, raise_for_arguments
 
 __all__ = ["BoundedCMAES", "repair"]
 
@@ -55,7 +59,7 @@ class BoundedCMAES(CMAES):
         ub: float | torch.Tensor = 1.0,
         seed: int = 0,
         sigma: float | None = None,
-        mean_init: torch.Tensor | None = None,
+        mean_init: torch.Tensor | Sequence[float] | None = None,
         boundary: Literal["clip", "reflect"] = "clip",
         device: torch.device | None = None,
         space: Any = None,
@@ -68,18 +72,31 @@ class BoundedCMAES(CMAES):
             lb: lower bound, a float or an (N,) tensor. Default -1.
             ub: upper bound, a float or an (N,) tensor. Default 1.
             seed: seed of the private `torch.Generator`.
-            sigma: initial step size. Default 0.25 * mean(ub - lb).
-            mean_init: (N,) initial mean. Default the uniform average 1/N (in a search `space`'s coordinates where
-                one is given: `expert_average`), clipped into the box.
+            sigma: initial step size (> 0). Default 0.25 * mean(ub - lb).
+            mean_init: (N,) initial mean (a tensor or N finite numbers). Default the uniform average 1/N (in a
+                search `space`'s coordinates where one is given: `expert_average`), clipped into the box.
             boundary: "clip" or "reflect", how samples outside the box are repaired.
             device: device of the state and of the populations handed to the problem.
             space: the search space (`evox_merge.experts.spaces`) when it is not one coefficient per expert
                 (``num_experts`` is then its dimension); only the default mean depends on it.
+
+        Raises:
+            MergeInputError: pop_size below 2, sigma <= 0, a boundary other than "clip"/"reflect", a mean_init that
+                is not N finite numbers, or bad bounds (the rules of `evox_merge.algorithms.limits`).
         """
+        problem = pop_size_problem("BoundedCMAES", pop_size)
+        if problem:
+            raise MergeInputError(problem)
+        raise_for_arguments("BoundedCMAES", {"sigma": sigma, "boundary": boundary})
         device = torch.get_default_device() if device is None else torch.device(device)
         lower, upper = coefficient_bounds(num_experts, lb, ub)
         if mean_init is None:
             mean_init = torch.clamp(expert_average(num_experts, space), lower, upper)
+        else:
+            mean_init = torch.as_tensor(mean_init, dtype=torch.float32)
+            if mean_init.shape != (num_experts,) or not bool(torch.isfinite(mean_init).all()):
+                raise MergeInputError(f"mean_init: expected {num_experts} finite numbers (one per search "
+                                      f"dimension), got shape {tuple(mean_init.shape)}")
         if sigma is None:
             sigma = 0.25 * float((upper - lower).mean())
         super().__init__(mean_init=mean_init.to(device), sigma=sigma, pop_size=pop_size, device=device)

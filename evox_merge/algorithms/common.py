@@ -58,7 +58,7 @@ def coefficient_bounds(
     """The coefficient box as two (N,) float32 CPU tensors, from scalars or (N,) tensors.
 
     Raises:
-        MergeInputError: a bound of the wrong shape, or lb >= ub in some coordinate.
+        MergeInputError: a bound of the wrong shape, a non-finite bound, or lb >= ub in some coordinate.
     """
     bounds = []
     for name, value in (("lb", lb), ("ub", ub)):
@@ -71,6 +71,8 @@ def coefficient_bounds(
             )
         bounds.append(tensor.clone())
     lower, upper = bounds
+    if not bool(torch.isfinite(lower).all() and torch.isfinite(upper).all()):
+        raise MergeInputError(f"lb/ub: expected finite bounds, got lb={lower.tolist()} ub={upper.tolist()}")
     if not bool((lower < upper).all()):
         raise MergeInputError(
             f"lb/ub: expected lb < ub in every coordinate, got lb={lower.tolist()} ub={upper.tolist()}"

@@ -23,6 +23,7 @@ from evox_merge.util.errors import MergeInputError
 from .common import coefficient_bounds, hybrid_population, kth_best, rank_key, rank_order, split_winners_losers
 from .pareto import dominates, pareto_order, split_pareto_winners
 from .evogm_history import EvoGMHistory
+from .limits import evogm_basis_problem, pop_size_problem, raise_for_arguments
 from .evogm_variants import (
     EvoGMSwitches,
     diverse_basis,
@@ -189,9 +190,14 @@ class EvoGM(Algorithm):
         """
         super().__init__()
         device = torch.get_default_device() if device is None else torch.device(device)
+        _validate(num_experts, pop_size, {
+            "num_rounds": num_rounds, "iterations_per_round": iterations_per_round, "winner_ratio": winner_ratio,
+            "hidden_sizes": hidden_sizes, "lr": lr, "train_steps": train_steps, "cycle_weight": cycle_weight,
+            "opt_weight": opt_weight, "single_generator": single_generator, "multi_round": multi_round,
+            "variant": variant,
+        })
         if not multi_round:
             num_rounds, iterations_per_round = 1, num_rounds * (iterations_per_round + 1) - 1
-        _validate(num_experts, pop_size, num_rounds, iterations_per_round, winner_ratio, hidden_sizes, train_steps)
         if objectives not in ("scalar", "pareto") or n_objs < 1 or (objectives == "scalar" and n_objs != 1):
             raise MergeInputError(f"objectives: expected 'scalar' (n_objs 1) or 'pareto' (n_objs >= 1), got "
                                   f"{objectives!r} with n_objs {n_objs}")
@@ -571,31 +577,16 @@ class EvoGM(Algorithm):
             self._evaluating_parents = state["evaluating_parents"]
 
 
-def _validate(
-    num_experts: int,
-    pop_size: int,
-    num_rounds: int,
-    iterations_per_round: int,
-    winner_ratio: float,
-    hidden_sizes: Sequence[int],
-    train_steps: int,
-) -> None:
-    # One message per bad argument, naming it and what was expected.
-    checks = [
-        (num_experts >= 1, "num_experts", "an integer >= 1", num_experts),
-        (pop_size >= 2, "pop_size", "an integer >= 2", pop_size),
-        (num_rounds >= 1, "num_rounds", "an integer >= 1", num_rounds),
-        (iterations_per_round >= 1, "iterations_per_round", "an integer >= 1", iterations_per_round),
-        (0.0 < winner_ratio < 1.0, "winner_ratio", "a float in (0, 1)", winner_ratio),
-        (len(hidden_sizes) > 0 and min(hidden_sizes) >= 1, "hidden_sizes", "non-empty positive widths", hidden_sizes),
-        (train_steps >= 1, "train_steps", "an integer >= 1", train_steps),
-        (
-            num_rounds == 1 or pop_size * (iterations_per_round + 1) >= num_experts,
-            "pop_size",
-            f"pop_size * (iterations_per_round + 1) >= num_experts = {num_experts} so a basis shift finds N vectors",
-            pop_size,
-        ),
-    ]
-    for ok, name, expected, value in checks:
-        if not ok:
-            raise MergeInputError(f"{name}: expected {expected}, got {value!r}")
+def _validate(num_experts: int, pop_size: int, arguments: dict[str, Any]) -> None:
+    """The constructor's arguments by the rules of `evox_merge.algorithms.limits` (the ones a search config is
+    checked with): MergeInputError naming the first bad one and what was expected."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise MergeInputError(f"num_experts: expected an integer >= 1, got {num_experts!r}")
+    problem = pop_size_problem("EvoGM", pop_size)
+    if problem:
+        raise MergeInputError(problem)
+    raise_for_arguments("EvoGM", arguments)
+    problem = evogm_basis_problem(num_experts, pop_size, arguments["num_rounds"], arguments["iterations_per_round"],
+                                  arguments["multi_round"])
+    if problem:
+        raise MergeInputError(problem)

@@ -15,6 +15,8 @@ import torch
 
 from evox_merge.util.errors import MergeInputError
 
+from .limits import raise_for_arguments
+
 
 # Fresh candidates tried around a cached one before falling back to a uniform draw (archive switch).
 RESAMPLE_TRIES = 8
@@ -94,19 +96,10 @@ def resolve_switches(variant: str, overrides: dict[str, Any]) -> EvoGMSwitches:
     if variant not in VARIANTS:
         raise MergeInputError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
     changes = {name: value for name, value in overrides.items() if value is not None}
+    raise_for_arguments("EvoGM", changes)  # the rules a search config is checked with (`limits`)
     if "task_arithmetic_scales" in changes:
         changes["task_arithmetic_scales"] = tuple(float(s) for s in changes["task_arithmetic_scales"])
-    switches = dataclasses.replace(VARIANTS[variant], **changes)
-    checks = [
-        (switches.extrapolation == 0 or switches.extrapolation >= 1, "extrapolation", "0 (off) or a float >= 1"),
-        (switches.initial_sigma > 0, "initial_sigma", "a float > 0"),
-        (switches.duplicate_tolerance >= 0, "duplicate_tolerance", "a float >= 0"),
-        (switches.max_condition > 1, "max_condition", "a float > 1"),
-    ]
-    for ok, name, expected in checks:
-        if not ok:
-            raise MergeInputError(f"{name}: expected {expected}, got {getattr(switches, name)!r}")
-    return switches
+    return dataclasses.replace(VARIANTS[variant], **changes)
 
 
 def is_cached(candidates: torch.Tensor, archive: torch.Tensor, tolerance: float) -> torch.Tensor:

@@ -12,7 +12,8 @@ run's checkpoint saves and restores), and the run layer gives ``n_objs``. The fa
   (``pop_size`` evaluations of one candidate per step), replaces ``pop_size`` by the number of uniform weight
   vectors it draws (e.g. 12 -> 12 for 2 objectives, fewer or more for 3) and needs a neighbourhood (a tenth of the
   population, rounded up) of at least 2, so at least 11 of them: `MergeMOEAD` refuses fewer (EvoX fails with an
-  IndexError);
+  IndexError), counted before EvoX draws them (`evox_merge.algorithms.limits.pop_size_problem`, also what a search
+  config is checked with);
 * RVEA keeps NaN rows in its own population for empty reference vectors; it never evaluates them.
 
 None of them exposes which individuals a child came from, so their records' parents are ``"none"``.
@@ -28,12 +29,18 @@ from evox.algorithms import HypE, MOEAD, NSGA2, NSGA3, RVEA
 from evox_merge.util.errors import MergeInputError
 
 from .common import coefficient_bounds
+from .limits import pop_size_problem, raise_for_arguments
 
 __all__ = ["MergeHypE", "MergeMOEAD", "MergeNSGA2", "MergeNSGA3", "MergeRVEA"]
 
 
 def _build(cls: type, algorithm: Any, num_experts: int, pop_size: int, n_objs: int, lb: float | torch.Tensor,
            ub: float | torch.Tensor, seed: int, **kwargs: Any) -> None:
+    # The population and arguments by the rules a search config is checked with (`evox_merge.algorithms.limits`).
+    problem = pop_size_problem(type(algorithm).__name__, pop_size, n_objs)
+    if problem:
+        raise MergeInputError(problem)
+    raise_for_arguments(type(algorithm).__name__, {k: v for k, v in kwargs.items() if k != "device"})
     lower, upper = coefficient_bounds(num_experts, lb, ub)
     torch.manual_seed(seed)
     cls.__init__(algorithm, pop_size=pop_size, n_objs=n_objs, lb=lower, ub=upper, **kwargs)
@@ -68,9 +75,6 @@ class MergeMOEAD(_Parentless, MOEAD):
     def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
                  ub: float | torch.Tensor = 1.0, seed: int = 0, device: torch.device | None = None):
         _build(MOEAD, self, num_experts, pop_size, n_objs, lb, ub, seed, device=device)
-        if self.n_neighbor < 2:
-            raise MergeInputError(f"pop_size: MOEA/D turns pop_size {pop_size} into {self.pop_size} weight vectors for "
-                                  f"{n_objs} objectives and needs at least 11 (a neighbourhood of ceil(P / 10) >= 2)")
 
 
 class MergeRVEA(_Parentless, RVEA):

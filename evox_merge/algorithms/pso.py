@@ -9,6 +9,7 @@ from evox.algorithms import PSO
 from evox.algorithms.so.pso_variants.utils import min_by
 
 from .common import coefficient_bounds, hybrid_population, rank_key
+from .limits import raise_for_arguments
 
 __all__ = ["BoundedPSO"]
 
@@ -61,7 +62,11 @@ class BoundedPSO(PSO):
             device: device of the state and of the populations handed to the problem.
             space: the search space (`evox_merge.experts.spaces`) when it is not one coefficient per expert
                 (``num_experts`` is then its dimension): the hybrid swarm's structured rows are written in it.
+
+        Raises:
+            MergeInputError: non-finite w, phi_p or phi_g, an init other than "hybrid"/"uniform", or bad bounds.
         """
+        raise_for_arguments("BoundedPSO", {"w": w, "phi_p": phi_p, "phi_g": phi_g, "init": init})
         device = torch.get_default_device() if device is None else torch.device(device)
         lower, upper = coefficient_bounds(num_experts, lb, ub)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -63,7 +63,8 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
 
     Raises:
         MergeInputError: naming the file and field for a missing or corrupt file, an unsupported adapter type
-            or feature, or factors whose shapes do not pair up.
+            or feature, factors whose shapes do not pair up, or a rank other than the config's ``r`` /
+            ``rank_pattern`` says (PEFT would refuse to load it; the merge would scale it by the wrong alpha / r).
     """
     path = Path(path)
     if not path.is_dir():
@@ -78,6 +79,7 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
     except (SafetensorError, OSError, ValueError) as error:
         raise MergeInputError(f"{weights_path}: not a readable safetensors file ({error})") from error
     lora_A, lora_B = _split_factors(tensors, weights_path)
+    _check_ranks(config, tensors, path)
     scaling = {module: _scaling(config, module, lora_A[module].shape[0]) for module in lora_A}
     return LoraAdapter(path=path, config=config, lora_A=lora_A, lora_B=lora_B, scaling=scaling)
 
@@ -111,7 +113,46 @@ def _read_config(config_path: Path) -> dict:
             )
     if not isinstance(config.get("lora_alpha"), (int, float)):
         raise MergeInputError(f"{config_path}: field 'lora_alpha' missing or not a number")
+    rank_pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r"), *(rank_pattern.values() if isinstance(rank_pattern, dict) else [None])]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise MergeInputError(f"{config_path}: field 'r' missing or not an integer >= 1, or 'rank_pattern' not a "
+                              f"mapping of them: got r={config.get('r')!r}, rank_pattern={rank_pattern!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise MergeInputError(f"{config_path}: field {key!r} key {pattern!r} is not a regular expression "
+                                      f"({error})") from None
     return config
+
+
+def _pattern_value(patterns: dict | None, module: str) -> tuple[str, object] | None:
+    """The first of PEFT's ``rank_pattern`` / ``alpha_pattern`` keys that matches a module path, with its value
+    (`peft.utils.other.get_pattern_key`'s rule: the key matches the end of the path at a dot)."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return pattern, value
+    return None
+
+
+def _check_ranks(config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every module's factors (already paired by `_split_factors`) must have the rank the config gives the module
+    (its ``rank_pattern`` entry, else ``r``)."""
+    for key, a in tensors.items():
+        match = LORA_KEY.match(key)
+        if match["factor"] != "A":
+            continue
+        matched = _pattern_value(config.get("rank_pattern"), match["module"])
+        expected, source = (matched[1], f"rank_pattern[{matched[0]!r}]") if matched else (config["r"], "r")
+        if a.shape[0] != expected:
+            raise MergeInputError(
+                f"{path / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(a.shape)} (rank {a.shape[0]}) but "
+                f"{path / CONFIG_NAME} gives this module {source} = {expected}; PEFT refuses such an adapter and "
+                "its scaling alpha / r would be wrong. Expected the adapter as PEFT saved it (or a config whose r / "
+                "rank_pattern matches the tensors)"
+            )
 
 
 def _split_factors(tensors: dict[str, torch.Tensor], weights_path: Path) -> tuple[dict, dict]:
@@ -148,9 +189,6 @@ def _split_factors(tensors: dict[str, torch.Tensor], weights_path: Path) -> tupl
 
 def _scaling(config: dict, module: str, rank: int) -> float:
     """LoRA scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA; honours alpha_pattern."""
-    alpha = config["lora_alpha"]
-    for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = pattern_alpha
-            break
+    matched = _pattern_value(config.get("alpha_pattern"), module)
+    alpha = matched[1] if matched else config["lora_alpha"]
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

@@ -17,9 +17,10 @@ do not fit beside it (Qwen2.5-1.5B x 10 experts is about 26 GB in bf16), so thre
   costs. Other parameters (norms, biases) stay dense in RAM.
 
 Everything that needs no weights is checked before the model loads (`read_dense_expert`): the folder, its config's
-architecture against the base's, and every tensor's name, shape and dtype against the base's safetensors headers.
-Values (finite) are checked while the task vectors are computed, before any candidate is scored; every error names
-the file and the tensor.
+architecture against the base's, and every tensor's name, shape and dtype against the base's safetensors headers;
+then, from the files, that ``targets`` match the base's tensors and that the expert differs from the base
+(`check_targets`, `check_differs_from_base`). Values (finite) are checked while the task vectors are computed,
+before any candidate is scored; every error names the file and the tensor.
 """
 
 from __future__ import annotations
@@ -184,6 +185,48 @@ def read_dense_expert(path: str | Path, base_config: dict, base_tensors: dict[st
     return DenseExpert(path=path, config=config, tensors=tensors)
 
 
+IDENTITY_CHECK_BYTES = 8 << 30
+"""`check_differs_from_base` reads at most this many bytes of an expert's and the base's files (8 GiB) before it
+leaves the comparison to `build_dense_targets`, after the model loads."""
+
+
+def check_targets(patterns: Sequence[str], names: Sequence[str]) -> None:
+    """Every ``dense.targets`` pattern must match one of the base's parameter `names` (MergeInputError otherwise)."""
+    for pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+            raise MergeInputError(f"dense.targets: pattern {pattern!r} matches no parameter of the base")
+
+
+def check_differs_from_base(expert: DenseExpert, base_tensors: dict[str, TensorEntry],
+                            targets: Sequence[str] | None = None) -> None:
+    """Before the model loads: refuse a dense expert whose every tensor (among `targets`) equals the base's, read
+    from both files tensor by tensor until one differs (bytes, or values in float32 where the dtypes differ).
+
+    A fine-tune differs in its first tensors, so this reads little; an identical copy is read whole, up to
+    `IDENTITY_CHECK_BYTES`, past which the check is left to `build_dense_targets` (the same refusal, after the
+    load). Equal values stored differently (0.0 and -0.0) count as different here and are caught there.
+
+    Raises:
+        MergeInputError: naming the expert's folder.
+    """
+    reader, read = TensorReader(), 0
+    like = torch.empty(0, dtype=torch.float32)
+    for key, entry in expert.tensors.items():
+        if targets and not any(re.search(pattern, key) for pattern in targets):
+            continue
+        base = base_tensors[key]
+        if read > IDENTITY_CHECK_BYTES:
+            return
+        read += (entry.end - entry.start) + (base.end - base.start)
+        if entry.dtype == base.dtype:
+            if reader.read_bytes(entry, key) != reader.read_bytes(base, key):
+                return
+        elif not torch.equal(reader.read(entry, key, like), reader.read(base, key, like)):
+            return
+    raise MergeInputError(f"{expert.path}: no parameter differs from the base's" + (" among dense.targets" if targets
+                          else "") + " (the base itself, or a copy of it?); expected a fine-tune of the base")
+
+
 class TensorReader:
     """Reads single tensors from safetensors files by plain reads at their header offsets (files kept open, one
     handle per file; no memory maps, so what was read stays in the page cache, not in the process)."""
@@ -191,8 +234,8 @@ class TensorReader:
     def __init__(self) -> None:
         self._handles: dict[Path, object] = {}
 
-    def read(self, entry: TensorEntry, key: str, like: torch.Tensor) -> torch.Tensor:
-        """Tensor `key` of `entry`'s file in `like`'s dtype and on its device."""
+    def read_bytes(self, entry: TensorEntry, key: str) -> bytearray:
+        """The stored bytes of tensor `key` of `entry`'s file."""
         handle = self._handles.get(entry.file)
         if handle is None:
             handle = self._handles[entry.file] = open(entry.file, "rb", buffering=0)  # noqa: SIM115
@@ -200,6 +243,11 @@ class TensorReader:
         handle.seek(entry.start)
         if handle.readinto(buffer) != len(buffer):
             raise MergeInputError(f"{entry.file}: tensor {key!r} is cut short (the file changed or is truncated)")
+        return buffer
+
+    def read(self, entry: TensorEntry, key: str, like: torch.Tensor) -> torch.Tensor:
+        """Tensor `key` of `entry`'s file in `like`'s dtype and on its device."""
+        buffer = self.read_bytes(entry, key)
         dtype = _TORCH_DTYPES[entry.dtype]
         tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
         return tensor.reshape(entry.shape).to(device=like.device, dtype=like.dtype)
@@ -334,9 +382,7 @@ def build_dense_targets(
     stacks: dict[str, list[torch.Tensor]] = {}
     entries: dict[str, list[TensorEntry]] = {}
     keys = [key for key in parameters if key in base_tensors]
-    for pattern in patterns:
-        if not any(pattern.search(key) for key in keys):
-            raise MergeInputError(f"dense.targets: pattern {pattern.pattern!r} matches no parameter of the base")
+    check_targets([pattern.pattern for pattern in patterns], keys)
     for index, expert in experts:
         changed = []
         for key in tqdm(keys, desc=f"task vectors of {expert.name}", unit="tensor", disable=not progress,

@@ -16,12 +16,14 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           PreTrainedTokenizerBase)
 
 from evox_merge.experts.adapters import CONFIG_NAME, LoraAdapter, read_lora_adapter
-from evox_merge.experts.dense import (DenseExpert, DenseTarget, build_dense_targets, read_dense_expert,
-                                      release_freed_memory, safetensors_index)
+from evox_merge.experts.dense import (DenseExpert, DenseTarget, build_dense_targets, check_differs_from_base,
+                                      check_targets, read_dense_expert, release_freed_memory, safetensors_index)
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hashing import directory_sha256
 from evox_merge.util.hub import ModelSource, is_dense_expert, is_hub_id, read_model_config, resolve_model
 from evox_merge.experts.kernel import LayerFactors
+from evox_merge.tasks.batching import check_lengths
+from evox_merge.tasks.spec import TaskSpec
 
 logger = logging.getLogger(__name__)
 _ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -86,6 +88,7 @@ class ExpertSet:
         dense_rank: int | None = None,
         dense_targets: Sequence[str] | None = None,
         progress: bool = False,
+        task_specs: Sequence[TaskSpec] = (),
     ) -> "ExpertSet":
         """Load a base model and N experts, validating everything before any compute.
 
@@ -103,15 +106,21 @@ class ExpertSet:
                 ``stream`` or ``svd`` with a rank) and which parameters are merged (regular expressions; default
                 every parameter that differs): `evox_merge.experts.dense`.
             progress: show a progress bar while dense task vectors are computed.
+            task_specs: tasks the set will be scored on: every example of their files (validation and test) must fit
+                the base's positions (`evox_merge.tasks.batching.check_lengths`), checked with the tokenizer before
+                the weights load.
 
         Everything but the weights' fit to the loaded layers is checked before the model loads: the adapters'
-        files and tensors (finite), their recorded base, the dense experts' configs and tensor headers against the
-        base's, the base's config.json and the tokenizer's vocabulary against the base's ``vocab_size``.
+        files and tensors (finite, ranks as their configs say), their recorded base, the dense experts' configs and
+        tensor headers against the base's, that no expert is the base itself (`_check_changes_base`), the base's
+        config.json, the tokenizer's vocabulary against the base's ``vocab_size`` and the tasks' lengths against its
+        positions. The base's weights are checked finite as they load.
 
         Raises:
             MergeInputError: fewer than 2 experts, duplicates, unreadable files, unsupported adapter types, an
-                adapter that does not fit the base (recorded base config, target modules, weight shapes), or a
-                tokenizer whose vocabulary does not fit the model's embedding.
+                adapter that does not fit the base (recorded base config, target modules, weight shapes), a
+                tokenizer whose vocabulary does not fit the model's embedding, a task example longer than the base's
+                positions, or a base weight that is NaN or infinite.
         """
         base_source = resolve_model(base, "base")
         base_config = read_model_config(base_source.path, "base")
@@ -129,6 +138,10 @@ class ExpertSet:
             if source.repo_id is not None:
                 adapter.name = source.repo_id.split("/")[-1]
             loaded.append(adapter)
+        if base_tensors:
+            check_targets(dense_targets or (), list(base_tensors))
+        for adapter in loaded:
+            _check_changes_base(adapter, base_tensors, dense_targets)
         lora = [adapter for adapter in loaded if isinstance(adapter, LoraAdapter)]
         _check_no_duplicate_weights(lora)
         base_name = base_source.repo_id or base_source.path
@@ -144,6 +157,9 @@ class ExpertSet:
             _check_vocabulary(loaded_tokenizer, tokenizer_source.ref, rows, f"{base_source.ref}/config.json vocab_size")
         for adapter in loaded:
             _check_adapter_tokenizer(adapter, loaded_tokenizer)
+        files = [spec.with_split(split) for spec in task_specs for split in ("validation", "test")
+                 if split == "validation" or spec.test_path is not None]
+        check_lengths(files, loaded_tokenizer, base_config, base_source.ref)
         model = _load_base_model(base_source.path, base_source.ref, device, dtype)
         rows = model.get_input_embeddings().num_embeddings
         info = _check_vocabulary(loaded_tokenizer, tokenizer_source.ref, rows, "the base model's embedding")
@@ -219,6 +235,17 @@ def _check_adapter_list(paths: list[Path]) -> None:
         raise MergeInputError(f"duplicate expert(s): {repeated}")
 
 
+def _check_changes_base(expert: LoraAdapter | DenseExpert, base_tensors: dict, targets: Sequence[str] | None) -> None:
+    """An expert that is the base merges to nothing: a LoRA adapter whose every module has an all-zero lora_B or
+    lora_A (an untrained PEFT adapter), or a dense copy of the base (`check_differs_from_base`)."""
+    if isinstance(expert, DenseExpert):
+        check_differs_from_base(expert, base_tensors, targets)
+    elif not any(bool(expert.lora_A[m].any()) and bool(expert.lora_B[m].any()) for m in expert.modules):
+        raise MergeInputError(f"{expert.path / 'adapter_model.safetensors'}: every module's lora_B (or lora_A) is all "
+                              "zeros, so this expert leaves the base unchanged (an untrained adapter?); expected a "
+                              "fine-tuned expert")
+
+
 def _check_no_duplicate_weights(adapters: list[LoraAdapter]) -> None:
     """Two directories holding the same factors are the same expert twice."""
     for index, adapter in enumerate(adapters):
@@ -290,6 +317,12 @@ def _check_vocabulary(tokenizer: PreTrainedTokenizerBase, ref: str, rows: int, w
 
 
 def _load_base_model(base: str, ref: str, device: str | torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """The model in folder `base` (named `ref` in messages), on `device` in `dtype`, in eval mode, frozen.
+
+    Raises:
+        MergeInputError: the folder does not load, or a loaded parameter holds NaN or infinite values (naming the
+            file and the tensor).
+    """
     from safetensors import SafetensorError
 
     try:
@@ -301,9 +334,27 @@ def _load_base_model(base: str, ref: str, device: str | torch.device, dtype: tor
         raise MergeInputError(f"base: cannot load the model from {ref!r} ({type(error).__name__}: {first}); "
                               "expected a complete save_pretrained folder (config.json and readable weights)") from None
     model.to(device)
+    _check_finite_weights(model, base, ref, dtype)  # on the device: a GPU checks a 7B model in milliseconds
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_finite_weights(model: PreTrainedModel, base: str, ref: str, dtype: torch.dtype) -> None:
+    """Every parameter of a loaded model must be finite: a NaN or inf weight makes every score NaN."""
+    parameters = list(model.named_parameters())
+    counts = torch.stack([(~torch.isfinite(parameter)).sum() for _, parameter in parameters])
+    if bool(counts.any()):  # one synchronisation with the device, not one per parameter
+        index = int(counts.nonzero()[0, 0])
+        name, bad = parameters[index][0], int(counts[index])
+        try:
+            file = safetensors_index(base).get(name)
+        except MergeInputError:
+            file = None
+        where = file.file if file is not None else f"{ref} (its weights)"
+        raise MergeInputError(f"{where}: tensor {name!r} holds {bad} NaN/inf value(s) as loaded in {dtype}; "
+                              "expected finite weights (a corrupted or diverged checkpoint?): every score of this "
+                              "model would be NaN")
 
 
 def _check_adapter_fits_model(adapter: LoraAdapter, model: PreTrainedModel) -> None:

@@ -1,7 +1,21 @@
-"""EvoX problems: MergeProblem (merge coefficients -> validation scores) and cheap synthetic landscapes."""
+"""EvoX problems: MergeProblem (merge coefficients -> validation scores) and cheap synthetic landscapes.
 
-from .landscapes import *  # noqa: F401,F403
-from .landscapes import __all__ as _landscapes
-from .merge_problem import MergeProblem
+The classes are imported on first use, so `evox_merge.problems.static_names` (the static merges' names, which
+configs are checked against) is readable without importing torch or EvoX.
+"""
 
-__all__ = ["MergeProblem", *_landscapes]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MergeProblem": "merge_problem", "NoisyLandscape": "landscapes", "RuggedLandscape": "landscapes",
+    "SmoothLandscape": "landscapes", "TaskVectorLandscape": "landscapes", "default_optimum": "landscapes",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -155,7 +155,8 @@ def tune_static_merge(name: str, problem: MergeProblem, seed: int = 0) -> Static
     return STATIC_MERGES[name](problem, seed)
 
 
-# Every static merge evox-merge compares a search with, by name (the release, the sweep and the tests use this).
+# Every static merge evox-merge compares a search with, by name (the release, the sweep and the tests use this);
+# the names alone, without torch: `evox_merge.problems.static_names.STATIC_MERGE_NAMES`.
 STATIC_MERGES: dict[str, Callable[[MergeProblem, int], StaticMerge]] = {
     "base": lambda problem, seed: base_model(problem),
     "best_single": lambda problem, seed: best_single_expert(problem),

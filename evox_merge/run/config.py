@@ -4,19 +4,24 @@ A config is YAML (or the same as a dict from Python). Unknown keys, missing file
 one message that names each offending key, e.g. ``algorithm.name: unknown algorithm 'evogn'``.
 
 `load_config` checks everything that can be known without the model, in this order, and fails on the first stage
-that finds a problem: the YAML; every key's type and range; then the files and names (base, experts and tokenizer
-as local folders or Hub ids, the output directory, every task spec and every line of every task file, duplicate
-task names, all-zero weights, the algorithm's params). Validating imports neither torch, transformers nor EvoX: the
-params of a registered algorithm are checked against its constructor's signature read from its source file with
-`ast` (`constructor_parameters`), so a bad config fails in a fraction of a second. Only an algorithm given by
-import path (``evox.algorithms.DE``) must be imported to be checked; that happens last, once everything else has
-passed, and still before any model loads.
+that finds a problem: the YAML; every key's type and range (finite bounds, a seed from 0 to 2**64 - 1, a device
+evox-merge runs on); then the files and names (base, experts and tokenizer as local folders or Hub ids, the output
+directory, every task spec and every line of every task file, each validation file's split into a search and a
+selection part, duplicate task names, all-zero weights, the algorithm's params and population). Validating imports
+neither torch, transformers nor EvoX: the params of a registered algorithm are checked against its constructor's
+signature read from its source file with `ast` (`constructor_parameters`), and its population and param values by
+the torch-free rules of `evox_merge.algorithms.limits` (with the search's dimension where the files give it:
+`search_dimension`), so a bad config fails in a fraction of a second. Only an algorithm given by import path
+(``evox.algorithms.DE``) must be imported to be checked (and is built once, `_build_once`); that happens last, once
+everything else has passed, and still before any model loads. Only a CUDA ``device`` imports torch, to count GPUs.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import logging
+import math
 from pathlib import Path
 import re
 from typing import Any, Literal
@@ -24,13 +29,17 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evox_merge.util.errors import MergeInputError, TaskFormatError
-from evox_merge.util.layer_names import block_index, lora_layer_names
+from evox_merge.algorithms import limits
+from evox_merge.util.layer_names import block_index, lora_layer_names, module_kind
 from evox_merge.run import registry
-from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, task_spec_from_dict
+from evox_merge.tasks.spec import (TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap,
+                                   split_task, task_spec_from_dict)
 from evox_merge.util.hub import is_dense_expert, is_hub_id, local_path, read_model_config, resolve_model
 from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.strict import format_validation_errors
+
+logger = logging.getLogger(__name__)
 
 
 class AlgorithmConfig(_Strict):
@@ -58,6 +67,13 @@ class AlgorithmConfig(_Strict):
             raise ValueError(f"unknown algorithm {name!r}: use one of {registry.algorithm_names()} or an import "
                              "path such as 'evox.algorithms.DE'")
         return name
+
+    @field_validator("lb", "ub")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _bounds(self) -> "AlgorithmConfig":
@@ -113,9 +129,9 @@ class ObjectivesConfig(_Strict):
 
     ``kind: mean`` is the default search (one fitness, the weighted mean of normalised task scores). ``kind: pareto``
     makes each group one objective (its tasks' weighted mean of normalised scores; no ``groups``: one objective per
-    task); every task in at most one group, no empty group, no unknown task (`check_objectives`). ``challengers``: up
-    to this many releases spread along the front besides the champion and the specialists
-    (`evox_merge.run.pareto_release`).
+    task); every task in at most one group, no empty group, no unknown task, and objective names that make distinct
+    folders (`check_objectives`). ``challengers``: up to this many releases spread along the front besides the
+    champion and the specialists (`evox_merge.run.pareto_release`).
     """
 
     kind: Literal["mean", "pareto"] = "mean"
@@ -135,7 +151,7 @@ def check_objectives(objectives: "str | ObjectivesConfig", task_names: list[str]
         problems.append(f"algorithm.name: {algorithm!r} is multi-objective; set objectives: pareto (or a "
                         "{kind: pareto, groups: [...]} mapping)")
     if groups is None:
-        return problems
+        return problems + (_check_objective_folders(task_names) if kind == "pareto" else [])
     if not groups:
         problems.append("objectives.groups: no groups; give at least one list of task names, or leave groups out "
                         "for one objective per task")
@@ -151,6 +167,43 @@ def check_objectives(objectives: "str | ObjectivesConfig", task_names: list[str]
                                 f"[{seen[name]}]; a task belongs to at most one objective")
             else:
                 seen[name] = index
+    return problems + ([] if problems else _check_objective_folders(objective_names(groups, task_names)))
+
+
+def objective_names(groups: list[list[str]] | None, task_names: list[str]) -> list[str]:
+    """The objectives' names under ``objectives: pareto``: each group's task names joined by ``+`` (without groups,
+    one objective per task, named as the task)."""
+    return list(task_names) if groups is None else ["+".join(group) for group in groups]
+
+
+def objective_folder(name: str) -> str:
+    """The folder of an objective's specialist (``specialists/<folder>/``): its name with every character but
+    letters, digits and ``. _ + -`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def _check_objective_folders(names: list[str]) -> list[str]:
+    """Problems with the objectives' names as record keys and folder names: each must be its own folder under
+    ``specialists/`` (not ``.`` or ``..``, distinct after `objective_folder` even in letter case, at most 255 bytes)."""
+    allowed = ("objective names (a task's name, or a group's task names joined by +) become folder names "
+               "specialists/<name>/: use letters, digits and . _ + - (any other character becomes _), not '.' or "
+               "'..', names that stay distinct after that (also in letter case), at most 255 bytes")
+    problems, folders = [], {}
+    for name in names:
+        folder = objective_folder(name)
+        if folder in (".", ".."):
+            problems.append(f"objectives: objective {name!r} would write specialists/{folder}/, which is not a folder "
+                            f"of its own; {allowed}")
+        elif len(folder.encode()) > 255:
+            problems.append(f"objectives: objective {name[:40]!r}... is {len(folder.encode())} bytes long as a folder "
+                            f"name; {allowed}")
+        elif folder.lower() in folders:
+            other = folders[folder.lower()]
+            clash = (f"two objectives are both named {name!r}" if other == name else
+                     f"objectives {other!r} and {name!r} would both write specialists/{folder}/")
+            problems.append(f"objectives: {clash}; {allowed}")
+        else:
+            folders[folder.lower()] = name
     return problems
 
 
@@ -241,19 +294,39 @@ class MergevolveConfig(_Strict):
     learning_rate: float = Field(default=1.0, gt=0)
 
 
+DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
+"""The devices evox-merge runs on: the CPU, or a CUDA GPU (``cuda``, ``cuda:N``)."""
+
+
 def check_device(device: str) -> str:
-    """`device` if it names a torch device this machine has (a pydantic validator's ValueError otherwise)."""
-    if device == "cpu":  # the common case needs no torch import
+    """`device` if it names a device evox-merge runs on and this machine has (a pydantic validator's ValueError
+    otherwise). Only a CUDA device imports torch (to count the GPUs); any other name is refused without it."""
+    match = DEVICE.fullmatch(device)
+    if match is None:
+        raise ValueError(f"{device!r} is not a device evox-merge runs on; expected 'cpu', or 'cuda' / 'cuda:N' for "
+                         "a CUDA GPU (other torch devices, e.g. 'mps' or 'meta', are not supported)")
+    if device == "cpu":
         return device
     import torch
 
-    try:
-        torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"not a torch device: {error}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use 'cpu'")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
+
+
+SEED_LIMIT = 2 ** 64
+"""Seeds are integers from 0 to 2**64 - 1, the range of a torch generator's seed."""
+
+
+def seed_problem(seed: int) -> str | None:
+    """Why `seed` cannot seed a run (outside 0 to 2**64 - 1), or None."""
+    if 0 <= seed < SEED_LIMIT:
+        return None
+    return (f"expected an integer from 0 to 2**64 - 1 ({SEED_LIMIT - 1}), the range of a torch generator's seed; "
+            f"got {seed}")
 
 
 class SearchConfig(_Strict):
@@ -319,6 +392,14 @@ class SearchConfig(_Strict):
     def _device(cls, device: str) -> str:
         return check_device(device)
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, seed: int) -> int:
+        problem = seed_problem(seed)
+        if problem:
+            raise ValueError(problem)
+        return seed
+
     def task_specs(self, base_dir: str | Path = ".") -> list[TaskSpec]:
         """The task specs (read from the spec file when ``tasks`` is a path)."""
         if isinstance(self.tasks, str):
@@ -357,6 +438,27 @@ def _class_node(name: str) -> ast.ClassDef | None:
     return next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name), None)
 
 
+def constructor_defaults(name: str) -> dict[str, Any]:
+    """The literal default values of a registered algorithm's ``__init__`` arguments, read from its source with
+    `ast` ({} when it cannot be read; tests/test_fast_refusals.py checks they agree with `inspect`)."""
+    node = _class_node(name)
+    init = next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "__init__"),
+                None) if node is not None else None
+    if init is None:
+        return {}
+    args = init.args
+    positional = args.posonlyargs + args.args
+    pairs = [*zip(positional[len(positional) - len(args.defaults):], args.defaults),
+             *zip(args.kwonlyargs, args.kw_defaults)]
+    defaults = {}
+    for arg, default in pairs:
+        try:
+            defaults[arg.arg] = ast.literal_eval(default)
+        except (ValueError, TypeError, SyntaxError):
+            continue
+    return defaults
+
+
 def defines_racing_quota(name: str) -> bool | None:
     """Whether a registered algorithm's class defines ``racing_threshold`` (the
     `evox_merge.algorithms.common.RacingQuota` protocol), read from its source; None when it cannot be read."""
@@ -373,14 +475,61 @@ def check_algorithm_params(name: str, params: dict[str, Any]) -> None:
         registry.check_params(name, params)
         return
     class_name, accepted, takes_kwargs = found
-    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", *registry.reserved_params(name)}
+    reserved = registry.reserved_params(name)
     known = sorted(accepted - {"args", "kwargs"} - reserved)
     for key in params:
         if key in reserved:
-            raise MergeInputError(f"algorithm.params.{key}: set by the search itself (or fixed by {name!r}); "
-                                  "use the algorithm's own config key (pop_size, lb, ub, seed)")
+            raise MergeInputError(registry.reserved_message(name, key))
         if key not in accepted and not takes_kwargs:
-            raise MergeInputError(f"algorithm.params.{key}: {class_name} takes no such argument; it takes {known}")
+            raise MergeInputError(registry.unknown_param_message(key, class_name, known))
+
+
+def search_dimension(space: SpaceConfig, experts: list[str]) -> int | None:
+    """The search space's dimension where the files give it without the model: N (expert space), N + 1 (operator
+    space), or N per group of the LoRA experts' target layers (layer space, from their safetensors headers); None
+    for a layer space over a dense expert (its targets are known only against the loaded base)."""
+    if space.kind == "expert":
+        return len(experts)
+    if space.kind == "operator":
+        return len(experts) + 1
+    if not all(Path(expert).is_dir() and not is_dense_expert(expert) for expert in experts):
+        return None
+    names = {name for expert in experts for name in lora_layer_names(expert)}
+    if not names:  # unreadable headers: the experts' own check says why
+        return None
+    if (space.by or "blocks") == "module":
+        return len(experts) * len({module_kind(name) for name in names})
+    other = any(block_index(name) is None for name in names)  # such layers form a group of their own
+    return len(experts) * (space.groups + other)
+
+
+def _check_algorithm(config: SearchConfig, experts: list[str], task_names: list[str]) -> list[str]:
+    """A registered algorithm's params, population and the arguments that depend on the search's dimension, by the
+    rules of `evox_merge.algorithms.limits`, without importing the algorithm (problems naming the key)."""
+    algorithm = config.algorithm
+    if algorithm.name not in registry.ALGORITHMS:
+        return []
+    try:
+        check_algorithm_params(algorithm.name, algorithm.params)
+    except MergeInputError as error:
+        return [str(error)]
+    entry = registry.ALGORITHMS[algorithm.name]
+    groups = None if isinstance(config.objectives, str) else config.objectives.groups
+    n_objs = (len(groups) if groups else len(task_names)) if entry.multi_objective else None
+    problems = registry.argument_problems(algorithm.name, algorithm.pop_size, algorithm.params, n_objs or None)
+    dim = search_dimension(config.space, experts)
+    if problems or dim is None:
+        return problems
+    mean_init = algorithm.params.get("mean_init")
+    if mean_init is not None and len(mean_init) != dim:
+        problems.append(f"algorithm.params.mean_init: expected {dim} numbers (one per dimension of the "
+                        f"{config.space.kind} space), got {len(mean_init)}")
+    if entry.family == "evogm":
+        arguments = {**constructor_defaults(algorithm.name), **entry.fixed, **algorithm.params}
+        basis = limits.evogm_basis_problem(dim, algorithm.pop_size, arguments["num_rounds"],
+                                           arguments["iterations_per_round"], arguments["multi_round"])
+        problems += [f"algorithm.{basis} ({config.space.kind} space)"] if basis else []
+    return problems
 
 
 def _resolve_model(value: str, what: str, base_dir: Path, problems: list[str], model: bool = False) -> str:
@@ -394,6 +543,28 @@ def _resolve_model(value: str, what: str, base_dir: Path, problems: list[str], m
         problems.append(str(error))
         return str(local_path(value, base_dir)) if not is_hub_id(value) else value
     return source.ref
+
+
+def _build_once(config: SearchConfig, experts: list[str], task_names: list[str]) -> None:
+    """Construct an algorithm given by import path as the search will, so that its constructor's own checks refuse
+    a bad pop_size or param, and racing one that does not say which candidates it ranks by, before any model loads
+    (torch's global RNG left as it was); skipped where the search's dimension needs the model
+    (`search_dimension`)."""
+    import torch
+
+    algorithm = config.algorithm
+    dim = search_dimension(config.space, experts)
+    if dim is None:
+        return
+    kind = config.objectives if isinstance(config.objectives, str) else config.objectives.kind
+    groups = None if isinstance(config.objectives, str) else config.objectives.groups
+    vector = kind == "pareto" and registry.is_multi_objective(algorithm.name)
+    with torch.random.fork_rng(devices=[]):
+        built = registry.build_algorithm(algorithm.name, dim, pop_size=algorithm.pop_size, lb=algorithm.lb,
+                                         ub=algorithm.ub, seed=config.seed, params=algorithm.params,
+                                         n_objs=len(objective_names(groups, task_names)) if vector else None)
+    if config.racing is not None:  # it must say which candidates it ranks by
+        registry.racing_for(built, config.racing.confidence, config.racing.stages, config.selection_top_k)
 
 
 def _check_space(space: SpaceConfig, experts: list[str]) -> list[str]:
@@ -418,8 +589,8 @@ def _check_output_dir(out: Path) -> list[str]:
 
 def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
     """Make the config's local paths absolute against `base_dir` and check everything that needs no model: the
-    base, experts and tokenizer (folders or cached Hub ids), the output directory, the task specs and every line
-    of every task file, and the algorithm's params.
+    base, experts and tokenizer (folders or cached Hub ids), the output directory, the task specs, every line of
+    every task file and each validation file's split, and the algorithm's params and population.
 
     Raises:
         MergeInputError: naming every offending key (a task file's problems name the file and line).
@@ -440,7 +611,9 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
         specs = config.model_copy(update=updates).task_specs(base_dir)
     except TaskFormatError as error:
         problems.append(str(error) if str(error).startswith("tasks") else f"tasks: {error}")
+    overlaps = []
     for spec in specs:
+        before = len(problems)
         for key, path in (("path", spec.path), ("test_path", spec.test_path)):
             if path is None:
                 continue
@@ -452,6 +625,16 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
                 read_task(spec.with_split("validation" if key == "path" else "test"))
             except TaskFormatError as error:
                 problems.append(f"tasks.{spec.name}.{key}: {error}")
+        if len(problems) == before:  # both files read: test examples that are validation examples too
+            try:
+                overlaps.append(split_overlap(spec))
+            except TaskFormatError as error:
+                problems.append(f"tasks.{spec.name}.test_path: {error}")
+        if len(problems) == before:  # the validation file splits into a search part and a selection part
+            try:
+                split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
+            except TaskFormatError as error:
+                problems.append(f"tasks.{spec.name}.path: {error}")
     if specs:
         problems += check_objectives(config.objectives, [spec.name for spec in specs], config.algorithm.name)
     problems += _check_space(config.space, experts)
@@ -459,16 +642,16 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
     if dense and config.mergevolve is not None:
         problems.append(f"mergevolve: perturbs a LoRA merge's low-rank delta; {', '.join(dense)} are dense "
                         "(fully fine-tuned) experts")
-    if config.algorithm.name in registry.ALGORITHMS:
-        try:
-            check_algorithm_params(config.algorithm.name, config.algorithm.params)
-        except MergeInputError as error:
-            problems.append(str(error))
+    problems += _check_algorithm(config, experts, [spec.name for spec in specs])
     if problems:
         raise MergeInputError("invalid search config: " + "; ".join(problems))
+    for overlap in overlaps:
+        if overlap is not None:
+            logger.warning("%s (recorded in recipe.json and the model card)", overlap["warning"])
     if config.algorithm.name not in registry.ALGORITHMS:  # an import path: imported only now that all else passed
         try:
             registry.check_params(config.algorithm.name, config.algorithm.params)
+            _build_once(config, experts, [spec.name for spec in specs])
         except MergeInputError as error:
             raise MergeInputError(f"invalid search config: {error}") from None
     updates["tasks"] = [spec.to_dict() for spec in specs]

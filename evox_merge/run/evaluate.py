@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from evox_merge.util.errors import MergeInputError
@@ -17,14 +18,16 @@ def evaluate_model(
     split: str = "validation",
     batch_size: int = 32,
     device: str = "cpu",
-) -> dict[str, float]:
-    """Per-task scores (and their weighted ``mean``) of a model directory, with an optional adapter on top.
+) -> dict[str, float | None]:
+    """Per-task scores (and their weighted ``mean``) of a model directory, with an optional adapter on top; a score
+    that is not finite is None (JSON null), and so is the mean then.
 
     The model runs as loaded (a PEFT adapter stays unmerged), independently of the in-place merge used in search.
     `model_path` and `adapter` are folders or Hub ids (`evox_merge.util.hub`). Everything that can be checked
     without the model is checked first: the batch size, the task specs and every line of the split's files, the
-    model's config.json and the adapter's files (`evox_merge.experts.adapters.read_lora_adapter`); after loading,
-    the adapter's factors must fit the model's layers.
+    model's config.json and the adapter's files (`evox_merge.experts.adapters.read_lora_adapter`); with the
+    tokenizer, every example's length against the model's positions (`evox_merge.tasks.batching.check_lengths`);
+    while loading, the model's weights (finite); after loading, the adapter's factors must fit the model's layers.
 
     Raises:
         MergeInputError, TaskFormatError: naming the option, file or field.
@@ -34,7 +37,7 @@ def evaluate_model(
     specs = [spec.with_split(split) for spec in load_task_specs(tasks_path)]
     tasks = [read_task(spec) for spec in specs]
     model_source = resolve_model(model_path, "--model")
-    read_model_config(model_source.path, "--model")
+    model_config = read_model_config(model_source.path, "--model")
     adapter_source = lora = None
     if adapter is not None:
         from evox_merge.experts.adapters import read_lora_adapter
@@ -46,6 +49,7 @@ def evaluate_model(
     from transformers import AutoTokenizer
 
     from evox_merge.experts.expert_set import _check_adapter_fits_model, _check_vocabulary, _load_base_model
+    from evox_merge.tasks.batching import check_lengths
     from evox_merge.tasks.scoring import build_scorer
 
     try:
@@ -53,6 +57,7 @@ def evaluate_model(
     except (OSError, ValueError, TypeError) as error:
         raise MergeInputError(f"--model: cannot load a tokenizer from {model_source.ref!r}: "
                               f"{str(error).splitlines()[0]}") from None
+    check_lengths(specs, tokenizer, model_config, model_source.ref)
     model = _load_base_model(model_source.path, model_source.ref, "cpu", torch.float32)
     _check_vocabulary(tokenizer, model_source.ref, model.get_input_embeddings().num_embeddings,
                       "the model's embedding")
@@ -72,5 +77,5 @@ def evaluate_model(
             scores[task.name] = build_scorer(task, tokenizer, batch_size, device,
                                              model_config=model.config).score(model)
     total = sum(spec.weight for spec in specs)
-    scores["mean"] = sum(scores[spec.name] * spec.weight for spec in specs) / total
-    return scores
+    mean = sum(scores[spec.name] * spec.weight for spec in specs) / total
+    return {name: value if math.isfinite(value) else None for name, value in {**scores, "mean": mean}.items()}

@@ -31,6 +31,7 @@ from evox.core import Monitor
 
 from evox_merge.run.progress import SearchProgress
 from evox_merge.util.atomic import write_text_atomic
+from evox_merge.util.errors import RunStateError
 
 RECORDS_NAME = "records.jsonl"
 RUN_EVIDENCE = "run.json#evidence"
@@ -49,25 +50,49 @@ def parent_ids(value: Any, expert_names: list[str]) -> list[str] | str:
     return "none"
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a run, in evaluation order."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The records of a run in evaluation order (only the first `limit` with a limit): one per complete line. A
+    last line without its newline is a record a killed run was still writing: not a record (yet).
+
+    Raises:
+        RunStateError: a complete line that is not a JSON record (names the file and the line).
+    """
+    return [record for _, record in _record_lines(Path(path), limit)]
 
 
 def truncate_records(path: str | Path, keep: int) -> None:
-    """Keep the first `keep` records (those a checkpoint covers); drop any later or half-written line."""
+    """Keep the first `keep` records (those a checkpoint covers); drop any later or half-written line.
+
+    Raises:
+        RunStateError: fewer than `keep` complete records, or a line among them that is not a record.
+    """
     path = Path(path)
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as handle:
-        lines = [line for line in handle if line.endswith("\n")][:keep]
+    lines = [line for line, _ in _record_lines(path, keep)]
     if len(lines) < keep:
-        from evox_merge.util.errors import RunStateError
-
         raise RunStateError(f"{path} holds {len(lines)} complete records but the checkpoint covers {keep}: records "
                             "were lost, so the run cannot be continued exactly; start again with --overwrite")
-    write_text_atomic(path, "".join(lines))
+    write_text_atomic(path, b"".join(lines).decode("utf-8"))
+
+
+def _record_lines(path: Path, limit: int | None) -> list[tuple[bytes, dict[str, Any]]]:
+    """The first `limit` (default: every) complete lines of records.jsonl, each with the record it holds."""
+    lines: list[tuple[bytes, dict[str, Any]]] = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if len(lines) == limit or not line.endswith(b"\n"):
+                break
+            try:
+                record = json.loads(line.rstrip(b"\n"))
+            except ValueError as error:  # malformed JSON, or bytes that are not UTF-8
+                raise RunStateError(f"{path}:{number}: not a record ({error}); the file was damaged or edited "
+                                    "after the search wrote it") from None
+            if not isinstance(record, dict):
+                raise RunStateError(f"{path}:{number}: not a record (a JSON {type(record).__name__}, expected an "
+                                    "object); the file was damaged or edited after the search wrote it")
+            lines.append((line, record))
+    return lines
 
 
 def _finite_or_none(value: float) -> float | None:

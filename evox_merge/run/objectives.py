@@ -12,13 +12,13 @@ The config side (`evox_merge.run.config.ObjectivesConfig`) is checked without to
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from evox_merge.algorithms.pareto import ParetoArchive, hypervolume
+from evox_merge.run.config import objective_names
 
 INVALID_OBJECTIVE = -1e6
 # The hypervolume reference point, per objective in normalised units: as far below the base model as the best single
@@ -85,8 +85,9 @@ def objectives_from_config(value: Any, task_names: list[str]) -> Objectives:
     challengers = 3 if isinstance(value, str) else value.challengers
     if kind == "mean":
         return Objectives("mean", ("mean",), (tuple(task_names),), 0)
+    names = tuple(objective_names(groups, task_names))
     groups = [[name] for name in task_names] if groups is None else groups
-    return Objectives("pareto", tuple("+".join(g) for g in groups), tuple(tuple(g) for g in groups), challengers)
+    return Objectives("pareto", names, tuple(tuple(g) for g in groups), challengers)
 
 
 def objective_matrix(records: list[dict[str, Any]], names: tuple[str, ...] | list[str]) -> torch.Tensor:
@@ -112,8 +113,3 @@ def hypervolume_by_generation(records: list[dict[str, Any]], names: tuple[str, .
         archive.update([r["id"] for r in batch], -objective_matrix(batch, names))
         volumes[generation] = hypervolume(archive.points, reference) if len(archive) else 0.0
     return volumes
-
-
-def folder_name(objective: str) -> str:
-    """A file-system-safe folder name for an objective (``specialists/<name>/``)."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", objective)

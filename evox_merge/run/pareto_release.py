@@ -6,7 +6,8 @@
 * **champion/**: chosen exactly as the ``best/`` release of ``objectives: mean`` (`evox_merge.run.selection`): the
   best normalised mean on the selection part among the search's top-k and the static merges. Written by the search.
 * **specialists/<objective>/**: per objective, the archive member with the best value of that objective on the
-  selection part (on the search part when there is none).
+  selection part (on the search part when there is none); the folder is the objective's name made a folder name
+  (`evox_merge.run.config.objective_folder`), which the config check keeps distinct and inside ``specialists/``.
 * **challengers/<n>/**: up to ``challengers`` of the remaining archive members, non-dominated among them on the
   selection part, the most spread first (largest crowding distance).
 
@@ -26,7 +27,8 @@ import torch
 
 from evox_merge.algorithms.pareto import non_dominated_rank, pareto_order
 from evox_merge.problems.static_merges import StaticMerge
-from evox_merge.run.objectives import Objectives, folder_name, objective_matrix, run_archive
+from evox_merge.run.config import objective_folder
+from evox_merge.run.objectives import Objectives, objective_matrix, run_archive
 from evox_merge.run.release import write_merge
 from evox_merge.run.report import plot_pareto_front
 from evox_merge.run.selection import score_table
@@ -56,7 +58,7 @@ def _choose(values: torch.Tensor, objectives: Objectives, exclude: set[int]) -> 
     chosen = []
     for m, name in enumerate(objectives.names):
         column = values[:, m].nan_to_num(nan=-torch.inf)
-        chosen.append(("specialist", f"specialists/{folder_name(name)}", int(torch.argmax(column))))
+        chosen.append(("specialist", f"specialists/{objective_folder(name)}", int(torch.argmax(column))))
     taken = {index for _, _, index in chosen} | exclude
     rest = [i for i in range(len(values)) if i not in taken]
     if rest and objectives.challengers:

@@ -14,6 +14,7 @@ from evox_merge.experts import ExpertSet
 from evox_merge.experts.kernel import span_report
 from evox_merge.problems.normalisation import TaskNormalisation
 from evox_merge.tasks import TaskSpec
+from evox_merge.tasks.spec import split_overlap
 
 OPERATOR = "linear task arithmetic in LoRA factor space: W = W0 + sum_i c_i * s_i * B_i A_i per target layer"
 _PACKAGES = ("evox-merge", "evox", "torch", "transformers", "peft", "safetensors", "tokenizers")
@@ -118,8 +119,11 @@ def build_recipe(
     resources: dict[str, Any],
     space: Any = None,
 ) -> dict[str, Any]:
-    """The recipe of a released merge (see the search module for where it is written)."""
+    """The recipe of a released merge (see the search module for where it is written). ``warnings`` lists inputs
+    that were accepted but change what the numbers mean (test examples that are also validation examples:
+    `evox_merge.tasks.spec.split_overlap`, counted per task in ``evaluation.test_overlap``)."""
     tasks = [{**spec.to_dict(), **spec.file_hashes()} for spec in specs]
+    overlaps = {spec.name: overlap for spec in specs if (overlap := split_overlap(spec)) is not None}
     best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
     winner = selection["winner"]
     release = winner.to_dict()
@@ -175,7 +179,12 @@ def build_recipe(
         "evaluation": {"tasks": [spec.name for spec in specs], "task_files": tasks, "scores": selection["scores"],
                        "splits": {"search": "the examples the search scored candidates on",
                                   "selection": "held out from the search; chose the release",
-                                  "test": "the tasks' test files, never used to choose anything"}},
+                                  "test": "the tasks' test files, never used to choose anything" if not overlaps else
+                                  "the tasks' test files, not fully held out: some test examples are also validation "
+                                  "examples (evaluation.test_overlap), which chose the release"},
+                       "test_overlap": {name: {key: overlap[key] for key in ("test_examples", "also_in_validation")}
+                                        for name, overlap in overlaps.items()}},
+        "warnings": [overlap["warning"] for overlap in overlaps.values()],
         "search": {
             "algorithm": config.algorithm.name,
             "algorithm_class": type(algorithm).__name__,

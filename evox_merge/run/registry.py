@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from evox_merge.algorithms import limits
 from evox_merge.util.errors import MergeInputError
 
 
@@ -37,6 +38,11 @@ class AlgorithmEntry:
     fixed: dict[str, Any] = field(default_factory=dict)
     family: str = ""
     multi_objective: bool = False
+
+    @property
+    def class_name(self) -> str:
+        """The name of the class behind the entry (the key of `evox_merge.algorithms.limits`' tables)."""
+        return self.target.partition(":")[2]
 
     def load(self) -> type:
         """The algorithm class (imported now)."""
@@ -72,11 +78,43 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
 }
 
 
+# Constructor arguments the search sets from its own config keys (named in the refusal of one in params).
+_SET_BY_SEARCH = {"num_experts": "experts", "pop_size": "algorithm.pop_size", "lb": "algorithm.lb",
+                  "ub": "algorithm.ub", "seed": "seed", "device": "device", "space": "space"}
+
+
 def reserved_params(name: str) -> set[str]:
-    """Constructor arguments of registered algorithm `name` that the search sets (beyond num_experts, pop_size,
-    lb, ub, seed): its fixed arguments, and ``n_objs`` for a multi-objective one."""
+    """Constructor arguments of registered algorithm `name` that the search sets: num_experts, pop_size, lb, ub,
+    seed, the device and the search space, its fixed arguments, ``n_objs`` for a multi-objective one, and EvoGM's
+    ``objectives`` and ``n_objs`` (``evogm_pareto`` is EvoGM with Pareto objectives)."""
     entry = ALGORITHMS[name]
-    return {*entry.fixed, *(("n_objs",) if entry.multi_objective else ())}
+    vector = ("n_objs",) if entry.multi_objective else ("objectives", "n_objs") if entry.family == "evogm" else ()
+    return {*_SET_BY_SEARCH, *entry.fixed, *vector}
+
+
+def reserved_message(name: str, key: str) -> str:
+    """The refusal of reserved constructor argument `key` in ``algorithm.params`` of registered algorithm `name`."""
+    instead = _SET_BY_SEARCH.get(key) or ("objectives, with algorithm.name evogm_pareto" if key == "objectives"
+                                          else "objectives" if key == "n_objs" else f"a name other than {name!r}")
+    return (f"algorithm.params.{key}: set by the search itself (or fixed by {name!r}); use the algorithm's own "
+            f"config key ({instead})")
+
+
+def unknown_param_message(key: str, class_name: str, known: list[str]) -> str:
+    """The refusal of ``algorithm.params.<key>`` that `class_name`'s constructor does not take (`known`: those it
+    takes besides what the search sets)."""
+    takes = f"it takes {known}" if known else ("it takes none (pop_size, lb, ub, seed and device are config keys, "
+                                              "not params)")
+    return f"algorithm.params.{key}: {class_name} takes no such argument; {takes}"
+
+
+def argument_problems(name: str, pop_size: int, params: dict[str, Any], n_objs: int | None = None) -> list[str]:
+    """What registered algorithm `name` cannot run with, by the rules of `evox_merge.algorithms.limits` (nothing is
+    imported): its population (`n_objs`: the objectives of a multi-objective one) and the values in `params`."""
+    class_name = ALGORITHMS[name].class_name
+    problems = [f"algorithm.params.{problem}" for problem in limits.check_arguments(class_name, params)]
+    population = limits.pop_size_problem(class_name, pop_size, n_objs, label=name)
+    return ([f"algorithm.{population}"] if population else []) + problems
 
 
 def is_multi_objective(name: str) -> bool:
@@ -122,17 +160,15 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             search sets itself.
     """
     cls = algorithm_class(name)
-    reserved = {"num_experts", "pop_size", "lb", "ub", "seed", "space", *reserved_params(name)} if name in ALGORITHMS else {
-        "pop_size", "lb", "ub", "n_objs"}
+    reserved = reserved_params(name) if name in ALGORITHMS else {"pop_size", "lb", "ub", "n_objs"}
     accepted = inspect.signature(cls.__init__).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     known = sorted(set(accepted) - {"self", "args", "kwargs"} - reserved)
     for key in params:
         if key in reserved and name in ALGORITHMS:
-            raise MergeInputError(f"algorithm.params.{key}: set by the search itself (or fixed by {name!r}); "
-                                  "use the algorithm's own config key (pop_size, lb, ub, seed)")
+            raise MergeInputError(reserved_message(name, key))
         if key not in accepted and not takes_kwargs:
-            raise MergeInputError(f"algorithm.params.{key}: {cls.__name__} takes no such argument; it takes {known}")
+            raise MergeInputError(unknown_param_message(key, cls.__name__, known))
 
 
 def build_algorithm(
@@ -163,7 +199,11 @@ def build_algorithm(
         cls = entry.load()
         if space is not None and space.kind != "expert" and "space" in inspect.signature(cls.__init__).parameters:
             params["space"] = space
-        return cls(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
+        try:
+            return cls(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
+        except (AssertionError, TypeError, ValueError) as error:  # what the limits do not foresee, still named
+            raise MergeInputError(f"algorithm: cannot build {name!r} with pop_size {pop_size} and params "
+                                  f"{sorted(params)}: {_constructor_failure(error)}") from error
     cls = _foreign_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     offered = {"pop_size": pop_size, "lb": torch.full((num_experts,), lb), "ub": torch.full((num_experts,), ub),
@@ -172,9 +212,17 @@ def build_algorithm(
     torch.manual_seed(seed)
     try:
         return cls(**kwargs, **params)
-    except (TypeError, ValueError) as error:
+    except (AssertionError, TypeError, ValueError) as error:
         raise MergeInputError(f"algorithm.params: cannot build {name} with {sorted({**kwargs, **params})}: "
-                              f"{error}") from error
+                              f"{_constructor_failure(error)}") from error
+
+
+def _constructor_failure(error: Exception) -> str:
+    """An algorithm constructor's exception in words (EvoX's asserts often carry no message)."""
+    if str(error):
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return (f"{type(error).__name__} in its constructor (an argument outside its valid range: check pop_size and "
+            "params against the class's documentation)")
 
 
 def is_evogm(name: str) -> bool:

@@ -8,6 +8,10 @@ and reports the relative error it made. A dense merge (TIES, DARE) is not low-ra
 per-layer deltas as full-rank LoRA factors (exact) unless a rank is stated. A merge of dense (fully fine-tuned)
 experts changes parameters a LoRA adapter cannot hold (norms, embeddings, biases): `write_merge` writes it as a
 full model (``model/``, safetensors, loadable with ``from_pretrained``) and no adapter.
+
+`write_merge` writes each folder beside its target and swaps it in whole, with a record of its files
+(`evox_merge.util.ownership`): a crash mid-write leaves the earlier folder as it was, and an existing folder is
+replaced only when it holds such a record by the same writer and nothing that record does not list.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from evox_merge.util.atomic import atomic_path
+from evox_merge.util.ownership import staged_folder
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.kernel import merged_factors
 from evox_merge.experts.merger import shared_merger
@@ -61,26 +66,37 @@ def write_lora_adapter(
 
 
 def write_merge(experts: ExpertSet, merge: StaticMerge, out_dir: str | Path, rank: int | None = None,
-                full_model: bool = False) -> dict:
+                full_model: bool = False, written_by: str = "evox-merge search") -> dict:
     """Write a selected merge (coefficients, or dense deltas for TIES/DARE) as ``adapter/`` (and ``model/``); a
-    merge of dense experts as ``model/`` only (returns ``{"exact": True, "format": "full model", ...}``)."""
+    merge of dense experts as ``model/`` only (returns ``{"exact": True, "format": "full model", ...}``).
+
+    Each folder is written whole or not at all and records its files as written by `written_by`
+    (`evox_merge.util.ownership.staged_folder`).
+
+    Raises:
+        MergeInputError: ``adapter/`` or ``model/`` exists and holds files `written_by` did not write (checked
+            before any work).
+    """
     out_dir = Path(out_dir)
     if experts.dense:
-        _write_full_model(experts, merge, out_dir / "model")
+        with staged_folder(out_dir / "model", written_by) as folder:
+            _write_full_model(experts, merge, folder)
         return {"exact": True, "format": "full model", "ranks": {}, "relative_errors": {}, "max_relative_error": 0.0}
-    if not merge.dense:
-        info = write_lora_adapter(experts, merge.layer_coefficients(), out_dir / "adapter", rank)
-    else:
-        factors = {}
-        deltas = merge.merged_deltas(experts.layers)
-        for name, delta in deltas.items():  # (out, in): B = delta, A = identity, then SVD in _write_factors
-            delta = delta.float().cpu()
-            factors[name] = (torch.eye(delta.shape[1]), delta)
-        full = {name: min(delta.shape) for name, delta in deltas.items()}
-        info = _write_factors(experts, factors, out_dir / "adapter", rank if rank is not None else max(full.values()))
-        info["exact"] = rank is None
+    with staged_folder(out_dir / "adapter", written_by) as folder:
+        if not merge.dense:
+            info = write_lora_adapter(experts, merge.layer_coefficients(), folder, rank)
+        else:
+            factors = {}
+            deltas = merge.merged_deltas(experts.layers)
+            for name, delta in deltas.items():  # (out, in): B = delta, A = identity, then SVD in _write_factors
+                delta = delta.float().cpu()
+                factors[name] = (torch.eye(delta.shape[1]), delta)
+            full = {name: min(delta.shape) for name, delta in deltas.items()}
+            info = _write_factors(experts, factors, folder, rank if rank is not None else max(full.values()))
+            info["exact"] = rank is None
     if full_model:
-        _write_full_model(experts, merge, out_dir / "model")
+        with staged_folder(out_dir / "model", written_by) as folder:
+            _write_full_model(experts, merge, folder)
     return info
 
 

@@ -274,7 +274,7 @@ Made by evox-merge {recipe['versions']['evox_merge']} with `{recipe['search']['a
 `{recipe['base_model']['path']}` (sha256 `{recipe['base_model']['sha256'][:12]}`) and {_expert_kinds(experts)}.
 
 {_verdict(recipe)}
-
+{_warnings(recipe)}
 **Intended use:** {recipe['intended_use']}
 
 ## How to load it
@@ -285,7 +285,7 @@ Operator: {recipe['operator']}. {merge_text}
 
 ## Evaluation
 Splits: `search` = the examples the search scored candidates on; `selection` = held out from the search, chose the
-release; `test` = never used to choose anything. `mean` is the weighted mean of raw scores; `normalised` the
+release; `test` = {_test_split(suite)}. `mean` is the weighted mean of raw scores; `normalised` the
 fitness the search used ({recipe['normalisation']['mode']}: 0 = base model, 1 = best single expert per task).
 `best_searched` is the search's best candidate on the selection part (the algorithm alone).
 
@@ -302,6 +302,22 @@ the full provenance is in `recipe.json`.
 ![coefficients](coefficients.png)
 ![task scores](task_scores.png)
 """ + (f"\n{pareto_card_section(recipe['pareto'])}" if "pareto" in recipe else "")
+
+
+def _warnings(recipe: dict[str, Any]) -> str:
+    """The recipe's warnings as a list under the verdict (an empty line without any)."""
+    warnings = recipe.get("warnings") or []
+    return "".join(f"\n**Warning:** {warning}.\n" for warning in warnings)
+
+
+def _test_split(evaluation: dict[str, Any]) -> str:
+    """What the test split is: held out, or (where test examples are also validation examples) how far it is not."""
+    overlap = evaluation.get("test_overlap") or {}
+    if not overlap:
+        return "never used to choose anything"
+    counts = ", ".join(f"{o['also_in_validation']} of {o['test_examples']} in `{name}`" for name, o in overlap.items())
+    return (f"the tasks' test files, **not fully held out**: some test examples are also validation examples, which "
+            f"chose the release ({counts}), so test overstates how the release does on unseen examples")
 
 
 def _expert_kinds(experts: list[dict]) -> str:

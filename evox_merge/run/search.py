@@ -8,6 +8,11 @@ Output directory::
     best/adapter/     the best merge as a PEFT LoRA adapter (best/model/ with release.full_model)
     recipe.json       provenance: base, experts, hashes, operator, coefficients, scores, resources, lineage
     README.md         model card; history.csv; fitness.png, coefficients.png, task_scores.png
+    run.lock          only while a search runs there: a second search on the folder is refused (`OutputClaim`)
+
+A search that ends before its first checkpoint (a refused input, an error, Ctrl-C) leaves the folder as it found it:
+the files it wrote are removed, those it replaced (``--overwrite``, a failed start) put back. After that checkpoint
+the folder holds a run that ``--resume`` continues.
 
 With ``objectives: pareto`` the release is a Pareto packet instead of ``best/`` (`evox_merge.run.pareto_release`):
 ``champion/`` (chosen as ``best/`` is), ``specialists/<objective>/``, ``challengers/<n>/``, each an ``adapter/`` with
@@ -20,12 +25,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import shutil
+import signal
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,6 +48,9 @@ from evox_merge.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_che
 from evox_merge.run.config import SearchConfig, load_config
 from evox_merge.run.distributed import DistributedRunError, init_distributed, single_process
 from evox_merge.util.errors import MergeInputError, RunStateError
+from evox_merge.util.hashing import directory_sha256
+from evox_merge.util.hub import resolve_model
+from evox_merge.util.lock import FolderBusy, FolderLock
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.spaces import build_space
 from evox_merge.util.machine import describe_machine
@@ -49,7 +62,7 @@ from evox_merge.run.evidence import run_evidence
 from evox_merge.run.objectives import hypervolume_by_generation, objectives_from_config
 from evox_merge.run.pareto_release import PARETO_FILES, release_pareto
 from evox_merge.run.recipe import build_recipe
-from evox_merge.run.mergevolve_stage import mergevolve_stage
+from evox_merge.run.mergevolve_stage import RECORDS as MERGEVOLVE_RECORDS, mergevolve_stage
 from evox_merge.run.monitor import RECORDS_NAME, RunMonitor, read_records, truncate_records
 from evox_merge.run.release import write_merge
 from evox_merge.run.report import (
@@ -62,6 +75,9 @@ from evox_merge.run.workflow import build_workflow
 
 logger = logging.getLogger(__name__)
 RUN_NAME = "run.json"
+LOCK_NAME = "run.lock"
+# Hidden folders where the run files a search replaces wait for its first checkpoint (`OutputClaim.set_aside`).
+_ASIDE_PREFIX = ".evox-merge-replaced-"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,9 +113,134 @@ def task_file_hashes(config: SearchConfig) -> dict[str, str]:
     return hashes
 
 
-# Every name a run writes in its output directory: --overwrite deletes these and nothing else.
-RUN_FILES = (RUN_NAME, RECORDS_NAME, CHECKPOINT_NAME, "best", "recipe.json", "README.md", "history.csv",
-             "fitness.png", "coefficients.png", "task_scores.png", *PARETO_FILES)
+# Every name a run writes in its output directory: --overwrite deletes these and nothing else (the lock file, held
+# by the search that deletes them, is removed when that search ends).
+RUN_FILES = (RUN_NAME, RECORDS_NAME, CHECKPOINT_NAME, LOCK_NAME, "best", "recipe.json", "README.md", "history.csv",
+             "fitness.png", "coefficients.png", "task_scores.png", MERGEVOLVE_RECORDS, *PARETO_FILES)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search, raised once the output folder is in order again.
+
+    Attributes:
+        output_dir: the run's folder.
+        generation: the generation its last checkpoint reached when the folder holds a run that ``--resume``
+            continues (this search's, or on ``--resume`` the one it was continuing); None when this search kept
+            nothing and the folder is as it found it.
+        generations: the run's budget in generations.
+    """
+
+    def __init__(self, output_dir: Path, generation: int | None, generations: int) -> None:
+        super().__init__(f"search in {output_dir} interrupted")
+        self.output_dir, self.generation, self.generations = output_dir, generation, generations
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link or a folder tree (run files only: callers name them from `RUN_FILES`)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+class OutputClaim:
+    """One search's hold on its output folder, from before the folder is checked until the search ends.
+
+    `acquire` creates the folder where missing and locks it (``run.lock``, `evox_merge.util.lock`), so a second
+    search on the folder is refused while this one runs. Until the search's first checkpoint (`commit`) the run
+    files it replaces are set aside rather than deleted (`set_aside`), so that `rollback` can put the folder back
+    as `acquire` found it: it removes the run files this search wrote, restores those it set aside and removes the
+    folders it created. Only rank 0 of a distributed search holds a claim.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out.absolute()
+        self.committed = False
+        self._lock = FolderLock(self.out / LOCK_NAME)
+        self._created: list[Path] = []  # folders this search created, outermost first
+        self._before: set[str] = set()  # the run files present when it took the lock
+        self._aside: Path | None = None
+        self._set_aside: list[str] = []
+
+    def acquire(self) -> None:
+        """Create the output folder where missing and take its lock, before anything is checked or written.
+
+        Raises:
+            MergeInputError: output_dir is a file, lies under a file, or cannot be created or written.
+            RunStateError: another search holds the folder (named with its pid).
+        """
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise MergeInputError(f"output_dir: {out} is a file; expected a directory (new, empty, or a previous "
+                                  "run's)")
+        missing = [folder for folder in (out, *out.parents) if not folder.exists()]
+        blocker = next(folder for folder in out.parents if folder.exists())
+        if not blocker.is_dir():
+            raise MergeInputError(f"output_dir: {out} lies under {blocker}, which is a file; expected a folder "
+                                  "that can be created")
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._created.append(folder)
+            self._lock.acquire()
+        except FolderBusy as busy:
+            raise RunStateError(f"output_dir: {out} is in use by another search (pid {busy.holder} holds "
+                                f"{busy.path}); wait for it to end, or choose another output_dir") from None
+        except OSError as error:
+            raise MergeInputError(f"output_dir: cannot create or write {out} ({error.strerror or error}: "
+                                  f"{error.filename}); expected a folder that can be created and written") from None
+        self._before = {name for name in RUN_FILES if _present(out / name)}
+
+    def set_aside(self, name: str, copy: bool = False) -> None:
+        """The search is about to delete (or, with `copy`, change in place) the run file `name`: move (copy) it into
+        a hidden folder where it waits for `commit` (deleted) or `rollback` (put back)."""
+        path = self.out / name
+        if not _present(path) or name in self._set_aside:  # nothing to keep, or its original is safe already
+            if not copy:
+                _remove(path)
+            return
+        if self._aside is None:
+            self._aside = Path(tempfile.mkdtemp(dir=self.out, prefix=_ASIDE_PREFIX))
+        if copy:
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, self._aside / name)
+        else:
+            os.rename(path, self._aside / name)
+        self._set_aside.append(name)
+
+    def commit(self) -> None:
+        """The search wrote its first checkpoint: what it set aside (and what a killed search left aside) goes."""
+        if self.committed:
+            return
+        self.committed = True
+        for folder in self.out.glob(f"{_ASIDE_PREFIX}*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """Before `commit`: put the output folder back as `acquire` found it (after it, nothing to undo)."""
+        if self.committed:
+            return
+        if self._lock.held:
+            for name in RUN_FILES:
+                if name != LOCK_NAME and (name not in self._before or name in self._set_aside):
+                    _remove(self.out / name)
+            for name in self._set_aside:
+                os.rename(self._aside / name, self.out / name)
+            if self._aside is not None:
+                self._aside.rmdir()
+            self._lock.release(remove=False)
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:  # someone put a file there meanwhile: it stays, with its folder
+                break
+
+    def release(self) -> None:
+        """The search ended: remove the lock file (a no-op after `rollback`)."""
+        self._lock.release(remove=True)
 
 
 def _config_inputs(config: SearchConfig) -> list[Path]:
@@ -111,36 +252,62 @@ def _config_inputs(config: SearchConfig) -> list[Path]:
 
 
 def _check_resumable(out: Path) -> None:
-    """Before any model loads: the checkpoint is readable and records.jsonl holds every record it covers."""
+    """Before any model loads: the checkpoint is readable and records.jsonl holds every record it covers, each a
+    readable record."""
     if not (out / CHECKPOINT_NAME).exists():
         return
     covered = read_checkpoint_counters(out / CHECKPOINT_NAME)["records"]
     records = out / RECORDS_NAME
-    complete = 0
-    if records.is_file():
-        with open(records, "rb") as handle:
-            complete = sum(1 for line in handle if line.endswith(b"\n") and line.strip())
+    try:
+        complete = len(read_records(records, limit=covered)) if records.is_file() else 0
+    except RunStateError as error:
+        raise RunStateError(f"{error}, so the run cannot be continued exactly; start again with --overwrite") from None
     if complete < covered:
         raise RunStateError(f"{records} holds {complete} complete records but {out / CHECKPOINT_NAME} covers "
                             f"{covered}: records were lost, so the run cannot be continued exactly; start again "
                             "with --overwrite")
 
 
+def _check_models_unchanged(config: SearchConfig, run: dict[str, Any], out: Path) -> None:
+    """Before any model loads, on --resume: the base and the experts hash as run.json's evidence recorded them
+    (`ExpertSet.base_hash` and ``metadata``: `directory_sha256` of each model's folder). A run from before evidence
+    was recorded has nothing to compare.
+
+    Raises:
+        MergeInputError: naming the first model folder whose files changed since the run started.
+    """
+    evidence = run.get("evidence")
+    if not isinstance(evidence, dict):
+        return
+    recorded = [("base", config.base, (evidence.get("base_family") or {}).get("base_sha256"))]
+    recorded += [(f"experts[{index}]", ref, expert.get("sha256"))
+                 for index, (ref, expert) in enumerate(zip(config.experts, evidence.get("experts") or []))]
+    for what, ref, digest in recorded:
+        folder = resolve_model(ref, what).path
+        if digest and directory_sha256(folder) != digest:
+            raise MergeInputError(f"--resume refused: {what} {folder} changed since the run started (its files' "
+                                  f"sha256 differs from the one {out / RUN_NAME} recorded), so the run cannot be "
+                                  "continued exactly; start a new run with --overwrite")
+
+
 def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: bool = True,
-                    evidence: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check, then (with `write`) create or clear the output directory and write run.json; return the run's
-    metadata (saved or new). With ``write=False`` only the checks run, so a refusal comes before anything loads.
+                    evidence: dict[str, Any] | None = None, claim: OutputClaim | None = None) -> dict[str, Any]:
+    """Check, then (with `write`) clear the output directory and write run.json; return the run's metadata (saved
+    or new). With ``write=False`` only the checks run, so a refusal comes before anything loads.
 
     A directory holding only a failed start (run.json, perhaps records.jsonl, no checkpoint) is started afresh,
-    with or without --resume. --overwrite deletes only the files a run writes (`RUN_FILES`), only where run.json
-    shows a previous run, and never a file or folder the config reads. `evidence` (the run-constant evidence
-    fields, `evox_merge.run.evidence.run_evidence`) is written into a new run.json.
+    with or without --resume; a lock file alone (``run.lock``, left by a killed search) is an empty directory.
+    --overwrite deletes only the files a run writes (`RUN_FILES`), only where run.json shows a previous run, and
+    never a file or folder the config reads. `evidence` (the run-constant evidence fields,
+    `evox_merge.run.evidence.run_evidence`) is written into a new run.json. With the search's `claim` on the folder
+    the files it replaces are set aside until its first checkpoint (`OutputClaim.set_aside`), not deleted.
     """
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise MergeInputError(f"output_dir: {out} is a file; expected a directory (new, empty, or a previous run's)")
     hashes = task_file_hashes(config)
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    entries = sorted(p.name for p in out.iterdir()
+                     if not p.name.startswith(".") and p.name != LOCK_NAME) if out.is_dir() else []
     failed_start = bool(entries) and set(entries) <= {RUN_NAME, RECORDS_NAME} and RUN_NAME in entries
     if resume:
         if not (out / RUN_NAME).is_file():
@@ -164,6 +331,7 @@ def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: 
                     f"--resume refused: task file(s) changed since the run started: {changed_files}; "
                     "start a new run (--overwrite) to search on the new data"
                 )
+            _check_models_unchanged(config, run, out)
             return run
         logger.info("%s: the previous start failed before its first checkpoint; starting afresh", out)
     elif entries and not failed_start:
@@ -182,19 +350,15 @@ def _prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: 
         if inside:
             raise MergeInputError(f"--overwrite refused: the config reads {inside}, inside the previous run in "
                                   f"{out} that --overwrite would delete; copy them elsewhere first")
-        if write:
-            for name in RUN_FILES:
-                target = out / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
     if not write:
         return {}
     out.mkdir(parents=True, exist_ok=True)
-    if failed_start or (entries and overwrite):
-        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
-        (out / RECORDS_NAME).unlink(missing_ok=True)
+    for name in RUN_FILES:  # a failed start's files, or (--overwrite) a previous run's
+        if name != LOCK_NAME:
+            if claim is not None:
+                claim.set_aside(name)
+            else:
+                _remove(out / name)
     run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time(),
            **({"evidence": evidence} if evidence is not None else {})}
     write_text_atomic(out / RUN_NAME, json.dumps(run, indent=2))
@@ -218,6 +382,14 @@ def run_search(
 
     With ``distributed: true`` under torchrun, every rank evaluates its share of each population; rank 0 writes
     every file and returns the result, the other ranks return None.
+
+    The output folder is locked for the whole search (rank 0 holds the lock), and a search that ends before its
+    first checkpoint, whatever ends it, leaves the folder as it found it (`OutputClaim`).
+
+    Raises:
+        MergeInputError, TaskFormatError, RunStateError: a refused input or output folder (another search holding
+            it among them).
+        SearchInterrupted: Ctrl-C; it says whether the folder keeps a run that ``--resume`` continues.
     """
     if not isinstance(config, SearchConfig):
         config = load_config(config)
@@ -225,28 +397,72 @@ def run_search(
         raise MergeInputError("--resume and --overwrite exclude each other")
     context = init_distributed(config.device, config.collective_timeout_s) if config.distributed else (
         single_process(config.device))
+    out = Path(config.output_dir)
+    claim = OutputClaim(out) if context.is_main else None
     try:
-        return _run(config, context, resume, overwrite, progress)
+        if claim is not None:
+            claim.acquire()
+        return _run(config, context, resume, overwrite, progress, claim)
+    except BaseException as error:
+        with _ctrl_c_ignored():  # a second Ctrl-C must not leave the folder half put back
+            if claim is not None:
+                claim.rollback()
+            if isinstance(error, KeyboardInterrupt):
+                kept = claim is None or claim.committed or resume
+                raise SearchInterrupted(out, _checkpoint_generation(out) if kept else None,
+                                        config.budget.generations_for(config.algorithm.pop_size)) from None
+        raise
     finally:
+        with _ctrl_c_ignored():
+            if claim is not None:
+                claim.release()
         if config.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress: ProgressMode) -> SearchResult | None:
-    # Refuse a bad output directory, then load and check the model and experts, and only then write run.json:
-    # a start that fails on its inputs leaves the directory as it was (or as a failed start, which reruns accept).
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Ignore SIGINT in the block (only the main thread can, and only where Python set its handler; elsewhere the
+    block runs as it is)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _checkpoint_generation(out: Path) -> int | None:
+    """The generation the checkpoint in `out` reached (None: no readable checkpoint)."""
+    if not (out / CHECKPOINT_NAME).is_file():
+        return None
+    try:
+        return read_checkpoint_counters(out / CHECKPOINT_NAME)["generation"]
+    except RunStateError:
+        return None
+
+
+def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress: ProgressMode,
+         claim: OutputClaim | None) -> SearchResult | None:
+    # Refuse a bad output directory, then load and check the model and experts, and only then write run.json; until
+    # the first checkpoint `claim` can put the folder back as it was.
     if context.is_main:
         _prepare_output(config, resume, overwrite, write=False)
     out = Path(config.output_dir)
     start_time = time.perf_counter()
     specs = config.task_specs()
     experts = ExpertSet.load(config.base, config.experts, tokenizer=config.tokenizer, device=context.device,
-                             dtype=DTYPES[config.dtype], progress=progress == "bar", **config.dense.options())
+                             dtype=DTYPES[config.dtype], progress=progress == "bar", task_specs=specs,
+                             **config.dense.options())
     device_name = (torch.cuda.get_device_name(0) if config.device.startswith("cuda")
                    else describe_machine()["cpu"])
     objectives = objectives_from_config(config.objectives, [spec.name for spec in specs])
     if context.is_main:
-        _prepare_output(config, resume, overwrite, evidence=run_evidence(config, experts, device_name, objectives))
+        _prepare_output(config, resume, overwrite, evidence=run_evidence(config, experts, device_name, objectives),
+                        claim=claim)
     if context.world_size > 1:
         dist.barrier()
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
@@ -276,7 +492,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     if resume and checkpoint_path.exists():
         counters = load_checkpoint(checkpoint_path, workflow)
         monitor.restart(counters["records"], counters["generation"], counters["best"])
-    if context.is_main:
+    if claim is not None:
+        claim.set_aside(RECORDS_NAME, copy=True)  # resuming: its records beyond the checkpoint are dropped
         truncate_records(out / RECORDS_NAME, counters["records"])
         if problem.racing_state is not None and counters["records"]:  # racing thresholds from the records kept
             problem.racing_state.restore(read_records(out / RECORDS_NAME))
@@ -284,24 +501,28 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     elapsed_before = counters["elapsed"]
 
     def checkpoint(done: int) -> None:
-        if context.is_main:
+        if claim is not None:
             save_checkpoint(checkpoint_path, workflow, {
                 "generation": done, "records": monitor.count, "best": monitor.best,
                 "elapsed": elapsed_before + time.perf_counter() - start_time})
+            claim.commit()
 
     try:
         run_generations(workflow, monitor, counters["generation"], generations, after_generation=checkpoint)
     except (RuntimeError, dist.DistBackendError) as error:
         if context.world_size == 1 or isinstance(error, torch.OutOfMemoryError):
             raise
+        kept = (f"The last checkpoint covers {monitor.generation} generation(s) in {out}; relaunch with --resume"
+                if monitor.generation else f"No checkpoint was written, so {out} is as it was; relaunch the search")
         raise DistributedRunError(
             f"rank {context.rank}: a collective failed in generation {monitor.generation} (a rank died or timed "
-            f"out: {str(error).splitlines()[0]}). The last checkpoint covers {monitor.generation} generation(s) "
-            f"in {out}; relaunch with --resume"
+            f"out: {str(error).splitlines()[0]}). {kept}"
         ) from error
     finally:
         if monitor.progress is not None:
             monitor.progress.close()
+    if claim is not None:
+        claim.commit()  # a resumed run whose search had finished writes no checkpoint
     if not context.is_main:
         return None
 

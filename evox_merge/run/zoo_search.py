@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evox_merge.run.config import SearchConfig, load_config
+from evox_merge.run.config import SearchConfig, load_config, seed_problem
 from evox_merge.tasks import TaskSpec
+from evox_merge.util.errors import MergeInputError, ZooError
 
 
 def zoo_paths(
@@ -18,12 +19,47 @@ def zoo_paths(
     return str(zoo.base_dir), [str(path) for path in zoo.adapter_dirs], zoo.seen_tasks, zoo.unseen_tasks
 
 
+def check_zoo_arguments(zoo_dir: str | Path | None, preset: str, seed: int,
+                        keys: tuple[str, str, str] = ("--preset", "--zoo-dir", "--seed")) -> None:
+    """What the files can say about a zoo search's arguments, before the zoo is built or torch imported: the seed's
+    range, the preset's name, and whether the zoo directory (`zoo_dir`, else the cache) can be reused or built
+    (`evox_merge.zoo.manifest.plan_target`: never a file, nor a folder of other files). `keys`: how messages name
+    the preset, the zoo directory and the seed (the command's flags, or a config's keys).
+
+    Raises:
+        MergeInputError: a seed outside 0 to 2**64 - 1.
+        ZooError: an unknown preset, or a zoo directory a build may not use (naming it and what to do).
+    """
+    from evox_merge.zoo.files import default_zoo_dir
+    from evox_merge.zoo.manifest import plan_target
+    from evox_merge.zoo.presets import get_preset
+
+    problem = seed_problem(seed)
+    if problem:
+        raise MergeInputError(f"{keys[2]}: {problem}")
+    try:
+        settings = get_preset(preset).to_dict()
+    except ZooError as error:
+        raise ZooError(f"{keys[0]}: {error}") from None
+    root = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, seed)
+    if root.exists() and not root.is_dir():
+        raise ZooError(f"{keys[1]}: {root} is a file; expected a zoo directory (built there when it is missing or "
+                       "empty)")
+    plan_target(root, preset, seed, settings)
+
+
 def zoo_search_config(
     out: str | Path | None = None, zoo_dir: str | Path | None = None, preset: str = "tiny", seed: int = 0
 ) -> SearchConfig:
     """EvoGM on every unseen task of the zoo at once (mean validation score), with the paper's budget:
     P = 2N, 2 rounds x 3 iterations, i.e. 16N evaluations, searching on the first 30 validation examples of
-    each task so the quick start takes minutes on 2 CPU cores (the release is scored on every example)."""
+    each task so the quick start takes minutes on 2 CPU cores (the release is scored on every example).
+
+    Raises:
+        MergeInputError, ZooError: `check_zoo_arguments`' refusals, before the zoo is built; a zoo that does not
+            load; the config's (`load_config`).
+    """
+    check_zoo_arguments(zoo_dir, preset, seed)
     base, experts, _, unseen = zoo_paths(preset, seed, zoo_dir)
     pop_size = 2 * len(experts)
     return load_config({

@@ -1,4 +1,5 @@
-"""Tokenise a task once into padded, length-bucketed batches that every candidate then reuses."""
+"""Tokenise a task once into padded, length-bucketed batches that every candidate then reuses; check before the
+model loads that every example fits the model's positions (`check_lengths`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from evox_merge.tasks import Task
+from evox_merge.tasks.spec import TaskSpec, iter_records
+from evox_merge.util.errors import MergeInputError
 
 IGNORE = -100
 _NOT_PER_ROW = ("predictor",)  # batch fields that are the same for every row
@@ -71,6 +74,66 @@ class ChoiceBatch:
 def encode(tokenizer: PreTrainedTokenizerBase, text: str, *, special: bool) -> list[int]:
     """Token ids of `text`; `special` adds the tokenizer's BOS-like special tokens."""
     return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def position_limit(model_config: dict) -> tuple[int, str] | None:
+    """The most token positions a decoder-only model reads, and the config.json key that says so
+    (``max_position_embeddings`` or ``n_positions``); None for encoder-decoder models (the T5 family scored here
+    uses relative positions, without a maximum) and for a config that gives none."""
+    if model_config.get("is_encoder_decoder") or "relative_attention_num_buckets" in model_config:
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_lengths(specs: Sequence[TaskSpec], tokenizer: PreTrainedTokenizerBase, model_config: dict,
+                  model: str) -> None:
+    """Every example of each spec's ``path`` must fit the model's positions, as the scorers tokenise it: a
+    generation prompt plus ``max_new_tokens``, a multiple-choice prompt plus its longest choice, a language-modelling
+    text (after the spec's ``prefix``). Reads the tokenizer only, so it runs before the weights load.
+
+    Args:
+        model: how messages name the model's config.json (e.g. the base folder).
+
+    Raises:
+        MergeInputError: naming the task file and line, the token count and the limit.
+    """
+    found = position_limit(model_config)
+    if found is None:
+        return
+    limit, key = found
+    for spec in specs:
+        examples = list(iter_records(spec))
+        for (where, _), (size, parts) in zip(examples, _lengths(spec, [r for _, r in examples], tokenizer)):
+            if size > limit:
+                raise MergeInputError(
+                    f"task {spec.name!r}: {where}: {parts} = {size} tokens, more than the {limit} positions of the "
+                    f"model ({model}/config.json {key}); shorten the example"
+                    + (" or lower max_new_tokens" if spec.type == "generation" else ""))
+
+
+def _lengths(spec: TaskSpec, records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, str]]:
+    """Per record: the tokens the scorer puts in one sequence, and how they add up (in words)."""
+    if spec.type == "language_modeling":
+        prefix = len(encode(tokenizer, spec.prefix, special=True)) if spec.prefix else 0
+        texts = tokenizer([r["text"] for r in records], add_special_tokens=not prefix)["input_ids"]
+        shown = f"prefix ({_tokens(prefix)}) + " if prefix else ""
+        return [(prefix + len(ids), f"{shown}text ({_tokens(len(ids))})") for ids in texts]
+    prompts = [len(ids) for ids in tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]]
+    if spec.type == "generation":
+        return [(p + spec.max_new_tokens, f"prompt ({_tokens(p)}) + max_new_tokens ({spec.max_new_tokens})")
+                for p in prompts]
+    choices = [c for r in records for c in r["choices"]]
+    lengths = iter(len(ids) for ids in tokenizer(choices, add_special_tokens=False)["input_ids"])
+    longest = [max(next(lengths) for _ in r["choices"]) for r in records]
+    return [(p + c, f"prompt ({_tokens(p)}) + its longest choice ({_tokens(c)})") for p, c in zip(prompts, longest)]
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" + "s" * (count != 1)
 
 
 def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], int]]:

@@ -11,19 +11,25 @@ A task is a JSONL file plus a small spec. One JSON object per line:
   higher is better like every fitness here).
 
 The prompt shown to the model is ``prefix + prompt_template.format(**record)``, so a template may use any field
-of the record (default ``"{prompt}"``); ``prefix`` (default empty) is the same text before every example, e.g.
-few-shot demonstrations (a language-modelling text is scored after it).
+of the record by its plain name (default ``"{prompt}"``; no attribute access, indexing, conversion or format spec,
+no answer field, and a field it uses must hold text or a number); ``prefix`` (default empty) is the same text before
+every example, e.g. few-shot demonstrations (a language-modelling text is scored after it, and takes no template).
+
+A test file (``test_path``) must be another file than the validation file and hold at least one example the
+validation file lacks; test examples that are also validation examples are counted (`split_overlap`) and reported
+as a warning in the run's log, recipe.json and model card.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import string
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 from evox_merge.util.hashing import file_sha256
@@ -41,6 +47,8 @@ REQUIRED_FIELDS = {
     "generation": ("answer",),
     "language_modeling": ("text",),
 }
+# The record field each task type is scored against: a prompt template that uses it hands the model the answer.
+ANSWER_FIELDS = {"multiple_choice": "answer", "generation": "answer"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,16 @@ class TaskSpec:
             raise TaskFormatError(f"{where}: field 'stop' must be a non-empty string or a list of them, got "
                                   f"{self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
-        template_fields(self.prompt_template, where)
+        used = template_fields(self.prompt_template, where)
+        if self.type == "language_modeling" and self.prompt_template != "{prompt}":
+            raise TaskFormatError(f"{where}: prompt_template {self.prompt_template!r} is not used by a "
+                                  "language_modeling task (its 'text' field is scored as it is); leave it out, or put "
+                                  "shared context in 'prefix'")
+        answer = ANSWER_FIELDS.get(self.type)
+        if answer in used:
+            raise TaskFormatError(f"{where}: prompt_template {self.prompt_template!r} uses the answer field "
+                                  f"{{{answer}}}: every prompt would hold the answer it is scored on; use only input "
+                                  "fields such as '{prompt}'")
 
     def with_split(self, split: str) -> "TaskSpec":
         """The same spec pointing at its ``validation`` (``path``) or ``test`` (``test_path``) file."""
@@ -149,7 +166,13 @@ class Task:
 
 
 def template_fields(template: Any, where: str = "task") -> list[str]:
-    """The record fields a ``prompt_template`` uses; TaskFormatError when it is not a usable template."""
+    """The record fields a ``prompt_template`` uses.
+
+    Raises:
+        TaskFormatError: not a string, not a valid template, or a field that is not a plain record field name
+            (positional ``{}``, attribute access ``{prompt.upper}``, indexing ``{prompt[0]}``, a conversion
+            ``{prompt!r}`` or a format spec ``{prompt:>9}``: each formats to something else than the field's text).
+    """
     if not isinstance(template, str):
         raise TaskFormatError(f"{where}: field 'prompt_template' must be a string such as '{{prompt}}', got "
                               f"{template!r}")
@@ -159,13 +182,19 @@ def template_fields(template: Any, where: str = "task") -> list[str]:
         raise TaskFormatError(f"{where}: prompt_template {template!r} is not a valid template ({error}); write a "
                               "literal brace as '{{' or '}}'") from None
     names = []
-    for _, field_name, _, _ in parsed:
+    for _, field_name, format_spec, conversion in parsed:
         if field_name is None:
             continue
         key = field_name.split(".")[0].split("[")[0]
         if not key or key.isdigit():
             raise TaskFormatError(f"{where}: prompt_template {template!r} uses a positional field "
                                   f"{{{field_name}}}; name a record field instead, e.g. '{{prompt}}'")
+        if field_name != key or conversion is not None or format_spec:
+            written = "{" + field_name + (f"!{conversion}" if conversion else "") + (
+                f":{format_spec}" if format_spec else "") + "}"
+            raise TaskFormatError(f"{where}: prompt_template {template!r} uses {written}, which formats to something "
+                                  f"else than the field {key!r} (attribute access, indexing, conversions and format "
+                                  f"specs are not allowed); use plain record field names such as '{{{key}}}'")
         names.append(key)
     return names
 
@@ -181,6 +210,19 @@ def check_task_specs(specs: list["TaskSpec"], where: str = "tasks") -> None:
                               "are recorded by name)")
     if not any(spec.weight > 0 for spec in specs):
         raise TaskFormatError(f"{where}: every task has weight 0; expected at least one positive weight")
+    for spec in specs:
+        if spec.test_path is not None and _same_file(spec.path, spec.test_path):
+            raise TaskFormatError(f"{where}: task {spec.name!r}: test_path {spec.test_path} is the same file as path; "
+                                  "the test split must hold examples that never chose anything (give a separate test "
+                                  "file, or leave test_path out)")
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file (the same path, a symbolic link or a hard link to it)."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one is missing (reported by the file checks): compare the paths
+        return Path(first).absolute().resolve() == Path(second).absolute().resolve()
 
 
 def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
@@ -222,11 +264,22 @@ def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
     Args:
         limit: keep only the first `limit` examples (every line is still checked).
     """
+    records = [record for _, record in iter_records(spec)]
+    if not records:
+        raise TaskFormatError(f"task {spec.name!r}: file {spec.path} holds no examples")
+    return Task(spec, records[:limit])
+
+
+def iter_records(spec: TaskSpec) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each example of ``spec.path``, checked and normalised as in `read_task`, with where it is (``file:line``).
+
+    Raises:
+        TaskFormatError: a missing file or a bad line, naming the file, the line and the field.
+    """
     path = Path(spec.path)
     if not path.is_file():
         what = "is a directory; expected a JSONL file" if path.is_dir() else "does not exist"
         raise TaskFormatError(f"task {spec.name!r}: file {path} {what}")
-    records = []
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             where = f"{path}:{line_number}"
@@ -243,10 +296,40 @@ def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
                 raise TaskFormatError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
                 raise TaskFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            records.append(_checked_record(record, spec, where))
-    if not records:
-        raise TaskFormatError(f"task {spec.name!r}: file {path} holds no examples")
-    return Task(spec, records[:limit])
+            yield where, _checked_record(record, spec, where)
+
+
+def model_input(record: dict[str, Any]) -> str:
+    """What the model reads of a checked record: its prompt (multiple choice, generation) or its text."""
+    return record["text"] if "text" in record else record["prompt"]
+
+
+def split_overlap(spec: TaskSpec) -> dict[str, Any] | None:
+    """How many of the test file's examples are also validation examples (the same model input: the prompt as
+    shown to the model, or the text); None without a test file or without overlap.
+
+    Returns:
+        ``{"test_examples": n, "also_in_validation": k, "warning": "<one line naming the task and both files>"}``.
+
+    Raises:
+        TaskFormatError: every test example is also a validation example (the test split would report nothing
+            held out: a copy of the validation file, or the wrong file).
+    """
+    if spec.test_path is None:
+        return None
+    validation = {model_input(record) for _, record in iter_records(spec)}
+    test = [model_input(record) for _, record in iter_records(spec.with_split("test"))]
+    shared = sum(text in validation for text in test)
+    if not shared:
+        return None
+    if shared == len(test):
+        same = "text" if spec.type == "language_modeling" else "prompt"
+        raise TaskFormatError(f"every one of the {len(test)} test examples of {spec.test_path} is also in the "
+                              f"validation file {spec.path} (same {same}): the test split would measure nothing "
+                              "held out; give test examples the validation file lacks (or leave test_path out)")
+    warning = (f"task {spec.name!r}: {shared} of the {len(test)} test examples of {spec.test_path} are also in the "
+               f"validation file {spec.path}, which chose the release: their test scores are not held out")
+    return {"test_examples": len(test), "also_in_validation": shared, "warning": warning}
 
 
 def split_task(task: Task, selection_fraction: float, search_limit: int | None = None) -> tuple[Task, Task | None]:
@@ -281,6 +364,12 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
     for key in REQUIRED_FIELDS[spec.type]:
         if key not in record:
             raise TaskFormatError(f"{where}: missing field {key!r} (type {spec.type} needs {REQUIRED_FIELDS[spec.type]})")
+    for key in template_fields(spec.prompt_template) if spec.type != "language_modeling" else ():
+        value = record.get(key)
+        if key in record and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise TaskFormatError(f"{where}: prompt_template {spec.prompt_template!r} uses field {key!r}, which holds "
+                                  f"{json.dumps(value)[:60]}; a template field must hold text or a number (its Python "
+                                  "repr would reach the prompt)")
     try:
         prompt = spec.prefix + spec.prompt_template.format(**record) if spec.type != "language_modeling" else ""
     except (KeyError, IndexError, AttributeError, TypeError, ValueError) as error:
@@ -290,6 +379,9 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
         if not isinstance(record["text"], str) or not record["text"]:
             raise TaskFormatError(f"{where}: field 'text' must be a non-empty string")
         return {"text": record["text"]}
+    if not prompt:  # it tokenises to nothing: no context to score a choice or an answer after
+        raise TaskFormatError(f"{where}: the prompt is empty (prefix + prompt_template {spec.prompt_template!r} give "
+                              "''); expected text for the model to continue")
     if spec.type == "generation":
         if not isinstance(record["answer"], str):
             raise TaskFormatError(f"{where}: field 'answer' must be a string")

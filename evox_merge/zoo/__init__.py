@@ -12,8 +12,19 @@ task design and ``benchmarks/results/zoo.md`` for the evidence that merging help
 the same layout on a real pretrained model, SmolLM2-135M-Instruct (see `evox_merge.zoo.smollm2`).
 """
 
-from evox_merge.zoo.build import build_zoo, default_zoo_dir
-from evox_merge.zoo.loading import Zoo, load_zoo
-from evox_merge.zoo.presets import PRESETS, ZooPreset
+from __future__ import annotations
 
-__all__ = ["PRESETS", "Zoo", "ZooPreset", "build_zoo", "default_zoo_dir", "load_zoo"]
+import importlib
+from typing import Any
+
+# Loaded on first use, so that checking a zoo directory (`evox_merge.zoo.manifest`) does not import torch.
+_EXPORTS = {"PRESETS": "evox_merge.zoo.presets", "Zoo": "evox_merge.zoo.loading", "ZooPreset": "evox_merge.zoo.presets",
+            "build_zoo": "evox_merge.zoo.build", "default_zoo_dir": "evox_merge.zoo.files",
+            "load_zoo": "evox_merge.zoo.loading"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'evox_merge.zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

