@@ -90,6 +90,10 @@ def test_the_release_rule_is_recorded_and_an_override_is_told_plainly(finished_r
     release = recipe["release"]
     assert release["rule"] == "best" and release["contest_winner"] == release["name"]
     assert release["rule_overrode"] is False
+    # every contestant scoring exactly what the winner scored on the selection part is named (ties go to statics)
+    scored = {c["name"]: c["selection_fitness"] for c in recipe["selection"]["candidates"]}
+    assert sorted(release["tied_with"]) == sorted(n for n, f in scored.items()
+                                                  if f == scored[release["name"]] and n != release["name"])
     # how a run under `release.rule: significant` reads when its searched winner did not win clearly
     margin = {**release["selection_margin"], "over": "task_arithmetic", "distinguishable": False}
     release.update(name="task_arithmetic", kind="static", static_merge_won=True, rule="significant",

@@ -13,6 +13,7 @@ from evox_merge.run.config import SearchConfig
 from evox_merge.experts import ExpertSet
 from evox_merge.experts.kernel import span_report
 from evox_merge.problems.normalisation import TaskNormalisation
+from evox_merge.run.selection import tied_with
 from evox_merge.tasks import TaskSpec
 from evox_merge.tasks.spec import split_overlap
 
@@ -135,6 +136,8 @@ def build_recipe(
     contest_winner = selection.get("contest_winner", winner)
     release["contest_winner"] = contest_winner.name  # the selection contest's winner (before any MERGEvolve stage)
     release["rule_overrode"] = contest_winner.kind == "searched" and winner.kind == "static"
+    # candidates whose selection fitness equalled the contest winner's exactly: a tie goes to a static merge
+    release["tied_with"] = tied_with(contest_winner, selection.get("candidates", []))
     if winner.merge.dense:  # TIES/DARE or an operator-space candidate: how far outside the experts' span
         release["span_residual"] = span_report(experts.targets, experts.num_experts,
                                                winner.merge.merged_deltas(experts.targets))
@@ -164,7 +167,8 @@ def build_recipe(
             "selection_fraction": config.selection_fraction,
             "top_k": config.selection_top_k,
             "rule": "the release is the candidate with the best normalised mean on the selection part; searched "
-                    "candidates enter by their search-part rank, static merges are tuned on the search part"
+                    "candidates enter by their search-part rank, static merges are tuned on the search part; an exact tie "
+                    "goes to a static merge (release.tied_with names the tied candidates)"
                     + ("; a searched winner is released only when its margin over the best static merge is "
                        "distinguishable (release.rule: significant), else that static merge"
                        if config.release.rule == "significant" else ""),
