@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def _search(args: argparse.Namespace) -> None:
     if out is not None and out.exists() and not out.is_dir():
         raise EvoxMergeError(f"--out: {out} is a file; expected a directory (new, empty, or a previous run's)")
     progress = "quiet" if args.quiet else "json" if args.json else "bar"
-    # Cheap before heavy: the arguments, the config and the files are checked before torch is imported.
+    # Cheap before heavy: the arguments, the config, the files and the output folder are checked before torch is
+    # imported (run_search checks the folder again, under its own lock).
     if args.zoo:
         from evox_merge.run.zoo_search import zoo_search_config
 
@@ -36,10 +38,14 @@ def _search(args: argparse.Namespace) -> None:
         config = load_config(args.config)
         if out is not None:
             config = config.model_copy(update={"output_dir": str(out)})
-    from evox_merge.run.search import run_search
-
     if args.distributed:
         config = config.model_copy(update={"distributed": True})
+    if not config.distributed or os.environ.get("RANK", "0") == "0":  # the rank that holds the folder (torchrun)
+        from evox_merge.run.output_dir import check_output
+
+        check_output(config, resume=args.resume, overwrite=args.overwrite)
+    from evox_merge.run.search import run_search
+
     result = run_search(config, resume=args.resume, overwrite=args.overwrite, progress=progress)
     if result is None:  # a distributed rank other than 0
         return

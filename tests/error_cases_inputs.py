@@ -1,9 +1,10 @@
 """Error-table cases: inputs accepted silently before (run by tests/test_errors.py; see tests/error_harness.py).
 
 Each is refused before the model loads where the files can answer it: duplicate YAML keys, a test file that is the
-validation file, examples longer than the model's positions, prompt templates that format to something else than a
-field (or hold the answer), adapters whose tensors' rank is not their config's, objective names that are not
-folders of their own; a NaN base weight is refused as the base loads. tests/test_input_checks.py holds the
+validation file, examples longer than the model's positions or with nothing to score (a one-token text, a prompt or
+a choice the tokenizer drops), prompt templates that format to something else than a field (or hold the answer),
+adapters whose tensors' rank is not their config's, objective names that are not folders of their own; a NaN base
+weight is refused as the base loads. tests/test_input_checks.py holds the
 warnings (test examples shared with validation) and what the table cannot express.
 """
 
@@ -12,12 +13,17 @@ from __future__ import annotations
 import json
 import shutil
 
+from pathlib import Path
+
 from safetensors.torch import load_file, save_file
+from tokenizers import normalizers
 
 from error_harness import Case, Workspace, cli, search
-from evox_merge.util.errors import MergeInputError
+from evox_merge.util.errors import MergeInputError, TaskFormatError
+from evox_merge.zoo.char_tokenizer import build_char_tokenizer
 
 LONG = "ab" * 150  # 300 characters: 300+ tokens of the character tokenizer, past the tiny base's 256 positions
+ZERO_WIDTH = "\u200b"  # a zero-width space: text for JSON, nothing for a tokenizer that drops format characters
 
 
 def _duplicate_config_key(ws: Workspace) -> None:
@@ -47,6 +53,41 @@ def _poison_base(ws: Workspace) -> None:
     tensors = load_file(path)
     tensors["model.layers.1.self_attn.o_proj.weight"][2, 3] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def dropping_tokenizer(folder: Path) -> Path:
+    """The tiny base's character tokenizer (same vocabulary) with BERT's normaliser, which drops control and format
+    characters such as `ZERO_WIDTH`: a non-empty string of them tokenises to nothing."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=False)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_t5(folder: Path) -> Path:
+    """A random tiny T5 (encoder-decoder) model folder with `dropping_tokenizer` (no EOS appended to prompts)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = build_char_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return dropping_tokenizer(folder)
+
+
+def _dropped(ws: Workspace, name: str, record: dict, split: str = "validation") -> None:
+    """`search` with `dropping_tokenizer` after one more line, `record`, in task `name`'s file."""
+    dropping_tokenizer(ws.root / "dropping_tokenizer")
+    ws.line(name, json.dumps(record), split=split)
+    search(ws, tokenizer="dropping_tokenizer")
+
+
+def _t5_evaluate(ws: Workspace, name: str, record: dict) -> None:
+    """`evaluate` of `tiny_t5` after one more line, `record`, in task `name`'s validation file."""
+    ws.line(name, json.dumps(record))
+    cli("evaluate", "--model", tiny_t5(ws.root / "t5"), "--tasks", ws.tasks_file())
 
 
 def _evaluate(ws: Workspace, *flags: str) -> None:
@@ -91,6 +132,40 @@ CASES = [
     Case("evaluate_text_past_positions", "`evaluate` on a language-modelling text of 300 characters",
          lambda ws: (ws.line("text", json.dumps({"text": LONG})), _evaluate(ws)), MergeInputError,
          r"task 'text': .*text_validation\.jsonl:13: text \(30\d tokens\) = 30\d tokens, more than the 256 positions"),
+    # Examples with nothing to score: refused with the tokenizer, before the weights (were 'row N' after them).
+    Case("text_one_token", "a language-modelling text of one character (one token: nothing to score after it)",
+         lambda ws: (ws.line("text", json.dumps({"text": "a"})), search(ws)), TaskFormatError,
+         r"task 'text': .*text_validation\.jsonl:13: the text tokenises to 1 token; a language-modelling text needs "
+         r"at least 2 \(the first is the context the others are scored after\) unless the task's 'prefix' gives the "
+         r"context"),
+    Case("evaluate_text_one_token", "`evaluate --split test` on a language-modelling test text of one character",
+         lambda ws: (ws.line("text", json.dumps({"text": "."}), split="test"), _evaluate(ws, "--split", "test")),
+         TaskFormatError, r"task 'text': .*text_test\.jsonl:13: the text tokenises to 1 token"),
+    Case("choice_tokenises_to_nothing", "a choice of zero-width spaces, which the tokenizer (`tokenizer:`, BERT's "
+         "normaliser) drops", lambda ws: _dropped(ws, "choice", {"prompt": "q", "choices": ["a", ZERO_WIDTH * 2],
+                                                                  "answer": 0}),
+         TaskFormatError, r"task 'choice': .*choice_validation\.jsonl:13: choices\[1\] '\\u200b\\u200b' tokenises to "
+         r"nothing; expected at least one token to score"),
+    Case("choice_prompt_tokenises_to_nothing", "a multiple-choice test prompt of a zero-width space, which the "
+         "tokenizer drops", lambda ws: _dropped(ws, "choice", {"prompt": ZERO_WIDTH, "choices": ["a", "b"],
+                                                                "answer": 0}, split="test"),
+         TaskFormatError, r"task 'choice': .*choice_test\.jsonl:13: the prompt '\\u200b' tokenises to nothing; "
+         r"expected at least one token for the model to read before the choices are scored"),
+    Case("generation_prompt_tokenises_to_nothing", "a generation prompt of a zero-width space, which the tokenizer "
+         "drops", lambda ws: _dropped(ws, "copy", {"prompt": ZERO_WIDTH, "answer": "x"}), TaskFormatError,
+         r"task 'copy': .*copy_validation\.jsonl:13: the prompt '\\u200b' tokenises to nothing; expected at least "
+         r"one token for the model to read before it generates"),
+    Case("t5_choice_tokenises_to_nothing", "`evaluate` of an encoder-decoder (T5) model on a choice its tokenizer "
+         "drops", lambda ws: _t5_evaluate(ws, "choice", {"prompt": "q", "choices": [ZERO_WIDTH, "b"], "answer": 1}),
+         TaskFormatError, r"task 'choice': .*choice_validation\.jsonl:13: choices\[0\] '\\u200b' tokenises to "
+         r"nothing"),
+    Case("t5_generation_prompt_tokenises_to_nothing", "`evaluate` of a T5 model on a generation prompt its "
+         "tokenizer drops", lambda ws: _t5_evaluate(ws, "copy", {"prompt": ZERO_WIDTH, "answer": "x"}),
+         TaskFormatError, r"task 'copy': .*copy_validation\.jsonl:13: the prompt '\\u200b' tokenises to nothing"),
+    Case("t5_text_tokenises_to_nothing", "`evaluate` of a T5 model on a language-modelling text its tokenizer "
+         "drops", lambda ws: _t5_evaluate(ws, "text", {"text": ZERO_WIDTH}), TaskFormatError,
+         r"task 'text': .*text_validation\.jsonl:13: the text tokenises to nothing; expected at least one token to "
+         r"score"),
     # Prompt templates that format to something else than the field, or hand over the answer.
     Case("template_attribute", "`prompt_template: \"{prompt.upper}\"` (every prompt a method's repr)",
          lambda ws: search(ws, tasks=[ws.task("copy", prompt_template="{prompt.upper}")]), MergeInputError,

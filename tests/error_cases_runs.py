@@ -17,7 +17,7 @@ import torch
 
 from error_harness import Case, Workspace, search
 from evox_merge.run.config import load_config
-from evox_merge.run.search import LOCK_NAME, _prepare_output
+from evox_merge.run.output_dir import LOCK_NAME, prepare_output
 from evox_merge.util.errors import MergeInputError, RunStateError
 from evox_merge.util.hashing import directory_sha256
 
@@ -44,7 +44,7 @@ def _started_run_with_evidence(ws: Workspace) -> Path:
     config = load_config(ws.write_config())
     evidence = {"base_family": {"base": config.base, "base_sha256": directory_sha256(config.base)},
                 "experts": [{"name": Path(e).name, "sha256": directory_sha256(e)} for e in config.experts]}
-    _prepare_output(config, resume=False, overwrite=False, evidence=evidence)
+    prepare_output(config, resume=False, overwrite=False, evidence=evidence)
     out = Path(config.output_dir)
     _checkpoint(out, 4)
     (out / "records.jsonl").write_text("".join(_record(i) for i in range(4)))

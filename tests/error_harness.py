@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from evox_merge.cli import build_parser
 from evox_merge.run.config import load_config
-from evox_merge.run.search import _prepare_output
+from evox_merge.run.output_dir import prepare_output
 from evox_merge.zoo.char_tokenizer import build_char_tokenizer
 
 TASK_NAMES = ("choice", "copy", "text")
@@ -81,7 +81,7 @@ class Workspace:
     def start_run(self, **overrides) -> Path:
         """A run directory as a started search leaves it (run.json for this config), written without a model."""
         config = load_config(self.write_config(**overrides))
-        _prepare_output(config, resume=False, overwrite=False)
+        prepare_output(config, resume=False, overwrite=False)
         return Path(config.output_dir)
 
 

@@ -34,7 +34,7 @@ from error_harness import (TASK_NAMES, Case, Workspace, cli, dense_expert, forei
 from evox_merge.cli import main
 from evox_merge.run import registry
 from evox_merge.run.config import constructor_parameters, load_config
-from evox_merge.run.search import _prepare_output
+from evox_merge.run.output_dir import prepare_output
 from evox_merge.tasks import TaskSpec
 from evox_merge.util.errors import EvoxMergeError, MergeInputError, RunStateError
 from evox_merge.zoo.char_tokenizer import build_char_tokenizer
@@ -422,7 +422,7 @@ def test_task_paths_are_absolute_in_config_and_run_json(tiny_setup, tmp_path, mo
         assert Path(spec["path"]).parent == tmp_path / "ws" / "data"
     assert all(Path(p).is_absolute() for p in run["task_hashes"])
     monkeypatch.chdir(tmp_path)  # the same config resumes from another folder
-    _prepare_output(load_config(ws.root / "search.yaml"), resume=True, overwrite=False, write=False)
+    prepare_output(load_config(ws.root / "search.yaml"), resume=True, overwrite=False, write=False)
 
 
 def test_rerun_after_a_failed_start_proceeds(tiny_setup, tmp_path, monkeypatch):
@@ -434,7 +434,7 @@ def test_rerun_after_a_failed_start_proceeds(tiny_setup, tmp_path, monkeypatch):
     ws.line("copy", '{"prompt": "p", "answer": "x"}')  # the user fixes/changes the data
     config = load_config(ws.root / "search.yaml")
     for resume in (False, True):
-        run = _prepare_output(config, resume=resume, overwrite=False)
+        run = prepare_output(config, resume=resume, overwrite=False)
         saved = json.loads((out / "run.json").read_text())
         assert saved["task_hashes"] == run["task_hashes"]
         assert not (out / "records.jsonl").exists()
@@ -448,7 +448,7 @@ def test_overwrite_deletes_only_the_run_files(tiny_setup, tmp_path, monkeypatch)
         (out / name).write_text("old")
     (out / "best" / "adapter").mkdir(parents=True)
     (out / "mine.txt").write_text("the user's")
-    _prepare_output(load_config(ws.root / "search.yaml"), resume=False, overwrite=True)
+    prepare_output(load_config(ws.root / "search.yaml"), resume=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
 
 

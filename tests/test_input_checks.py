@@ -1,25 +1,31 @@
 """Inputs that were accepted silently: the warnings (test examples that are also validation examples) and what the
 error table (tests/error_cases_inputs.py) cannot express: a warning's path to the log, the summary, recipe.json and
-the model card; `evaluate`'s JSON without NaN; the legitimate inputs next to each refused one."""
+the model card; `evaluate`'s JSON without NaN; the legitimate inputs next to each refused one; examples with nothing
+to score refused alike before the model (file:line) and by scorers built from Python (example index)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
 import pytest
 import yaml
+from transformers import AutoTokenizer, T5Config
 
 from benchmarks.sweep.config import load_sweep_config
+
+from error_cases_inputs import ZERO_WIDTH, dropping_tokenizer
 from error_harness import Workspace
 from evox_merge.cli import main
 from evox_merge.experts.adapters import read_lora_adapter
 from evox_merge.run.config import check_objectives
 from evox_merge.run.report import model_card
-from evox_merge.tasks.batching import position_limit
+from evox_merge.tasks.batching import check_lengths, position_limit
+from evox_merge.tasks.scoring import build_scorer
 from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.util.yaml_file import read_yaml
@@ -143,6 +149,62 @@ def test_adapter_ranks_may_come_from_rank_pattern(tiny_setup, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 16, "rank_pattern": {"q_proj": 4}}))
     with pytest.raises(MergeInputError, match=r"v_proj\.lora_A\.weight' has shape \(4, 64\) \(rank 4\) but .* r = 16"):
         read_lora_adapter(folder)
+
+
+QWEN2 = {"model_type": "qwen2", "max_position_embeddings": 256}
+T5 = {"model_type": "t5", "is_encoder_decoder": True}
+GOOD = {"language_modeling": {"text": "abc"}, "multiple_choice": {"prompt": "q", "choices": ["a", "b"], "answer": 0},
+        "generation": {"prompt": "q", "answer": "a"}}
+
+
+@pytest.mark.parametrize("config, kind, record, prefix, before, after", [
+    (QWEN2, "language_modeling", {"text": "ab"}, "", None, None),
+    (QWEN2, "language_modeling", {"text": "a"}, "", r"the text tokenises to 1 token; a language-modelling text needs "
+     r"at least 2", r"example 1: tokenises to 1 tokens with 1 of context"),
+    (QWEN2, "language_modeling", {"text": "a"}, "Q: ", None, None),  # the prefix is the context
+    (QWEN2, "language_modeling", {"text": ZERO_WIDTH}, "Q: ", r"the text tokenises to nothing after the prefix",
+     r"example 1: tokenises to 3 tokens with 3 of context"),
+    (QWEN2, "multiple_choice", {"prompt": "q", "choices": ["a", ZERO_WIDTH], "answer": 0},
+     "", r"choices\[1\] '\\u200b' tokenises to nothing", r"example 1, choices\[1\]: tokenises to 1 tokens with 1 of"),
+    (QWEN2, "multiple_choice", {"prompt": ZERO_WIDTH, "choices": ["a", "b"], "answer": 0}, "",
+     r"the prompt '\\u200b' tokenises to nothing", r"example 1, choices\[0\]: tokenises to 1 tokens with 0 of context"),
+    (QWEN2, "generation", {"prompt": ZERO_WIDTH, "answer": "a"}, "", r"the prompt '\\u200b' tokenises to nothing",
+     r"example 1: the prompt tokenises to nothing"),
+    (T5, "language_modeling", {"text": "a"}, "", None, None),  # the decoder scores every token of a text
+    (T5, "language_modeling", {"text": ZERO_WIDTH}, "", r"the text tokenises to nothing; expected at least one",
+     r"example 1: the text tokenises to nothing"),
+    (T5, "multiple_choice", {"prompt": "q", "choices": [ZERO_WIDTH, "b"], "answer": 1}, "",
+     r"choices\[0\] '\\u200b' tokenises to nothing", r"example 1, choices\[0\]: tokenises to nothing"),
+])
+def test_nothing_to_score_is_refused_before_the_model_and_by_the_scorers(tmp_path, config, kind, record, prefix,
+                                                                          before, after):
+    """`check_lengths` (with the tokenizer, before the weights) names the file's line; the scorers, built directly
+    from Python, refuse the same example by its index; an input next to a refused one is accepted by both."""
+    tokenizer = AutoTokenizer.from_pretrained(dropping_tokenizer(tmp_path / "tokenizer"))
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps(GOOD[kind]) + "\n" + json.dumps(record) + "\n")
+    spec = TaskSpec(name="t", type=kind, path=str(path), prefix=prefix)
+    model_config = T5Config(decoder_start_token_id=0) if config is T5 else None
+    if before is None:
+        check_lengths([spec], tokenizer, config, "model")
+        build_scorer(read_task(spec), tokenizer, 4, "cpu", model_config=model_config)
+        return
+    with pytest.raises(TaskFormatError, match=rf"^task 't': {re.escape(str(path))}:2: {before}"):
+        check_lengths([spec], tokenizer, config, "model")
+    with pytest.raises(TaskFormatError, match=rf"^task 't', {after}"):
+        build_scorer(read_task(spec), tokenizer, 4, "cpu", model_config=model_config)
+
+
+def test_an_encoder_input_needs_a_prefix_or_an_end_of_sequence_token(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(dropping_tokenizer(tmp_path / "tokenizer"))
+    tokenizer.eos_token = None
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"text": "abc"}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"^task 't': the encoder input \(the spec's prefix ''\) tokenises to "
+                                              r"nothing and the tokenizer has no end-of-sequence token"):
+        check_lengths([TaskSpec(name="t", type="language_modeling", path=str(path))], tokenizer, T5, "model")
+    check_lengths([TaskSpec(name="t", type="language_modeling", path=str(path), prefix="Q:")], tokenizer, T5, "model")
+    check_lengths([TaskSpec(name="t", type="language_modeling", path=str(path))], tokenizer, QWEN2, "model")
 
 
 def test_position_limit_of_decoders_only():

@@ -7,6 +7,8 @@
   replaced (a previous run under --overwrite, a failed start, the records a --resume truncated).
 * Ctrl-C: exit status 130 and one line that says what was kept and the command that continues; --resume then
   ends where an uninterrupted search does.
+* The checks: the CLI makes them before it imports the search (tests/test_fast_refusals.py) and `run_search` again
+  for its Python callers; the second check of a resume does not hash the models again unless a file changed.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import pytest
 import torch
 
 import evox_merge.experts.expert_set as expert_set_module
+import evox_merge.run.output_dir as output_dir_module
 import evox_merge.run.search as search_module
-from error_cases_runs import HOLD_LOCK
+from error_cases_runs import HOLD_LOCK, _started_run_with_evidence
 from error_harness import Workspace, tree
 from evox_merge.cli import main
+from evox_merge.run.config import load_config
 from evox_merge.run.monitor import read_records
-from evox_merge.run.search import LOCK_NAME, SearchInterrupted, run_search
-from evox_merge.util.errors import MergeInputError
+from evox_merge.run.output_dir import LOCK_NAME, check_output
+from evox_merge.run.search import SearchInterrupted, run_search
+from evox_merge.util.errors import MergeInputError, RunStateError
 
 
 @pytest.fixture
@@ -81,6 +86,55 @@ def test_a_held_folder_refuses_every_second_search_and_a_killed_holder_releases_
     assert _search(ws) == 0  # a failed start and a stale lock file: the search proceeds
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("run", "."))) == ["run.json"]
     assert [r["id"] for r in read_records(out / "records.jsonl")] == [0, 1, 2, 3]
+
+
+def test_run_search_checks_the_folder_itself(ws, monkeypatch):
+    """A Python caller of `run_search` (no CLI checked first) gets the same refusals, before any model loads."""
+    _no_model(monkeypatch)
+    out = ws.root / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    config = ws.write_config()
+    before = tree(ws.root)
+    with pytest.raises(MergeInputError, match="is not empty: pass --resume"):
+        run_search(config, progress="quiet")
+    with pytest.raises(MergeInputError, match="--overwrite refused: .* holds no previous run"):
+        run_search(config, overwrite=True, progress="quiet")
+    assert tree(ws.root) == before
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / LOCK_NAME)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree(ws.root)
+        with pytest.raises(RunStateError, match=f"is in use by another search \\(pid {holder.pid} holds"):
+            run_search(config, progress="quiet")
+        assert tree(ws.root) == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_resume_check_hashes_each_model_once_until_one_changes(ws, monkeypatch):
+    """The CLI's check and `run_search`'s check of the same resume hash the base and the experts once; a file
+    changed after the first check is hashed again, and refused."""
+    _started_run_with_evidence(ws)
+    hashed = []
+    real = output_dir_module.directory_sha256
+
+    def counted(folder):
+        hashed.append(folder.name)
+        return real(folder)
+    monkeypatch.setattr(output_dir_module, "directory_sha256", counted)
+    config = load_config(ws.root / "search.yaml")
+    check_output(config, resume=True, overwrite=False)
+    assert sorted(hashed) == ["base", "expert_0", "expert_1", "expert_2"]
+    check_output(config, resume=True, overwrite=False)
+    assert len(hashed) == 4
+    ws.edit_tensors("expert_1", lambda tensors: tensors.update({k: v * 2 for k, v in tensors.items()}))
+    with pytest.raises(MergeInputError, match=r"--resume refused: experts\[1\] .*expert_1 changed"):
+        check_output(config, resume=True, overwrite=False)
+    assert hashed[4:] == ["expert_1"]
 
 
 def test_a_stale_lock_file_alone_is_an_empty_folder_and_a_refusal_leaves_it(ws, monkeypatch, capsys):

@@ -12,8 +12,6 @@ import torch
 from evox_merge.util.atomic import atomic_path
 from evox_merge.util.errors import RunStateError
 
-CHECKPOINT_NAME = "checkpoint.pt"
-
 
 def save_checkpoint(path: str | Path, workflow: torch.nn.Module, counters: dict[str, Any]) -> None:
     """Write the workflow's `state_dict` (algorithm state included), the RNG states and `counters` atomically."""

@@ -32,6 +32,7 @@ from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.algorithms import limits
 from evox_merge.util.layer_names import block_index, lora_layer_names, module_kind
 from evox_merge.run import registry
+from evox_merge.run.output_dir import output_dir_problem
 from evox_merge.tasks.spec import (TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap,
                                    split_task, task_spec_from_dict)
 from evox_merge.util.hub import is_dense_expert, is_hub_id, local_path, read_model_config, resolve_model
@@ -581,12 +582,6 @@ def _check_space(space: SpaceConfig, experts: list[str]) -> list[str]:
     return []
 
 
-def _check_output_dir(out: Path) -> list[str]:
-    if out.exists() and not out.is_dir():
-        return [f"output_dir: {out} is a file; expected a directory (new, empty, or a previous run's)"]
-    return []
-
-
 def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
     """Make the config's local paths absolute against `base_dir` and check everything that needs no model: the
     base, experts and tokenizer (folders or cached Hub ids), the output directory, the task specs, every line of
@@ -605,7 +600,8 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
         updates["tokenizer"] = _resolve_model(config.tokenizer, "tokenizer", base_dir, problems)
     if isinstance(config.tasks, str):
         updates["tasks"] = str(local_path(config.tasks, base_dir))
-    problems += _check_output_dir(Path(output_dir))
+    if (problem := output_dir_problem(Path(output_dir))) is not None:
+        problems.append(problem)
     specs: list[TaskSpec] = []
     try:
         specs = config.model_copy(update=updates).task_specs(base_dir)

@@ -146,7 +146,8 @@ def lineage(run_dir: str | Path, candidate: int | None = None, out: str | Path |
     run_dir = Path(run_dir)
     if out is not None:
         check_lineage_out(Path(out), run_dir, overwrite)
-    from evox_merge.run.monitor import RECORDS_NAME, read_records
+    from evox_merge.run.monitor import read_records
+    from evox_merge.run.output_dir import RECORDS_NAME
 
     if not (run_dir / RECORDS_NAME).is_file():
         raise MergeInputError(f"RUN: {run_dir} holds no {RECORDS_NAME}; expected a search's output directory")

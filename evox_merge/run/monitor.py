@@ -33,7 +33,6 @@ from evox_merge.run.progress import SearchProgress
 from evox_merge.util.atomic import write_text_atomic
 from evox_merge.util.errors import RunStateError
 
-RECORDS_NAME = "records.jsonl"
 RUN_EVIDENCE = "run.json#evidence"
 # Per-record evidence fields; the run-constant ones live in run.json (`evox_merge.run.evidence.RUN_EVIDENCE_FIELDS`).
 EVIDENCE_FIELDS = ("id", "lineage_node", "parents", "operator", "coefficients", "task_scores", "fitness", "seconds",

@@ -34,7 +34,6 @@ from evox_merge.run.report import plot_pareto_front
 from evox_merge.run.selection import score_table
 from evox_merge.util.atomic import write_text_atomic
 
-PARETO_FILES = ("champion", "specialists", "challengers", "pareto_front.png")
 MAX_MEMBERS = 24
 
 

@@ -1,5 +1,5 @@
 """Tokenise a task once into padded, length-bucketed batches that every candidate then reuses; check before the
-model loads that every example fits the model's positions (`check_lengths`)."""
+model loads that every example tokenises to something to score and fits the model's positions (`check_lengths`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from evox_merge.tasks import Task
 from evox_merge.tasks.spec import TaskSpec, iter_records
-from evox_merge.util.errors import MergeInputError
+from evox_merge.util.errors import MergeInputError, TaskFormatError
 
 IGNORE = -100
 _NOT_PER_ROW = ("predictor",)  # batch fields that are the same for every row
@@ -76,11 +76,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, *, special: bool) -> l
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def is_encoder_decoder(model_config: dict) -> bool:
+    """Whether a model's config.json describes an encoder-decoder model (the T5 family scored by
+    `evox_merge.tasks.seq2seq`): ``is_encoder_decoder`` set, or T5's relative position buckets."""
+    return bool(model_config.get("is_encoder_decoder")) or "relative_attention_num_buckets" in model_config
+
+
 def position_limit(model_config: dict) -> tuple[int, str] | None:
     """The most token positions a decoder-only model reads, and the config.json key that says so
     (``max_position_embeddings`` or ``n_positions``); None for encoder-decoder models (the T5 family scored here
     uses relative positions, without a maximum) and for a config that gives none."""
-    if model_config.get("is_encoder_decoder") or "relative_attention_num_buckets" in model_config:
+    if is_encoder_decoder(model_config):
         return None
     for key in ("max_position_embeddings", "n_positions"):
         value = model_config.get(key)
@@ -91,23 +97,42 @@ def position_limit(model_config: dict) -> tuple[int, str] | None:
 
 def check_lengths(specs: Sequence[TaskSpec], tokenizer: PreTrainedTokenizerBase, model_config: dict,
                   model: str) -> None:
-    """Every example of each spec's ``path`` must fit the model's positions, as the scorers tokenise it: a
-    generation prompt plus ``max_new_tokens``, a multiple-choice prompt plus its longest choice, a language-modelling
-    text (after the spec's ``prefix``). Reads the tokenizer only, so it runs before the weights load.
+    """Every example of each spec's ``path``, tokenised as the scorers tokenise it, must give them something to
+    score and fit the model's positions. Reads the tokenizer only, so it runs before the weights load.
+
+    Something to score: a prompt (generation, multiple choice) of at least one token and every choice of at least
+    one; a language-modelling text of at least one token after the spec's ``prefix``, or of at least two without
+    one on a decoder-only model (its first token is the context the others are scored after). An encoder-decoder
+    model scores every token of a text, its encoder reading the prefix (or the end-of-sequence token alone).
+    Fitting (decoder-only models): a generation prompt plus ``max_new_tokens``, a multiple-choice prompt plus its
+    longest choice, a language-modelling text after the prefix.
 
     Args:
+        model_config: the model's config.json; an encoder-decoder model (`is_encoder_decoder`) has no position
+            limit here.
         model: how messages name the model's config.json (e.g. the base folder).
 
     Raises:
-        MergeInputError: naming the task file and line, the token count and the limit.
+        TaskFormatError: an example with nothing to score, naming the task, the file and line, the part and what
+            was expected; an encoder-decoder language-modelling task whose encoder input tokenises to nothing.
+        MergeInputError: an example longer than the model's positions, naming the task file and line, the token
+            count and the limit.
     """
     found = position_limit(model_config)
-    if found is None:
-        return
-    limit, key = found
+    seq2seq = is_encoder_decoder(model_config)
     for spec in specs:
+        if seq2seq and spec.type == "language_modeling":
+            _check_encoder_input(spec, tokenizer)
         examples = list(iter_records(spec))
-        for (where, _), (size, parts) in zip(examples, _lengths(spec, [r for _, r in examples], tokenizer)):
+        counts = _token_counts(spec, [record for _, record in examples], tokenizer, seq2seq)
+        for (where, record), (context, scored) in zip(examples, counts):
+            problem = _nothing_to_score(spec, record, context, scored, seq2seq)
+            if problem is not None:
+                raise TaskFormatError(f"task {spec.name!r}: {where}: {problem}")
+            if found is None:
+                continue
+            limit, key = found
+            size, parts = _length(spec, context, scored)
             if size > limit:
                 raise MergeInputError(
                     f"task {spec.name!r}: {where}: {parts} = {size} tokens, more than the {limit} positions of the "
@@ -115,25 +140,74 @@ def check_lengths(specs: Sequence[TaskSpec], tokenizer: PreTrainedTokenizerBase,
                     + (" or lower max_new_tokens" if spec.type == "generation" else ""))
 
 
-def _lengths(spec: TaskSpec, records: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, str]]:
-    """Per record: the tokens the scorer puts in one sequence, and how they add up (in words)."""
+def _check_encoder_input(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> None:
+    """An encoder-decoder language-modelling task's encoder reads its prefix, or the EOS token where that
+    tokenises to nothing (`evox_merge.tasks.seq2seq.Seq2SeqLanguageModelScorer`): one of them must exist."""
+    if not encode(tokenizer, spec.prefix or "", special=True) and tokenizer.eos_token_id is None:
+        raise TaskFormatError(f"task {spec.name!r}: the encoder input (the spec's prefix {spec.prefix!r}) tokenises "
+                              "to nothing and the tokenizer has no end-of-sequence token to stand for it; expected a "
+                              "prefix of at least one token")
+
+
+def _token_counts(spec: TaskSpec, records: list[dict], tokenizer: PreTrainedTokenizerBase,
+                  seq2seq: bool) -> list[tuple[int, list[int]]]:
+    """Per record, as the scorers tokenise it: the tokens of its context (the prompt; a language-modelling task's
+    ``prefix``, 0 without one) and of each scored part (each choice; the text; none for a generation prompt)."""
+    if not records:
+        return []
     if spec.type == "language_modeling":
         prefix = len(encode(tokenizer, spec.prefix, special=True)) if spec.prefix else 0
-        texts = tokenizer([r["text"] for r in records], add_special_tokens=not prefix)["input_ids"]
-        shown = f"prefix ({_tokens(prefix)}) + " if prefix else ""
-        return [(prefix + len(ids), f"{shown}text ({_tokens(len(ids))})") for ids in texts]
+        # A decoder-only model's text gets BOS where no prefix precedes it; an encoder-decoder's never does.
+        texts = tokenizer([r["text"] for r in records], add_special_tokens=not (prefix or seq2seq))["input_ids"]
+        return [(prefix, [len(ids)]) for ids in texts]
     prompts = [len(ids) for ids in tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]]
     if spec.type == "generation":
-        return [(p + spec.max_new_tokens, f"prompt ({_tokens(p)}) + max_new_tokens ({spec.max_new_tokens})")
-                for p in prompts]
+        return [(p, []) for p in prompts]
     choices = [c for r in records for c in r["choices"]]
     lengths = iter(len(ids) for ids in tokenizer(choices, add_special_tokens=False)["input_ids"])
-    longest = [max(next(lengths) for _ in r["choices"]) for r in records]
-    return [(p + c, f"prompt ({_tokens(p)}) + its longest choice ({_tokens(c)})") for p, c in zip(prompts, longest)]
+    return [(p, [next(lengths) for _ in r["choices"]]) for p, r in zip(prompts, records)]
+
+
+def _nothing_to_score(spec: TaskSpec, record: dict, context: int, scored: list[int], seq2seq: bool) -> str | None:
+    """What an example lacks for its scorer to score anything (in words, with what was expected), or None."""
+    if spec.type == "language_modeling":
+        (text,) = scored
+        if seq2seq or context:
+            after = " after the prefix" if context and not seq2seq else ""
+            return None if text else f"the text tokenises to nothing{after}; expected at least one token to score"
+        return None if text >= 2 else (
+            f"the text tokenises to {_tokens(text)}; a language-modelling text needs at least 2 (the first is the "
+            "context the others are scored after) unless the task's 'prefix' gives the context")
+    if not context:
+        before = "it generates" if spec.type == "generation" else "the choices are scored"
+        return (f"the prompt {_shown(record['prompt'])} tokenises to nothing; expected at least one token for the "
+                f"model to read before {before}")
+    for index, size in enumerate(scored):
+        if not size:
+            return (f"choices[{index}] {_shown(record['choices'][index])} tokenises to nothing; expected at least "
+                    "one token to score")
+    return None
+
+
+def _length(spec: TaskSpec, context: int, scored: list[int]) -> tuple[int, str]:
+    """The tokens the scorer puts in one sequence for an example, and how they add up (in words)."""
+    if spec.type == "language_modeling":
+        shown = f"prefix ({_tokens(context)}) + " if context else ""
+        return context + scored[0], f"{shown}text ({_tokens(scored[0])})"
+    if spec.type == "generation":
+        return (context + spec.max_new_tokens,
+                f"prompt ({_tokens(context)}) + max_new_tokens ({spec.max_new_tokens})")
+    longest = max(scored)
+    return context + longest, f"prompt ({_tokens(context)}) + its longest choice ({_tokens(longest)})"
 
 
 def _tokens(count: int) -> str:
     return f"{count} token" + "s" * (count != 1)
+
+
+def _shown(text: str, most: int = 60) -> str:
+    """`text` quoted as Python writes it (invisible characters escaped), cut after `most` characters."""
+    return repr(text) if len(text) <= most else repr(text[:most]) + "..."
 
 
 def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], int]]:

@@ -25,10 +25,12 @@ from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ELEMENTS = 1 << 24
-"""Logits computed at once (positions x vocabulary chunk): 64 MiB in float32."""
-VOCAB_CHUNK = 1 << 15
-"""Vocabulary entries per chunk."""
+CHUNK_ELEMENTS = 1 << 22
+"""Logits computed at once on a CPU (positions x vocabulary chunk): 16 MiB in float32, small enough to stay in cache
+(measured on a 2-core Xeon: 1.85 s for 4096 positions x 49,152 entries against 2.4 s at 64 MiB and 2.4 s for the
+full logits); a GPU takes 16x as many at once."""
+VOCAB_CHUNK = 1 << 13
+"""Vocabulary entries per chunk on a CPU (16x on a GPU)."""
 _CHECK_TOKENS = 4
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -69,8 +71,9 @@ class OutputHead:
         shape = targets.shape
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         vocabulary = self.linear.weight.shape[0]
-        width = min(vocabulary, VOCAB_CHUNK)
-        step = max(1, CHUNK_ELEMENTS // width)
+        scale = 16 if hidden.is_cuda else 1
+        width = min(vocabulary, VOCAB_CHUNK * scale)
+        step = max(1, CHUNK_ELEMENTS * scale // width)
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         for first in range(0, targets.numel(), step):
             rows, wanted = hidden[first : first + step], targets[first : first + step]

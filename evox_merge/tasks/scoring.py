@@ -70,12 +70,21 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def _check_scored_rows(task: Task, sequences: list[tuple[list[int], int]]) -> None:
+def _check_scored_rows(task: Task, sequences: list[tuple[list[int], int]], example: int | None = None) -> None:
+    """Each ``(token ids, context length)`` sequence must hold a context token and a token to score after it:
+    `sequences` has one per example of `task` (language modelling), or, with `example`, one per choice of that
+    example. A safety net for scorers built directly from Python: `evox_merge.tasks.batching.check_lengths`
+    refuses the same examples before the model loads, naming their file and line.
+
+    Raises:
+        TaskFormatError: naming the example by its index in ``task.records`` (and the choice).
+    """
     for index, (ids, context) in enumerate(sequences):
         if context < 1 or len(ids) <= context:
+            which = f"example {index}" if example is None else f"example {example}, choices[{index}]"
             raise TaskFormatError(
-                f"task {task.name!r}, row {index}: tokenises to {len(ids)} tokens with {context} of context; "
-                "a scored row needs at least one context token and one scored token"
+                f"task {task.name!r}, {which}: tokenises to {len(ids)} tokens with {context} of context; "
+                "a scored sequence needs at least one context token and one scored token"
             )
 
 
@@ -193,10 +202,10 @@ class MultipleChoiceScorer(ChoiceAnswers):
                  min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
         self.task = task
         examples = []
-        for record in task.records:
+        for index, record in enumerate(task.records):
             prompt = encode(tokenizer, record["prompt"], special=True)
             choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
-            _check_scored_rows(task, [(prompt + choice, len(prompt)) for choice in choices])
+            _check_scored_rows(task, [(prompt + choice, len(prompt)) for choice in choices], index)
             examples.append((prompt, choices))
         self.prefix = SharedPrefix.of([prompt for prompt, _ in examples], min_shared_prefix, device)
         skip = self.prefix.length if self.prefix is not None else 0
@@ -308,7 +317,8 @@ class GenerationScorer(CompletionAnswers):
         prompts = [encode(tokenizer, record["prompt"], special=True) for record in task.records]
         for index, prompt in enumerate(prompts):
             if not prompt:
-                raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing")
+                raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing; a "
+                                      "prompt needs at least one token for the model to continue")
         self.prefix = SharedPrefix.of(prompts, min_shared_prefix, device)
         skip = self.prefix.length if self.prefix is not None else 0
         self.batches = prompt_batches([p[skip:] for p in prompts], pad_token_id(tokenizer), batch_size, device, skip)

@@ -130,7 +130,8 @@ class Seq2SeqMultipleChoiceScorer(ChoiceAnswers, _Seq2SeqScorer):
         for index, record in enumerate(task.records):
             choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
             if not all(choices):
-                raise TaskFormatError(f"task {task.name!r}, example {index}: a choice tokenises to nothing")
+                raise TaskFormatError(f"task {task.name!r}, example {index}, choices[{choices.index([])}]: tokenises "
+                                      "to nothing; a choice needs at least one token to score")
             examples.append((encode(tokenizer, record["prompt"], special=True), choices))
         self.batches = seq2seq_batches(examples, pad_token_id(tokenizer), start_id, batch_size, device)
         self._prepare_answers(task)
@@ -160,7 +161,8 @@ class Seq2SeqLanguageModelScorer(_Seq2SeqScorer):
         for index, record in enumerate(task.records):
             ids = encode(tokenizer, record["text"], special=False)
             if not ids:
-                raise TaskFormatError(f"task {task.name!r}, row {index}: the text tokenises to nothing")
+                raise TaskFormatError(f"task {task.name!r}, example {index}: the text tokenises to nothing; a "
+                                      "text needs at least one token to score")
             texts.append((source, [ids]))
         self.batches = seq2seq_batches(texts, pad_token_id(tokenizer), start_id, batch_size, device)
         self._counts = torch.tensor([len(ids[0]) for _, ids in texts], dtype=torch.float64)
