@@ -48,6 +48,13 @@ def _edit_adapter_config(ws: Workspace, expert: str, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def _duplicate_r(ws: Workspace, expert: str) -> None:
+    """The adapter's config with a second, different `r` at the end (JSON readers keep the later one)."""
+    path = ws.root / expert / "adapter_config.json"
+    text = path.read_text().rstrip()
+    path.write_text(text[:-1].rstrip() + ', "r": 99}')
+
+
 def _poison_base(ws: Workspace) -> None:
     path = ws.root / "base" / "model.safetensors"
     tensors = load_file(path)
@@ -203,6 +210,10 @@ CASES = [
                      _evaluate(ws, "--adapter", ws.root / "expert_0")), MergeInputError,
          r"tensor 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' has shape \(4, 64\) "
          r"\(rank 4\) but .*gives this module rank_pattern\['q_proj'\] = 2"),
+    Case("adapter_config_duplicate_key", "an expert's `adapter_config.json` that gives `r` twice",
+         lambda ws: (_duplicate_r(ws, "expert_1"), search(ws)), MergeInputError,
+         r"adapter: .*expert_1/adapter_config\.json gives the key 'r' twice in one object; JSON readers would keep "
+         r"only the later value"),
     # Pareto objective names that are not folders of their own under specialists/.
     Case("objectives_folders_collide", "tasks `a/b` and `a_b` under `objectives: pareto`",
          lambda ws: _pareto(ws, ["a/b", "a_b"]), MergeInputError,

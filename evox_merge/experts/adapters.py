@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from evox_merge.util.errors import MergeInputError
+from evox_merge.util.hub import read_json_file
 from evox_merge.util.layer_names import LORA_KEY
 
 CONFIG_NAME = "adapter_config.json"
@@ -88,12 +88,7 @@ def _read_config(config_path: Path) -> dict:
     """Parse adapter_config.json and reject adapter types and features the merge does not support."""
     if not config_path.is_file():
         raise MergeInputError(f"{config_path}: missing (a PEFT adapter saved with save_pretrained has it)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MergeInputError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise MergeInputError(f"{config_path}: expected a JSON object")
+    config = read_json_file(config_path, "adapter")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise MergeInputError(

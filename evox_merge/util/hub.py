@@ -134,14 +134,31 @@ def _snapshot(repo_id: str, revision: str | None, what: str, path: Path) -> str:
                               f"it with `hf download {repo_id}` where the network is reachable") from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
 def read_json_file(path: str | Path, what: str) -> dict:
-    """A JSON object from `path`; MergeInputError naming the file, line and column when it is not one."""
+    """A JSON object from `path`; MergeInputError naming the file, line and column when it is not one, or the key
+    when an object gives one twice (JSON parsers keep the later value silently)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as error:
         raise MergeInputError(f"{what}: {path} is not valid JSON ({error.msg} at line {error.lineno}, column "
                               f"{error.colno})") from None
+    except _DuplicateKey as error:
+        raise MergeInputError(f"{what}: {path} gives the key {error.args[0]!r} twice in one object; JSON readers "
+                              "would keep only the later value: give each key once") from None
     except UnicodeDecodeError as error:
         raise MergeInputError(f"{what}: {path} is not UTF-8 text (byte {error.start})") from None
     if not isinstance(data, dict):
