@@ -99,8 +99,8 @@ def _read_run(run_dir: str, with_base: bool) -> tuple[str, list[str], list[float
     """Base, experts and released coefficients of a finished search's output directory, after checking that each
     expert (and, `with_base`, the base) still has the content hash recipe.json recorded (no model loads)."""
     from evox_merge.util.errors import MergeInputError
-    from evox_merge.util.hashing import directory_sha256
-    from evox_merge.util.hub import read_json_file, resolve_model
+    from evox_merge.run.output_dir import first_changed_model
+    from evox_merge.util.hub import read_json_file
     from evox_merge.util.ownership import few
 
     folder = Path(run_dir).expanduser().resolve()
@@ -126,18 +126,18 @@ def _read_run(run_dir: str, with_base: bool) -> tuple[str, list[str], list[float
     except (KeyError, TypeError, AttributeError) as error:
         raise EvoxMergeError(f"--run: {recipe_path} lacks field {error}; expected a recipe written by "
                              "evox-merge search") from None
-    for what, path, digest in recorded:  # the release was searched for these bytes: merging others is another merge
-        source = resolve_model(path, f"--run: {what}")
-        if digest and directory_sha256(source.path) != digest:
-            root = Path(source.path)
-            newer = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                           if p.is_file() and p.stat().st_mtime >= recipe_path.stat().st_mtime)
-            raise MergeInputError(
-                f"--run: {what} ({source.path}) changed since the search: its files' SHA-256 differs from the one "
-                f"{recipe_path} recorded ({digest[:12]}...)"
-                + (f"; modified since the recipe was written: {few(newer)}" if newer else "; a file was added, "
-                   "removed or replaced")
-                + ". The release was searched for the recorded files: restore them, or search again")
+    # the release was searched for these bytes: merging others is another merge
+    changed = first_changed_model([(f"--run: {what}", path, digest) for what, path, digest in recorded])
+    if changed is not None:
+        (what, _, digest), root = recorded[changed[0]], changed[1]
+        newer = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.is_file() and p.stat().st_mtime >= recipe_path.stat().st_mtime)
+        raise MergeInputError(
+            f"--run: {what} ({root}) changed since the search: its files' SHA-256 differs from the one "
+            f"{recipe_path} recorded ({digest[:12]}...)"
+            + (f"; modified since the recipe was written: {few(newer)}" if newer else "; a file was added, "
+               "removed or replaced")
+            + ". The release was searched for the recorded files: restore them, or search again")
     # A static merge that won the selection is in the expert space whatever space the search used.
     release = {**release, "space": space if "coefficients_by_name" in release else {"kind": "expert"}}
     dense = recipe.get("search", {}).get("config", {}).get("dense") or {}

@@ -335,6 +335,16 @@ def _hashes_as_recorded(folder: Path, digest: str) -> bool:
     return True
 
 
+def first_changed_model(recorded: list[tuple[str, str, str | None]]) -> tuple[int, Path] | None:
+    """``(index, folder)`` of the first of `recorded` ``(what, local path or Hub id, recorded directory_sha256)``
+    whose files no longer hash as recorded (None when all do; an empty record is not checked). Loads no model."""
+    for index, (what, ref, digest) in enumerate(recorded):
+        folder = Path(resolve_model(ref, what).path)
+        if digest and not _hashes_as_recorded(folder, digest):
+            return index, folder
+    return None
+
+
 def _check_models_unchanged(config: SearchConfig, run: dict[str, Any], out: Path) -> None:
     """Before any model loads, on --resume: the base and the experts hash as run.json's evidence recorded them
     (`ExpertSet.base_hash` and ``metadata``: `directory_sha256` of each model's folder). A run from before evidence
@@ -349,9 +359,9 @@ def _check_models_unchanged(config: SearchConfig, run: dict[str, Any], out: Path
     recorded = [("base", config.base, (evidence.get("base_family") or {}).get("base_sha256"))]
     recorded += [(f"experts[{index}]", ref, expert.get("sha256"))
                  for index, (ref, expert) in enumerate(zip(config.experts, evidence.get("experts") or []))]
-    for what, ref, digest in recorded:
-        folder = resolve_model(ref, what).path
-        if digest and not _hashes_as_recorded(Path(folder), digest):
-            raise MergeInputError(f"--resume refused: {what} {folder} changed since the run started (its files' "
-                                  f"sha256 differs from the one {out / RUN_NAME} recorded), so the run cannot be "
-                                  "continued exactly; start a new run with --overwrite")
+    changed = first_changed_model(recorded)
+    if changed is not None:
+        what, folder = recorded[changed[0]][0], changed[1]
+        raise MergeInputError(f"--resume refused: {what} {folder} changed since the run started (its files' "
+                              f"sha256 differs from the one {out / RUN_NAME} recorded), so the run cannot be "
+                              "continued exactly; start a new run with --overwrite")
