@@ -258,10 +258,12 @@ def test_ctrl_c_mid_search_exits_130_with_one_line_and_resume_completes(ws, caps
         if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["counters"]["generation"] >= 2:
             break
         time.sleep(0.05)
+    process.send_signal(signal.SIGSTOP)  # paused (its lock held) so that it cannot finish before the interrupt
     assert process.poll() is None, "the search finished before it could be interrupted"
     assert main(["search", str(config), "--quiet", "--overwrite"]) == 2
     assert f"is in use by another search (pid {process.pid} holds" in capsys.readouterr().err
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)  # delivered when it continues
+    process.send_signal(signal.SIGCONT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err
