@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from evox_merge.util.errors import EvoxMergeError
+from evox_merge.util.errors import EvoxMergeError, MergeInputError
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -22,15 +22,22 @@ def _search(args: argparse.Namespace) -> None:
     if not args.zoo and zoo_only:
         raise EvoxMergeError(f"{', '.join(zoo_only)}: only with --zoo (a CONFIG file sets its own seed)")
     args.preset, args.seed = args.preset or "tiny", 0 if args.seed is None else args.seed
-    out = Path(args.out).resolve() if args.out is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise EvoxMergeError(f"--out: {out} is a file; expected a directory (new, empty, or a previous run's)")
-    progress = "quiet" if args.quiet else "json" if args.json else "bar"
-    # Cheap before heavy: the arguments, the config, the files and the output folder are checked before torch is
-    # imported (run_search checks the folder again, under its own lock).
-    if args.zoo:
-        from evox_merge.run.zoo_search import zoo_search_config
+    from evox_merge.run.output_dir import check_output, check_output_folder, output_dir_problem
 
+    out = Path(args.out).resolve() if args.out is not None else None
+    if out is not None and (problem := output_dir_problem(out, "--out")) is not None:
+        raise MergeInputError(problem)
+    progress = "quiet" if args.quiet else "json" if args.json else "bar"
+    holds_folder = not args.distributed or os.environ.get("RANK", "0") == "0"  # the rank that holds it (torchrun)
+    # Cheap before heavy: the arguments, the config, the files and the output folder are checked before torch is
+    # imported (run_search checks the folder again, under its own lock); for --zoo, before the zoo is built.
+    if args.zoo:
+        from evox_merge.run.zoo_search import check_zoo_arguments, zoo_output_dir, zoo_search_config
+
+        check_zoo_arguments(args.zoo_dir, args.preset, args.seed)
+        if holds_folder:
+            check_output_folder(zoo_output_dir(args.out, args.preset), args.resume, args.overwrite,
+                                "--out" if args.out is not None else "the output folder (--out)")
         config = zoo_search_config(out=args.out, zoo_dir=args.zoo_dir, preset=args.preset, seed=args.seed)
     else:
         from evox_merge.run.config import load_config
@@ -41,8 +48,6 @@ def _search(args: argparse.Namespace) -> None:
     if args.distributed:
         config = config.model_copy(update={"distributed": True})
     if not config.distributed or os.environ.get("RANK", "0") == "0":  # the rank that holds the folder (torchrun)
-        from evox_merge.run.output_dir import check_output
-
         check_output(config, resume=args.resume, overwrite=args.overwrite)
     from evox_merge.run.search import run_search
 
@@ -147,9 +152,9 @@ def _read_run(run_dir: str, with_base: bool) -> tuple[str, list[str], list[float
 
 
 def _apply(args: argparse.Namespace) -> None:
-    from evox_merge.util.errors import MergeInputError
+    from evox_merge.util.adapter_files import expert_problems
     from evox_merge.util.hub import is_dense_expert, resolve_model
-    from evox_merge.util.ownership import check_replace, collision
+    from evox_merge.util.ownership import check_replace, collision, output_path_problem
 
     if args.rank is not None and args.rank < 1:
         raise EvoxMergeError(f"--rank: must be >= 1, got {args.rank} (leave it out for the exact merge)")
@@ -169,9 +174,13 @@ def _apply(args: argparse.Namespace) -> None:
         coefficients = _parse_coefficients(args.coefficients)
         if len(coefficients) != len(experts):
             raise EvoxMergeError(f"--coefficients has {len(coefficients)} values for {len(experts)} experts")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise EvoxMergeError(f"--out: {out} is a file; expected a directory")
+    out = Path(args.out).absolute()
+    if (problem := output_path_problem(out, "--out", "a folder that can be created and written (apply writes "
+                                                     "adapter/, and with --full-model model/, into it)")) is not None:
+        raise MergeInputError(problem)
+    problems = expert_problems([(f"experts[{i}]", expert) for i, expert in enumerate(experts)])
+    if problems:
+        raise MergeInputError("; ".join(problems))
     # Before the model loads: what this apply would write is none of its inputs and replaces only its own output.
     inputs = [("base", Path(resolve_model(base, "base").path)),
               *((f"experts[{i}]", Path(resolve_model(e, f"experts[{i}]").path)) for i, e in enumerate(experts)),
@@ -208,11 +217,26 @@ def _apply(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from evox_merge.util.adapter_files import lora_file_problem, task_spec_file_problem
+    from evox_merge.util.hub import resolve_model
+
+    # From the files, before torch is imported: a folder given as the task spec file, an adapter whose config gives
+    # a key twice or whose tensors' rank is not the config's.
+    problem = task_spec_file_problem(Path(args.tasks).absolute(), "--tasks")
+    if problem is None and args.adapter is not None:
+        try:
+            adapter = Path(resolve_model(args.adapter, "--adapter").path)
+        except MergeInputError:
+            adapter = None  # evaluate_model names it
+        problem = lora_file_problem(adapter, "--adapter", changes_base=False) if adapter is not None else None
+    if problem is not None:
+        raise MergeInputError(problem)
     from evox_merge.run.evaluate import evaluate_model
 
     scores = evaluate_model(args.model, args.tasks, adapter=args.adapter, split=args.split,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     print(json.dumps(scores, indent=2))
+    print(f"scored in {scores.dtype} on {scores.device}", file=sys.stderr)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -247,13 +271,14 @@ def _algorithms(args: argparse.Namespace) -> None:
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
+    from evox_merge.run.zoo_search import check_zoo_arguments
     from evox_merge.zoo.files import default_zoo_dir
-    from evox_merge.zoo.manifest import plan_target
-    from evox_merge.zoo.presets import get_preset
 
-    # From the files alone, before torch is imported: an intact zoo is reused, a folder it may not replace refused.
+    # From the files alone, before torch is imported: an intact zoo is reused; a folder it may not replace, or a
+    # place where it cannot be written, is refused.
     root = Path(args.out) if args.out is not None else default_zoo_dir(args.preset, args.seed)
-    if plan_target(root, args.preset, args.seed, get_preset(args.preset).to_dict(), args.rebuild).action != "reuse":
+    if check_zoo_arguments(args.out, args.preset, args.seed, ("--preset", "--out", "--seed"),
+                           args.rebuild).action != "reuse":
         from evox_merge.zoo.build import build_zoo
 
         build_zoo(root, preset=args.preset, seed=args.seed, progress=not args.quiet, wheel=args.wheel,
@@ -262,6 +287,19 @@ def _zoo_build(args: argparse.Namespace) -> None:
 
 
 def _lineage(args: argparse.Namespace) -> None:
+    from evox_merge.util.ownership import output_path_problem
+
+    # Where the DOT file (and the PNG beside it) would go: a file, in a folder that takes new files.
+    if args.out is not None:
+        problem = output_path_problem(Path(args.out).absolute(), "--out", "a DOT file path in a folder that can be "
+                                      "created and written", folder=False, beside=True)
+    elif Path(args.run).is_dir():
+        problem = output_path_problem(Path(args.run).absolute(), "--out (default: RUN/lineage-<id>.dot)",
+                                      "a run folder that takes new files, or an --out elsewhere")
+    else:
+        problem = None
+    if problem is not None:
+        raise MergeInputError(problem)
     from evox_merge.run.evidence import lineage
 
     found = lineage(args.run, args.candidate, args.out, overwrite=args.overwrite)
@@ -311,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", required=True, help="task spec file (YAML/JSON list)")
     evaluate.add_argument("--split", choices=("validation", "test"), default="validation")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    evaluate.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                          help="auto (default): bfloat16 on a CUDA GPU that supports it, else float32")
     evaluate.set_defaults(handler=_evaluate)
 
     lineage = commands.add_parser("lineage", help="a candidate's ancestry (text and a Graphviz DOT file)")

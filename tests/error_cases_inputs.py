@@ -1,6 +1,7 @@
 """Error-table cases: inputs accepted silently before (run by tests/test_errors.py; see tests/error_harness.py).
 
-Each is refused before the model loads where the files can answer it: duplicate YAML keys, a test file that is the
+Each is refused before the model loads where the files can answer it: duplicate YAML keys (and JSON keys in
+adapter_config.json), the same expert twice, a folder given as a task spec file, a test file that is the
 validation file, examples longer than the model's positions or with nothing to score (a one-token text, a prompt or
 a choice the tokenizer drops), prompt templates that format to something else than a field (or hold the answer),
 adapters whose tensors' rank is not their config's, objective names that are not folders of their own; a NaN base
@@ -109,6 +110,15 @@ def _pareto(ws: Workspace, names: list[str], groups: list[list[str]] | None = No
            objectives={"kind": "pareto", **({"groups": groups} if groups else {})})
 
 
+def _apply(ws: Workspace, *experts: str) -> None:
+    cli("apply", "--base", ws.root / "base", "--experts", *(ws.root / e for e in experts), "--coefficients",
+        ",".join(["0.5"] * len(experts)), "--out", ws.root / "merged")
+
+
+def _zero_lora_b(ws: Workspace, expert: str) -> None:
+    ws.edit_tensors(expert, lambda tensors: [tensors[key].zero_() for key in tensors if "lora_B" in key])
+
+
 CASES = [
     # Duplicate keys in YAML: the later value used to win without a word.
     Case("yaml_duplicate_key", "`batch_size` given twice in the search config", _duplicate_config_key,
@@ -212,8 +222,38 @@ CASES = [
          r"\(rank 4\) but .*gives this module rank_pattern\['q_proj'\] = 2"),
     Case("adapter_config_duplicate_key", "an expert's `adapter_config.json` that gives `r` twice",
          lambda ws: (_duplicate_r(ws, "expert_1"), search(ws)), MergeInputError,
-         r"adapter: .*expert_1/adapter_config\.json gives the key 'r' twice in one object; JSON readers would keep "
-         r"only the later value"),
+         r"invalid search config: experts\[1\]: .*expert_1/adapter_config\.json gives the key 'r' twice in one "
+         r"object; JSON readers would keep only the later value"),
+    # The same expert twice: refused from the config before the imports (after them, from the loaded set, before).
+    Case("expert_listed_twice", "`experts: [expert_0, expert_1, expert_0]`",
+         lambda ws: search(ws, experts=["expert_0", "expert_1", "expert_0"]), MergeInputError,
+         r"invalid search config: experts\[2\]: .*expert_0 is experts\[0\] again \(the same folder\); list each "
+         r"expert once"),
+    Case("expert_copy_listed", "an expert and a copy of its folder under another name",
+         lambda ws: (shutil.copytree(ws.root / "expert_1", ws.root / "copy_of_1"),
+                     search(ws, experts=["expert_0", "expert_1", "copy_of_1"])), MergeInputError,
+         r"experts\[2\]: .*copy_of_1 holds the same weights \(adapter_model\.safetensors, byte for byte\) and "
+         r"scaling as experts\[1\] \(.*expert_1\): the same expert twice"),
+    Case("apply_expert_listed_twice", "`apply --experts A B A`",
+         lambda ws: _apply(ws, "expert_0", "expert_1", "expert_0"), MergeInputError,
+         r"^experts\[2\]: .*expert_0 is experts\[0\] again \(the same folder\)"),
+    Case("apply_expert_untrained", "`apply --experts` with an adapter whose every `lora_B` is zero",
+         lambda ws: (_zero_lora_b(ws, "expert_1"), _apply(ws, "expert_0", "expert_1")), MergeInputError,
+         r"^experts\[1\]: .*expert_1/adapter_model\.safetensors: every module's lora_B \(or lora_A\) is all zeros"),
+    Case("apply_adapter_rank_not_r", "`apply --experts` with an adapter whose config gives `r: 8` for rank-4 tensors",
+         lambda ws: (_edit_adapter_config(ws, "expert_0", r=8), _apply(ws, "expert_0", "expert_1")),
+         MergeInputError, r"^experts\[0\]: .*expert_0/adapter_model\.safetensors: tensor .* \(rank 4\) but .* r = 8"),
+    Case("evaluate_adapter_duplicate_key", "`evaluate --adapter` whose `adapter_config.json` gives `r` twice",
+         lambda ws: (_duplicate_r(ws, "expert_1"), _evaluate(ws, "--adapter", ws.root / "expert_1")),
+         MergeInputError, r"^--adapter: .*expert_1/adapter_config\.json gives the key 'r' twice"),
+    # A folder where a task spec file is expected: was "does not exist".
+    Case("tasks_is_directory", "`tasks: data` (a folder) in a config",
+         lambda ws: search(ws, tasks="data"), MergeInputError,
+         r"invalid search config: tasks: .*data is a directory; expected a task spec file: YAML or JSON holding a "
+         r"list of task specs \(name, type, path, \.\.\.\) or a mapping whose 'tasks' key holds one"),
+    Case("evaluate_tasks_is_directory", "`evaluate --tasks data` (a folder)",
+         lambda ws: cli("evaluate", "--model", ws.root / "base", "--tasks", ws.root / "data"), MergeInputError,
+         r"^--tasks: .*data is a directory; expected a task spec file"),
     # Pareto objective names that are not folders of their own under specialists/.
     Case("objectives_folders_collide", "tasks `a/b` and `a_b` under `objectives: pareto`",
          lambda ws: _pareto(ws, ["a/b", "a_b"]), MergeInputError,

@@ -24,6 +24,23 @@ from evox_merge.util.hashing import directory_sha256
 # A process that takes a folder's lock as a search does, says so, and holds it until it is killed.
 HOLD_LOCK = ("import sys, time; from evox_merge.util.lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
              "print('held', flush=True); time.sleep(120)")
+# A search killed before its first checkpoint, as the search's own code leaves it: it claims the folder, writes run.json
+# (noting its run's id in the lock file), flushes its first records, and dies (no clean-up runs, the lock is dropped).
+KILLED_START = ("import os, sys; from pathlib import Path; from evox_merge.run.config import load_config; "
+                "from evox_merge.run.output_dir import OutputClaim, prepare_output; "
+                "config = load_config(sys.argv[1]); claim = OutputClaim(Path(config.output_dir)); claim.acquire(); "
+                "prepare_output(config, resume=False, overwrite=False, claim=claim); "
+                "Path(config.output_dir, 'records.jsonl').write_text(sys.argv[2]); os._exit(9)")
+
+
+def killed_start(ws: Workspace, **overrides) -> Path:
+    """The output folder of a search killed before its first checkpoint (`KILLED_START`), for the workspace's config
+    with `overrides`."""
+    config = ws.write_config(**overrides)
+    done = subprocess.run([sys.executable, "-c", KILLED_START, str(config), _record(0)], capture_output=True,
+                          text=True, timeout=60, cwd=ws.root)
+    assert done.returncode == 9, done.stderr
+    return Path(load_config(config).output_dir)
 
 
 def _checkpoint(out: Path, records: int, workflow: dict | None = None) -> None:
@@ -106,11 +123,13 @@ CASES: list[Case] = [
          r"output_dir: .*out is in use by another search \(pid \d+ holds .*out/run\.lock\); wait for it to end"),
     Case("output_dir_under_a_file", "`output_dir: notes.txt/run` where `notes.txt` is a file",
          _output_under_a_file, MergeInputError,
-         r"output_dir: .*notes\.txt/run lies under .*notes\.txt, which is a file; expected a folder that can be"),
+         r"output_dir: .*notes\.txt/run lies under .*notes\.txt, which is a file; expected a directory \(new, "
+         r"empty, or a previous run's\) that can be created and written"),
     Case("output_dir_not_writable", "`output_dir` where no folder can be created (`/proc/evox-merge-run`)",
          lambda ws: search(ws, output_dir="/proc/evox-merge-run"), MergeInputError,
-         r"output_dir: cannot create or write /proc/evox-merge-run \(No such file or directory: "
-         r"/proc/evox-merge-run\); expected a folder that can be created and written"),
+         r"invalid search config: output_dir: /proc/evox-merge-run cannot be written: /proc, where it would be "
+         r"created, does not take new files \(No such file or directory\); expected a directory \(new, empty, or a "
+         r"previous run's\) that can be created and written"),
     Case("resume_expert_changed", "`--resume` after an expert's weights changed under the run",
          _expert_changed_before_resume, MergeInputError,
          r"--resume refused: experts\[1\] .*expert_1 changed since the run started \(its files' sha256 differs "

@@ -426,14 +426,14 @@ def test_task_paths_are_absolute_in_config_and_run_json(tiny_setup, tmp_path, mo
 
 
 def test_rerun_after_a_failed_start_proceeds(tiny_setup, tmp_path, monkeypatch):
-    """run.json of a start that failed (no checkpoint): a corrected plain rerun and --resume both start afresh."""
+    """run.json of a start that was killed (no checkpoint): a corrected plain rerun and --resume both start afresh."""
     ws = Workspace(tmp_path, tiny_setup)
     monkeypatch.chdir(tmp_path)
-    out = ws.start_run()
-    (out / "records.jsonl").write_text("")
-    ws.line("copy", '{"prompt": "p", "answer": "x"}')  # the user fixes/changes the data
-    config = load_config(ws.root / "search.yaml")
     for resume in (False, True):
+        out = error_cases_runs.killed_start(ws)
+        assert (out / "records.jsonl").exists()
+        ws.line("copy", '{"prompt": "p", "answer": "x"}')  # the user fixes/changes the data
+        config = load_config(ws.root / "search.yaml")
         run = prepare_output(config, resume=resume, overwrite=False)
         saved = json.loads((out / "run.json").read_text())
         assert saved["task_hashes"] == run["task_hashes"]
@@ -441,15 +441,19 @@ def test_rerun_after_a_failed_start_proceeds(tiny_setup, tmp_path, monkeypatch):
 
 
 def test_overwrite_deletes_only_the_run_files(tiny_setup, tmp_path, monkeypatch):
+    from evox_merge.run.run_files import record_run_files, run_id_of
+
     ws = Workspace(tmp_path, tiny_setup)
     monkeypatch.chdir(tmp_path)
     out = ws.start_run()
     for name in ("records.jsonl", "recipe.json", "README.md"):
         (out / name).write_text("old")
     (out / "best" / "adapter").mkdir(parents=True)
+    (out / "best" / "adapter" / "weights").write_text("old")
+    record_run_files(out, run_id_of(out))  # as the search records what it wrote
     (out / "mine.txt").write_text("the user's")
     prepare_output(load_config(ws.root / "search.yaml"), resume=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["mine.txt", "run.json"]
 
 
 # ---- Models by Hub id, offline, from a Hub cache written here ----

@@ -1,8 +1,9 @@
-"""Nothing lost (issue 28): `zoo build`, `apply` and `lineage` delete or replace only what they can prove they
-wrote, never an input of the same command. Each test creates the user's files (notes, a task folder, a base's
-config.json, an expert used as input), runs the command as a user would, and checks that those files are still
-there byte for byte; the positive paths (an intact zoo reused, a pristine zoo rebuilt, apply over its own output
-with --overwrite, lineage rerun) keep working. The refusals themselves are also in the error table
+"""Nothing lost (issue 28): `zoo build`, `apply`, `lineage` and `search --overwrite` delete or replace only what
+they can prove they wrote, never an input of the same command. Each test creates the user's files (notes, a task
+folder, a base's config.json, an expert used as input, records.jsonl and history.csv beside a copied run.json), runs
+the command as a user would, and checks that those files are still there byte for byte; the positive paths (an
+intact zoo reused, a pristine zoo rebuilt, apply over its own output with --overwrite, lineage rerun, a search over
+its own earlier or killed run) keep working. The refusals themselves are also in the error table
 (tests/error_cases_writes.py)."""
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from safetensors.torch import load_file
 
 import evox_merge.experts.expert_set as expert_set_module
@@ -24,7 +28,9 @@ import evox_merge.zoo.build as zoo_build
 from error_harness import Workspace, cli, tree
 from evox_merge.cli import main
 from evox_merge.util.errors import ZooError
-from evox_merge.util.ownership import RECORD_NAME, STAGING_MARKER, compare, read_record, remove_stale_staging
+from evox_merge.run.run_files import LOCK_NAME, SEARCH_WRITER, run_file_paths, run_id_of
+from evox_merge.util.ownership import (RECORD_NAME, STAGING_MARKER, compare, read_record, read_record_fields,
+                                      remove_stale_staging)
 from evox_merge.zoo import build_zoo, load_zoo
 from evox_merge.zoo.presets import get_preset
 
@@ -294,6 +300,80 @@ def test_lineage_replaces_a_png_only_when_its_dot_file_records_it(finished, tmp_
     assert png.read_bytes().startswith(b"digraph lineage")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no Graphviz: lineage's own PNG no longer matches
     assert run(capsys, "lineage", out, "--out", tmp_path / "l.dot")[0] == 0 and not png.exists()
+
+
+# ---- search --overwrite ----
+
+def search_config(ws: Workspace, name: str, out: Path, **overrides) -> Path:
+    """A config beside the workspace's files (its paths are relative to it) that writes into `out`."""
+    path = ws.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(ws.config(output_dir=str(out), **overrides)))
+    return path
+
+
+def test_search_overwrite_replaces_only_the_files_the_search_recorded(finished, tmp_path, capsys):
+    ws, finished_run = finished
+    proj = tmp_path / "proj"  # the user's records.jsonl and history.csv beside a run.json copied from a run
+    proj.mkdir()
+    shutil.copy(finished_run / "run.json", proj / "run.json")
+    (proj / "records.jsonl").write_text('{"mine": 1}\n')
+    (proj / "history.csv").write_text("my,own,table\n")
+    before = tree(proj)
+    unproven = "no search recorded writing 'history.csv', 'records.jsonl', 'run.json'"
+    for flags, message in (([], "is not empty: pass --resume"), (["--overwrite"], f"--overwrite refused: {unproven}"),
+                           (["--resume"], f"holds no checkpoint to continue from, and {unproven}")):
+        status, err = _search(capsys, search_config(ws, "proj", proj), *flags)
+        assert status == 2 and message in err and tree(proj) == before, (flags, err)
+    copy = Path(shutil.copytree(finished_run, tmp_path / "copy"))  # a copy of a run, its record with it, is that run
+    (copy / "notes.txt").write_text("the user's notes")
+    history = (copy / "history.csv").read_bytes()
+    (copy / "history.csv").write_bytes(history + b"# my annotation\n")
+    before = tree(copy)
+    status, err = _search(capsys, search_config(ws, "copy", copy), "--overwrite")
+    assert status == 2 and "'history.csv' changed since the search wrote it" in err and tree(copy) == before
+    (copy / "history.csv").write_bytes(history)
+    old_id = run_id_of(copy)
+    assert _search(capsys, search_config(ws, "copy", copy), "--overwrite")[0] == 0
+    assert (copy / "notes.txt").read_text() == "the user's notes" and run_id_of(copy) != old_id
+    record = read_record_fields(copy, SEARCH_WRITER)
+    assert record["run_id"] == run_id_of(copy) and sorted(record["files"]) == run_file_paths(copy)
+    assert not compare(copy, record["files"], skip={RECORD_NAME, "notes.txt"}).changed
+
+
+def _search(capsys, config: Path, *flags: str) -> tuple[int, str]:
+    return run(capsys, "search", config, "--quiet", *flags)
+
+
+@pytest.mark.slow
+def test_a_killed_search_is_overwritable_though_its_record_lags(ws, tmp_path, capsys):
+    """A CLI search killed with SIGKILL leaves its lock file, which names its run: --overwrite replaces its run
+    files even where they changed after the last record (records of a generation flushed before the checkpoint),
+    and keeps the user's file beside them. Without that lock file the same lag is refused, naming the file."""
+    out = ws.root / "out"
+    config = search_config(ws, "long", out, budget={"generations": 60})
+    process = subprocess.Popen([sys.executable, "-m", "evox_merge.cli", "search", str(config), "--quiet"],
+                               cwd=ws.root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        checkpoint = out / "checkpoint.pt"
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["counters"]["generation"] >= 2:
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert process.returncode == -9 and not (out / "recipe.json").exists()
+    assert (out / LOCK_NAME).read_text().splitlines()[1] == run_id_of(out)
+    with open(out / "records.jsonl", "a") as handle:  # the next generation's records, flushed, not yet recorded
+        handle.write(json.dumps({"id": 10 ** 6}) + "\n")
+    (out / "notes.txt").write_text("the user's notes")
+    unlocked = Path(shutil.copytree(out, tmp_path / "unlocked"))
+    (unlocked / LOCK_NAME).unlink()
+    before = tree(unlocked)
+    status, err = _search(capsys, search_config(ws, "unlocked", unlocked), "--overwrite")
+    assert status == 2 and "'records.jsonl' changed since the search wrote it" in err and tree(unlocked) == before
+    assert _search(capsys, search_config(ws, "short", out), "--overwrite")[0] == 0
+    assert (out / "notes.txt").read_text() == "the user's notes" and (out / "recipe.json").is_file()
+    assert not (out / LOCK_NAME).exists()
 
 
 # ---- refusals before the heavy imports ----

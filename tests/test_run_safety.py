@@ -4,7 +4,11 @@
   any model loads, naming the folder and the holder's pid, and changes nothing; a killed holder's lock file is
   taken over; a folder holding only a lock file is an empty one.
 * The roll-back: a search that fails before its first checkpoint removes what it wrote and puts back what it
-  replaced (a previous run under --overwrite, a failed start, the records a --resume truncated).
+  replaced (a previous run under --overwrite, a failed start, the records a --resume truncated, and the record of
+  the files a search wrote).
+* The record (`evox_merge.run.run_files`): a search records run.json when it starts, its records and checkpoint at
+  every checkpoint and every run file when it ends, however it ends; a search killed before its first checkpoint
+  (its lock file naming its run) is started afresh.
 * Ctrl-C: exit status 130 and one line that says what was kept and the command that continues; --resume then
   ends where an uninterrupted search does.
 * The checks: the CLI makes them before it imports the search (tests/test_fast_refusals.py) and `run_search` again
@@ -27,12 +31,14 @@ import torch
 import evox_merge.experts.expert_set as expert_set_module
 import evox_merge.run.output_dir as output_dir_module
 import evox_merge.run.search as search_module
-from error_cases_runs import HOLD_LOCK, _started_run_with_evidence
+from error_cases_runs import HOLD_LOCK, _started_run_with_evidence, killed_start
 from error_harness import Workspace, tree
 from evox_merge.cli import main
 from evox_merge.run.config import load_config
 from evox_merge.run.monitor import read_records
 from evox_merge.run.output_dir import LOCK_NAME, check_output
+from evox_merge.run.run_files import SEARCH_WRITER, run_file_paths, run_id_of
+from evox_merge.util.ownership import RECORD_NAME, named_hashes, read_record_fields
 from evox_merge.run.search import SearchInterrupted, run_search
 from evox_merge.util.errors import MergeInputError, RunStateError
 
@@ -84,7 +90,7 @@ def test_a_held_folder_refuses_every_second_search_and_a_killed_holder_releases_
     assert (out / LOCK_NAME).read_text() == f"{holder.pid}\n"  # left behind by the killed holder, not held
     (out / "mine.txt").unlink()
     assert _search(ws) == 0  # a failed start and a stale lock file: the search proceeds
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("run", "."))) == ["run.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("run", "."))) == [RECORD_NAME, "run.json"]
     assert [r["id"] for r in read_records(out / "records.jsonl")] == [0, 1, 2, 3]
 
 
@@ -171,13 +177,15 @@ def test_a_late_refusal_puts_back_the_run_that_overwrite_replaced_and_a_failed_s
     assert tree(ws.root) == before  # the previous run whole, nothing set aside left behind
     assert main(["apply", "--run", str(out), "--out", str(ws.root / "merged")]) == 0  # still a finished run
 
-    failed = ws.start_run(output_dir="failed")
-    (failed / "records.jsonl").write_text("")
+    failed = killed_start(ws, output_dir="failed")
+    assert sorted(p.name for p in failed.iterdir()) == [RECORD_NAME, "records.jsonl", "run.json", LOCK_NAME]
     before = tree(ws.root)
     with monkeypatch.context() as patch:
         _refused_late(patch)
         assert _search(ws, "--resume", output_dir="failed") == 2
     assert tree(ws.root) == before
+    assert _search(ws, output_dir="failed") == 0  # started afresh: the killed start's files were its own
+    assert (failed / "recipe.json").is_file() and not (failed / LOCK_NAME).exists()
 
 
 def _interrupt_at_the_second_checkpoint(monkeypatch) -> None:
@@ -200,8 +208,10 @@ def test_an_interrupted_resume_leaves_the_run_as_it_was_and_resumes_exactly(ws, 
             run_search(config, progress="quiet")
     out = ws.root / "out"
     assert (interrupted.value.output_dir, interrupted.value.generation, interrupted.value.generations) == (out, 1, 3)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "records.jsonl", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD_NAME, "checkpoint.pt", "records.jsonl", "run.json"]
     assert len(read_records(out / "records.jsonl")) == 8  # generation 2's records, beyond the checkpoint
+    record = read_record_fields(out, SEARCH_WRITER)  # recorded as the interrupted search left them
+    assert record["run_id"] == run_id_of(out) and record["files"] == named_hashes(out, run_file_paths(out))
     with open(out / "records.jsonl", "a") as handle:
         handle.write('{"id": 8, "coeffic')  # and a record cut short
     before = tree(ws.root)
@@ -282,3 +292,27 @@ def test_ctrl_c_mid_search_exits_130_with_one_line_and_resume_completes(ws, caps
                                                     read_records(straight.output_dir / "records.jsonl")]
     assert json.loads((ws.root / "out" / "recipe.json").read_text())["best"]["coefficients"] == \
         straight.best_coefficients
+
+
+def test_the_record_follows_each_checkpoint_and_the_end_of_the_search(ws, monkeypatch):
+    """After each checkpoint the record holds run.json, records.jsonl and the checkpoint as written; when the
+    search ends, every run file; a user's file in the folder is never recorded."""
+    seen = []
+    real = search_module.save_checkpoint
+
+    def save(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        seen.append(read_record_fields(path.parent, SEARCH_WRITER))  # the record before this checkpoint's
+    monkeypatch.setattr(search_module, "save_checkpoint", save)
+    (ws.root / "out").mkdir()
+    config = ws.write_config(budget={"generations": 3})
+    result = run_search(config, progress="quiet")
+    out = result.output_dir
+    assert [sorted(record["files"]) for record in seen] == [["run.json"]] + [
+        ["checkpoint.pt", "records.jsonl", "run.json"]] * 2
+    assert len({record["files"]["records.jsonl"] for record in seen[1:]}) == 2  # each checkpoint's records
+    (out / "notes.txt").write_text("the user's")
+    record = read_record_fields(out, SEARCH_WRITER)
+    assert record["run_id"] == run_id_of(out) and "notes.txt" not in record["files"]
+    assert record["files"] == named_hashes(out, run_file_paths(out)) and "best/adapter/adapter_model.safetensors" in \
+        record["files"]

@@ -56,6 +56,12 @@ class ExpertSet:
     tokenizer_info: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def dtype_name(self) -> str:
+        """The dtype the base model (and the stacked factors) run in, as a config spells it (``float32``,
+        ``bfloat16``, ``float16``): what run.json and recipe.json record."""
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
     def num_experts(self) -> int:
         """N, the length of every coefficient vector."""
         return len(self.adapters)

@@ -1,6 +1,6 @@
-"""A search's output folder: the names of the files a run writes there, the claim that makes the folder one search's
-own (`OutputClaim`: its lock and roll-back) and the checks that refuse a folder before anything loads
-(`prepare_output`).
+"""A search's output folder: the claim that makes the folder one search's own (`OutputClaim`: its lock, roll-back and
+the record of the files it wrote) and the checks that refuse a folder before anything loads (`prepare_output`). The
+names of the run files and the rule that proves them a search's own live in `evox_merge.run.run_files`.
 
 Torch-free: the CLI makes the checks (`check_output`) before it imports the search, so that a refused output folder
 is said in well under a second, and `evox_merge.run.search.run_search` makes them again under its own claim. Only a
@@ -17,6 +17,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,37 +25,34 @@ from typing import TYPE_CHECKING, Any, Iterator
 from evox_merge.util.atomic import write_text_atomic
 from evox_merge.util.errors import MergeInputError, RunStateError
 from evox_merge.util.hashing import directory_sha256
+from evox_merge.run.run_files import MERGEVOLVE_RECORDS  # noqa: F401 (the run files' names, imported from here)
+from evox_merge.run.run_files import (CHECKPOINT_FILES, CHECKPOINT_NAME, LOCK_NAME, RECORDS_NAME, RUN_FILES, RUN_NAME,
+                                      SEARCH_WRITER, record_run_files, unproven_phrase,
+                                      unproven_run_files)
 from evox_merge.util.hub import resolve_model
-from evox_merge.util.lock import FolderBusy, FolderLock
+from evox_merge.util.lock import FolderBusy, FolderLock, stale_note
+from evox_merge.util.ownership import RECORD_NAME, few, named_hashes, output_path_problem, write_record
 
 if TYPE_CHECKING:
     from evox_merge.run.config import SearchConfig
 
 logger = logging.getLogger(__name__)
 
-RUN_NAME = "run.json"
-LOCK_NAME = "run.lock"
-RECORDS_NAME = "records.jsonl"
-CHECKPOINT_NAME = "checkpoint.pt"
-MERGEVOLVE_RECORDS = "mergevolve_records.jsonl"
-PARETO_FILES = ("champion", "specialists", "challengers", "pareto_front.png")
-# Every name a run writes in its output directory: --overwrite deletes these and nothing else (the lock file, held
-# by the search that deletes them, is removed when that search ends).
-RUN_FILES = (RUN_NAME, RECORDS_NAME, CHECKPOINT_NAME, LOCK_NAME, "best", "recipe.json", "README.md", "history.csv",
-             "fitness.png", "coefficients.png", "task_scores.png", MERGEVOLVE_RECORDS, *PARETO_FILES)
 # Hidden folders where the run files a search replaces wait for its first checkpoint (`OutputClaim.set_aside`).
 _ASIDE_PREFIX = ".evox-merge-replaced-"
+# What a claim replaces and puts back: the run files and the record of them.
+_CLAIMED = (*RUN_FILES, RECORD_NAME)
+# The claims this process holds, by output folder: the checks read a killed search's note from them (`acquire`
+# writes this process's pid over the lock file that held it).
+_HELD: dict[Path, "OutputClaim"] = {}
 
 
-def output_dir_problem(out: Path) -> str | None:
-    """Why `out` cannot be a search's output folder as far as the paths tell (it is a file, or lies under one), or
-    None."""
-    if out.exists() and not out.is_dir():
-        return f"output_dir: {out} is a file; expected a directory (new, empty, or a previous run's)"
-    blocker = next((folder for folder in out.parents if folder.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        return f"output_dir: {out} lies under {blocker}, which is a file; expected a folder that can be created"
-    return None
+def output_dir_problem(out: Path, option: str = "output_dir") -> str | None:
+    """Why `out` cannot be a search's output folder as far as the paths tell (it is a file, lies under one, or
+    where it is or would be created no file can be written), or None (`evox_merge.util.ownership.output_path_problem`;
+    `option`: how the message names it)."""
+    return output_path_problem(out, option, "a directory (new, empty, or a previous run's) that can be created and "
+                                            "written")
 
 
 def task_file_hashes(config: SearchConfig) -> dict[str, str]:
@@ -93,6 +91,8 @@ class OutputClaim:
     def __init__(self, out: Path) -> None:
         self.out = out.absolute()
         self.committed = False
+        self.run_id: str | None = None  # the run this search writes or continues (`note_run`)
+        self.killed_run: str | None = None  # the run a killed search noted in the lock file `acquire` took over
         self._lock = FolderLock(self.out / LOCK_NAME)
         self._created: list[Path] = []  # folders this search created, outermost first
         self._before: set[str] = set()  # the run files present when it took the lock
@@ -121,7 +121,16 @@ class OutputClaim:
         except OSError as error:
             raise MergeInputError(f"output_dir: cannot create or write {out} ({error.strerror or error}: "
                                   f"{error.filename}); expected a folder that can be created and written") from None
-        self._before = {name for name in RUN_FILES if _present(out / name)}
+        self._before = {name for name in _CLAIMED if _present(out / name)}
+        self.killed_run = self._lock.previous_note
+        _HELD[out] = self
+
+    def note_run(self, run_id: str | None) -> None:
+        """The search writes (or continues) run `run_id` here: note it in the lock file, where it stays if this
+        process is killed (`evox_merge.run.run_files`)."""
+        self.run_id = run_id
+        if run_id is not None:
+            self._lock.note(run_id)
 
     def set_aside(self, name: str, copy: bool = False) -> None:
         """The search is about to delete (or, with `copy`, change in place) the run file `name`: move (copy) it into
@@ -140,7 +149,10 @@ class OutputClaim:
         self._set_aside.append(name)
 
     def commit(self) -> None:
-        """The search wrote its first checkpoint: what it set aside (and what a killed search left aside) goes."""
+        """The search wrote a checkpoint: record run.json, records.jsonl and the checkpoint as they are now; at the
+        first, what it set aside (and what a killed search left aside) goes."""
+        if self.run_id is not None and self._lock.held:
+            record_run_files(self.out, self.run_id, CHECKPOINT_FILES)
         if self.committed:
             return
         self.committed = True
@@ -151,8 +163,9 @@ class OutputClaim:
         """Before `commit`: put the output folder back as `acquire` found it (after it, nothing to undo)."""
         if self.committed:
             return
+        _HELD.pop(self.out, None)
         if self._lock.held:
-            for name in RUN_FILES:
+            for name in _CLAIMED:
                 if name != LOCK_NAME and (name not in self._before or name in self._set_aside):
                     _remove(self.out / name)
             for name in self._set_aside:
@@ -167,8 +180,14 @@ class OutputClaim:
                 break
 
     def release(self) -> None:
-        """The search ended: remove the lock file (a no-op after `rollback`)."""
-        self._lock.release(remove=True)
+        """The search ended: record every run file it leaves (after its first checkpoint, however it ended), then
+        remove the lock file (a no-op after `rollback`)."""
+        _HELD.pop(self.out, None)
+        try:
+            if self.committed and self.run_id is not None and self._lock.held:
+                record_run_files(self.out, self.run_id)
+        finally:
+            self._lock.release(remove=True)
 
 
 @contextmanager
@@ -202,34 +221,99 @@ def check_output(config: SearchConfig, resume: bool, overwrite: bool) -> None:
             claim.rollback()
 
 
+def check_output_folder(out: Path, resume: bool, overwrite: bool, option: str = "output_dir") -> None:
+    """The checks of `check_output` that need no config, for a search whose config is not known yet (``search
+    --zoo`` checks its output folder before it builds the zoo): the path (`option` names it), the lock, and the
+    flags against what the folder holds.
+
+    Raises:
+        MergeInputError, RunStateError: as `check_output`.
+    """
+    if (problem := output_dir_problem(out.absolute(), option)) is not None:
+        raise MergeInputError(problem)
+    claim = OutputClaim(out)
+    try:
+        claim.acquire()
+        _, unproven = _folder_state(claim.out, resume, overwrite)
+        if unproven is not None:
+            raise MergeInputError(unproven)
+    finally:
+        with ctrl_c_ignored():
+            claim.rollback()
+
+
+def _killed_run(out: Path) -> str | None:
+    """The run id a killed search noted in `out`'s lock file (read by this process's claim when it holds one)."""
+    claim = _HELD.get(out.absolute())
+    return claim.killed_run if claim is not None else stale_note(out / LOCK_NAME)
+
+
+def _folder_state(out: Path, resume: bool, overwrite: bool) -> tuple[bool, str | None]:
+    """The checks of the folder against the flags that need no config: whether it holds only a failed start of a
+    search (run.json, perhaps records.jsonl, no checkpoint, proven ours: `evox_merge.run.run_files`), and the
+    refusal of the run files a replacement would delete that cannot be proven a search's own (None: all can)."""
+    if (problem := output_dir_problem(out)) is not None:
+        raise MergeInputError(problem)
+    entries = sorted(p.name for p in out.iterdir()
+                     if not p.name.startswith(".") and p.name != LOCK_NAME) if out.is_dir() else []
+    if resume and not (out / RUN_NAME).is_file():
+        raise MergeInputError(f"--resume: {out} holds no run to resume ({RUN_NAME} missing)")
+    if not entries:
+        return False, None
+    looks_failed = set(entries) <= {RUN_NAME, RECORDS_NAME} and RUN_NAME in entries
+    replaces = looks_failed or (overwrite if not resume else not (out / CHECKPOINT_NAME).exists())
+    changed, unrecorded, why = unproven_run_files(out, _killed_run(out)) if replaces else ([], [], None)
+    failed_start = looks_failed and not changed + unrecorded
+    if resume:
+        if not failed_start and not (out / CHECKPOINT_NAME).exists() and changed + unrecorded:
+            raise MergeInputError(f"--resume refused: {out} holds no checkpoint to continue from, and "
+                                  f"{unproven_phrase(out, changed, unrecorded, why)}; a search replaces only its own "
+                                  f"files: move them out of {out}, or choose another output_dir")
+        return failed_start, None
+    if failed_start:
+        return True, None
+    if not overwrite:
+        raise MergeInputError(
+            f"output directory {out} is not empty: pass --resume to continue its run or --overwrite to replace it"
+        )
+    if not (out / RUN_NAME).is_file():
+        raise MergeInputError(
+            f"--overwrite refused: {out} holds no previous run ({RUN_NAME} missing) but {len(entries)} other "
+            f"entr{'y' if len(entries) == 1 else 'ies'} (e.g. {entries[:3]}); evox-merge deletes only its own "
+            "runs: choose a new or empty output_dir"
+        )
+    if not changed + unrecorded:
+        return False, None
+    return False, (f"--overwrite refused: {unproven_phrase(out, changed, unrecorded, why)}; --overwrite replaces "
+                   f"only the run files whose SHA-256 matches what the search recorded ({RECORD_NAME}), and never "
+                   f"deletes others: move them out of {out} (copy what you want to keep), or choose another output_dir")
+
+
 def prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: bool = True,
                    evidence: dict[str, Any] | None = None, claim: OutputClaim | None = None) -> dict[str, Any]:
     """Check, then (with `write`) clear the output directory and write run.json; return the run's metadata (saved
     or new). With ``write=False`` only the checks run, so a refusal comes before anything loads.
 
-    A directory holding only a failed start (run.json, perhaps records.jsonl, no checkpoint) is started afresh,
-    with or without --resume; a lock file alone (``run.lock``, left by a killed search) is an empty directory.
-    --overwrite deletes only the files a run writes (`RUN_FILES`), only where run.json shows a previous run, and
-    never a file or folder the config reads. `evidence` (the run-constant evidence fields,
-    `evox_merge.run.evidence.run_evidence`) is written into a new run.json. With the search's `claim` on the folder
-    the files it replaces are set aside until its first checkpoint (`OutputClaim.set_aside`), not deleted.
+    A directory holding only a failed start (run.json, perhaps records.jsonl, no checkpoint) of a search is started
+    afresh, with or without --resume; a lock file alone (``run.lock``, left by a killed search) is an empty
+    directory. --overwrite deletes only the files a run writes (`RUN_FILES`), only where run.json shows a previous
+    run, only files proven that run's own (`evox_merge.run.run_files`: their SHA-256 as the search recorded it) and
+    never a file or folder the config reads. A new run.json gets a new ``run_id`` and is recorded with it.
+    `evidence` (the run-constant evidence fields, `evox_merge.run.evidence.run_evidence`) is written into a new
+    run.json. With the search's `claim` on the folder the files it replaces are set aside until its first checkpoint
+    (`OutputClaim.set_aside`), not deleted, and the run's id is noted in the lock file (`OutputClaim.note_run`).
 
     Raises:
-        MergeInputError: output_dir is a file or lies under one, a folder that is not empty without --resume or
-            --overwrite, --overwrite on a folder without a run or whose run holds a file the config reads, --resume
-            without a run or with a changed config, task file or model.
+        MergeInputError: output_dir is a file, lies under one or cannot be written, a folder that is not empty
+            without --resume or --overwrite, --overwrite on a folder without a run, whose run holds a file the
+            config reads, or whose run files are not proven a search's own, --resume without a run or with a
+            changed config, task file or model.
         RunStateError: a run.json, checkpoint or records.jsonl that --resume cannot continue from.
     """
     out = Path(config.output_dir)
-    if (problem := output_dir_problem(out)) is not None:
-        raise MergeInputError(problem)
+    failed_start, unproven = _folder_state(out, resume, overwrite)
     hashes = task_file_hashes(config)
-    entries = sorted(p.name for p in out.iterdir()
-                     if not p.name.startswith(".") and p.name != LOCK_NAME) if out.is_dir() else []
-    failed_start = bool(entries) and set(entries) <= {RUN_NAME, RECORDS_NAME} and RUN_NAME in entries
     if resume:
-        if not (out / RUN_NAME).is_file():
-            raise MergeInputError(f"--resume: {out} holds no run to resume ({RUN_NAME} missing)")
         try:
             run = json.loads((out / RUN_NAME).read_text(encoding="utf-8"))
             saved_config, saved_hashes = run["config"], run["task_hashes"]
@@ -238,7 +322,8 @@ def prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: b
                                 "--overwrite") from None
         if not failed_start:
             current = config.model_dump(mode="json")
-            saved_config = {"objectives": "mean", **saved_config}  # runs from before objectives existed
+            # Keys added since a run was written: their defaults did what the run did before they existed.
+            saved_config = {"objectives": "mean", "batch_tokens": None, "subsample": None, **saved_config}
             if saved_config != current:
                 changed = sorted(k for k in {*saved_config, *current} if saved_config.get(k) != current.get(k))
                 raise MergeInputError(f"--resume: the config differs from the run's in {changed}")
@@ -250,36 +335,34 @@ def prepare_output(config: SearchConfig, resume: bool, overwrite: bool, write: b
                 )
             _check_models_unchanged(config, run, out)
             _check_resumable(out)
+            if write and claim is not None:
+                claim.note_run(run.get("run_id"))
             return run
         logger.info("%s: the previous start failed before its first checkpoint; starting afresh", out)
-    elif entries and not failed_start:
-        if not overwrite:
-            raise MergeInputError(
-                f"output directory {out} is not empty: pass --resume to continue its run or --overwrite to replace it"
-            )
-        if not (out / RUN_NAME).is_file():
-            raise MergeInputError(
-                f"--overwrite refused: {out} holds no previous run ({RUN_NAME} missing) but {len(entries)} other "
-                f"entr{'y' if len(entries) == 1 else 'ies'} (e.g. {entries[:3]}); evox-merge deletes only its own "
-                "runs: choose a new or empty output_dir"
-            )
+    elif overwrite and (out / RUN_NAME).is_file() and not failed_start:
         owned = [(out / name).resolve() for name in RUN_FILES]
         inside = sorted(str(p) for p in _config_inputs(config) for o in owned if p == o or o in p.parents)
         if inside:
             raise MergeInputError(f"--overwrite refused: the config reads {inside}, inside the previous run in "
                                   f"{out} that --overwrite would delete; copy them elsewhere first")
+        if unproven is not None:
+            raise MergeInputError(unproven)
     if not write:
         return {}
     out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # a failed start's files, or (--overwrite) a previous run's
+    for name in _CLAIMED:  # a failed start's files, or (--overwrite) a previous run's, and the record of them
         if name != LOCK_NAME:
             if claim is not None:
                 claim.set_aside(name)
             else:
                 _remove(out / name)
-    run = {"config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time(),
+    run_id = uuid.uuid4().hex
+    if claim is not None:
+        claim.note_run(run_id)
+    run = {"run_id": run_id, "config": config.model_dump(mode="json"), "task_hashes": hashes, "started": time.time(),
            **({"evidence": evidence} if evidence is not None else {})}
     write_text_atomic(out / RUN_NAME, json.dumps(run, indent=2))
+    write_record(out, SEARCH_WRITER, named_hashes(out, [RUN_NAME]), run_id=run_id)
     return run
 
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evox_merge.run.config import SearchConfig, load_config, seed_problem
 from evox_merge.tasks import TaskSpec
 from evox_merge.util.errors import MergeInputError, ZooError
+from evox_merge.util.ownership import output_path_problem
+
+if TYPE_CHECKING:
+    from evox_merge.zoo.manifest import ZooPlan
 
 
 def zoo_paths(
@@ -20,15 +25,19 @@ def zoo_paths(
 
 
 def check_zoo_arguments(zoo_dir: str | Path | None, preset: str, seed: int,
-                        keys: tuple[str, str, str] = ("--preset", "--zoo-dir", "--seed")) -> None:
-    """What the files can say about a zoo search's arguments, before the zoo is built or torch imported: the seed's
-    range, the preset's name, and whether the zoo directory (`zoo_dir`, else the cache) can be reused or built
-    (`evox_merge.zoo.manifest.plan_target`: never a file, nor a folder of other files). `keys`: how messages name
-    the preset, the zoo directory and the seed (the command's flags, or a config's keys).
+                        keys: tuple[str, str, str] = ("--preset", "--zoo-dir", "--seed"),
+                        rebuild: bool = False) -> ZooPlan:
+    """What the files can say about a zoo's arguments, before the zoo is built or torch imported: the seed's range,
+    the preset's name, and whether the zoo directory (`zoo_dir`, else the cache) can be reused or built
+    (`evox_merge.zoo.manifest.plan_target`: never a file, nor a folder of other files; with `rebuild`, a zoo whose
+    files changed may be replaced) and, where it is to be built, written (`zoo_path_problem`). `keys`: how
+    messages name the preset, the zoo directory and the seed (the command's flags, or a config's keys). Returns
+    the `evox_merge.zoo.manifest.ZooPlan`.
 
     Raises:
         MergeInputError: a seed outside 0 to 2**64 - 1.
-        ZooError: an unknown preset, or a zoo directory a build may not use (naming it and what to do).
+        ZooError: an unknown preset, or a zoo directory a build may not use or cannot write (naming it and what to
+            do).
     """
     from evox_merge.zoo.files import default_zoo_dir
     from evox_merge.zoo.manifest import plan_target
@@ -45,7 +54,25 @@ def check_zoo_arguments(zoo_dir: str | Path | None, preset: str, seed: int,
     if root.exists() and not root.is_dir():
         raise ZooError(f"{keys[1]}: {root} is a file; expected a zoo directory (built there when it is missing or "
                        "empty)")
-    plan_target(root, preset, seed, settings)
+    plan = plan_target(root, preset, seed, settings, rebuild)
+    if plan.action != "reuse" and (problem := zoo_path_problem(root, keys[1] if zoo_dir is not None else
+                                                               f"{keys[1]} (default: the zoo cache)")) is not None:
+        raise ZooError(problem)
+    return plan
+
+
+def zoo_path_problem(root: Path, option: str) -> str | None:
+    """Why a zoo cannot be built at `root` (named `option`) as far as the paths tell: a file above it, or a folder
+    where its staging folder cannot be created (`evox_merge.util.ownership.output_path_problem`; a build writes
+    beside `root`, then renames its staging folder onto it); None when it can."""
+    return output_path_problem(root.absolute(), option, "a zoo directory in a folder that can be created and "
+                                                        "written (a build writes beside it, then renames)",
+                               beside=True)
+
+
+def zoo_output_dir(out: str | Path | None, preset: str) -> Path:
+    """The output folder of ``search --zoo``: `out`, else ``runs/zoo-<preset>-evogm`` in the working folder."""
+    return Path(out).resolve() if out else Path("runs", f"zoo-{preset}-evogm").resolve()
 
 
 def zoo_search_config(
@@ -72,6 +99,6 @@ def zoo_search_config(
         "seed": seed,
         "batch_size": 128,
         "max_validation_examples": 30,
-        "output_dir": str(Path(out).resolve()) if out else str(Path("runs", f"zoo-{preset}-evogm").resolve()),
+        "output_dir": str(zoo_output_dir(out, preset)),
         "intended_use": f"Demonstration: a merge of the offline zoo's '{preset}' experts for its unseen tasks.",
     })

@@ -2,9 +2,11 @@
 
 The operating system drops an ``flock`` when its holder exits, however it exits (SIGKILL included), so a lock file
 left behind by a killed process is stale, not held: the next process takes it over. The holder writes its pid into
-the file, so a refused process can say who holds the folder. The holder may remove the file while it still holds
-it (`FolderLock.release` with ``remove=True``); a process that locked the removed file meanwhile notices that the
-path no longer names the file it locked and starts again.
+the file (its first line), so a refused process can say who holds the folder, and may add a note (`FolderLock.note`,
+the second line: a search notes its run's id there), so that a later process can tell which work a killed holder
+left unfinished (`FolderLock.previous_note`, `stale_note`). The holder may remove the file while it still holds it
+(`FolderLock.release` with ``remove=True``); a process that locked the removed file meanwhile notices that the path
+no longer names the file it locked and starts again.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holder = _lines(os.pread(fd, 256, 0))[0] or "unknown"
                 os.close(fd)
                 raise FolderBusy(self.path, holder) from None
             if self._names(fd):
@@ -69,6 +71,16 @@ class FolderLock:
         self.previous = None if created else self._read(fd)
         self._write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    @property
+    def previous_note(self) -> str | None:
+        """The note a stale lock file held when `acquire` took it over (its holder was killed), or None."""
+        return (_lines(self.previous)[1] or None) if self.previous is not None else None
+
+    def note(self, text: str) -> None:
+        """Write `text` (one line) after this process's pid in the lock file it holds."""
+        if self._fd is not None:
+            self._write(self._fd, f"{os.getpid()}\n{text.splitlines()[0] if text else ''}\n".encode())
 
     def release(self, remove: bool) -> None:
         """Give the lock up: remove the lock file (`remove`), or put a stale file's bytes back (a process that
@@ -105,3 +117,26 @@ class FolderLock:
     def _write(fd: int, data: bytes) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
+
+
+def _lines(data: bytes | None) -> tuple[str, str]:
+    """The first two lines of a lock file's bytes (the holder's pid and its note), stripped; '' where missing."""
+    lines = (data or b"").decode(errors="replace").splitlines()
+    return (lines[0].strip() if lines else "", lines[1].strip() if len(lines) > 1 else "")
+
+
+def stale_note(path: str | Path) -> str | None:
+    """The note of the lock file `path` when no process holds it (left by a killed holder), else None (no file, no
+    note, or a holder: this process's own `FolderLock` on it included)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return _lines(FolderLock._read(fd))[1] or None
+    finally:
+        os.close(fd)  # also drops the shared lock

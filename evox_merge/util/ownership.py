@@ -7,7 +7,9 @@ holding files the record does not list, is never replaced; files whose bytes cha
 the flag the command names. New content is written into a hidden staging folder beside the target
 (`make_staging`, marked with `STAGING_MARKER` so that only our own leftovers are ever cleaned up) and swapped in
 whole (`swap_in`); of the folder it replaces, only the recorded files are deleted (`remove_recorded`).
-`collision` finds an output that is, holds or lies inside one of the same command's inputs.
+`collision` finds an output that is, holds or lies inside one of the same command's inputs; `output_path_problem`
+says, before any work, why an output path cannot be written at all (a file in the way, a file above it, a folder that
+refuses new files).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Collection, Iterable, Iterator, Mapping
 
+from evox_merge.util.atomic import write_text_atomic
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hashing import file_sha256
 
@@ -86,16 +89,35 @@ def safe_names(names: Iterable[str]) -> bool:
                and ".." not in PurePosixPath(name).parts for name in names)
 
 
-def write_record(folder: Path, written_by: str) -> None:
-    """Record every file of `folder` and its SHA-256 as written by `written_by` (``RECORD_NAME`` in it)."""
-    record = {"format": _RECORD_FORMAT, "written_by": written_by,
-              "files": content_hashes(folder, skip={RECORD_NAME, STAGING_MARKER})}
-    (folder / RECORD_NAME).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+def named_hashes(root: Path, names: Iterable[str]) -> dict[str, str]:
+    """SHA-256 of the regular files among the top-level entries `names` of `root` and of every regular file under
+    those that are folders, by POSIX path relative to `root` (links and missing names are left out)."""
+    hashes = {}
+    for name in names:
+        path = root / name
+        if path.is_symlink() or not path.exists():
+            continue
+        if path.is_dir():
+            hashes.update({f"{name}/{inner}": file_sha256(path / inner) for inner in folder_files(path)
+                           if not (path / inner).is_symlink()})
+        elif path.is_file():
+            hashes[name] = file_sha256(path)
+    return hashes
 
 
-def read_record(folder: Path, written_by: str) -> dict[str, str] | None:
-    """The files (relative path -> SHA-256) that `written_by` recorded in `folder`; None when the folder holds no
-    readable record by that writer."""
+def write_record(folder: Path, written_by: str, files: Mapping[str, str] | None = None, **fields: object) -> None:
+    """Record the files `written_by` wrote in `folder` (``RECORD_NAME`` in it, written atomically): `files`
+    (relative path -> SHA-256), by default every file of the folder; `fields` are stored beside them (e.g. a run's
+    id, `read_record_fields`)."""
+    if files is None:
+        files = content_hashes(folder, skip={RECORD_NAME, STAGING_MARKER})
+    record = {**fields, "format": _RECORD_FORMAT, "written_by": written_by, "files": dict(files)}
+    write_text_atomic(folder / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_record_fields(folder: Path, written_by: str) -> dict | None:
+    """The whole record by `written_by` in `folder` (its ``files`` and the fields `write_record` stored), or None
+    when the folder holds no readable record by that writer."""
     try:
         record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -105,7 +127,54 @@ def read_record(folder: Path, written_by: str) -> dict[str, str] | None:
             or not isinstance(files, dict) or not safe_names(files)
             or not all(isinstance(digest, str) for digest in files.values())):
         return None
-    return files
+    return record
+
+
+def read_record(folder: Path, written_by: str) -> dict[str, str] | None:
+    """The files (relative path -> SHA-256) that `written_by` recorded in `folder`; None when the folder holds no
+    readable record by that writer."""
+    record = read_record_fields(folder, written_by)
+    return None if record is None else record["files"]
+
+
+def output_path_problem(path: Path, option: str, expected: str, folder: bool = True,
+                        beside: bool = False) -> str | None:
+    """Why a command cannot write its output at `path` (named by the command-line `option` or config key), from the
+    paths alone, before any work: or None.
+
+    Args:
+        expected: what the message says was expected there (e.g. ``a folder that can be created``).
+        folder: the output is a folder (an existing file at `path` is refused); else a file (an existing folder at
+            `path` is refused).
+        beside: the writer creates its files beside `path` (a staging folder or a temporary file it then renames
+            onto `path`), so `path`'s parent must take new files; else `path` itself (a folder written into).
+
+    The folder that must take new files is tried by creating (and at once deleting) a hidden empty file in it, or
+    in its nearest existing parent where it is yet to be created: permission bits say nothing to root, an
+    immutable folder or a read-only file system refuses root too.
+    """
+    if folder and path.exists() and not path.is_dir():
+        return f"{option}: {path} is a file; expected {expected}"
+    if not folder and path.is_dir():
+        return f"{option}: {path} is a directory; expected {expected}"
+    blocker = next((parent for parent in path.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{option}: {path} lies under {blocker}, which is a file; expected {expected}"
+    writes_in = path if folder and not beside else path.parent
+    tried = writes_in if writes_in.is_dir() else next((p for p in writes_in.parents if p.is_dir()), None)
+    if tried is None:
+        return None
+    try:
+        handle, probe = tempfile.mkstemp(dir=tried, prefix=".evox-merge-write-test-")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if tried == path:
+            return f"{option}: {path} does not take new files ({reason}); expected {expected}"
+        return (f"{option}: {path} cannot be written: {tried}, where it would be created, does not take new files "
+                f"({reason}); expected {expected}")
+    os.close(handle)
+    os.unlink(probe)
+    return None
 
 
 def check_replace(target: Path, written_by: str, option: str, flag: str, allowed: bool) -> dict[str, str]:

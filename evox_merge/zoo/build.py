@@ -32,7 +32,8 @@ from evox_merge.zoo.base_training import train_base
 from evox_merge.zoo.expert_training import train_expert
 from evox_merge.zoo.families import FAMILIES
 from evox_merge.zoo.files import default_zoo_dir, sort_target_modules, write_specs
-from evox_merge.util.ownership import STAGING_MARKER, make_staging, remove_stale_staging, swap_in
+from evox_merge.util.ownership import (STAGING_MARKER, make_staging, output_path_problem, remove_stale_staging,
+                                      swap_in)
 from evox_merge.zoo.loading import ALL_TASKS_FILE, SEEN_TASKS_FILE, UNSEEN_TASKS_FILE
 from evox_merge.zoo.manifest import plan_target, software_versions, write_manifest
 from evox_merge.zoo.presets import EXPERT_LORA, ZooPreset, get_preset
@@ -71,7 +72,8 @@ def build_zoo(
 
     Raises:
         ZooError: unknown preset; `out_dir` holds a zoo of another preset/seed, files that are not a zoo, a zoo to
-            rebuild beside files its manifest does not list, or (without `rebuild`) a zoo whose files changed.
+            rebuild beside files its manifest does not list, or (without `rebuild`) a zoo whose files changed; it
+            lies under a file, or in a folder that cannot be written.
         MergeInputError: ``smollm2`` could not download an input and none was cached or given.
     """
     settings = get_preset(preset)
@@ -80,9 +82,13 @@ def build_zoo(
     if plan.action == "reuse":
         logger.info("zoo %s is built and intact; reusing it", root)
         return root
+    target = root.resolve()  # through a link to the zoo: the swap happens where the files are
+    problem = output_path_problem(target, "out_dir", "a zoo directory in a folder that can be created and written",
+                                  beside=True)  # the CLI checks this first, naming its flag
+    if problem is not None:
+        raise ZooError(problem)
     if plan.action == "replace":
         logger.warning("rebuilding the zoo in %s: %s", root, plan.reason)
-    target = root.resolve()  # through a link to the zoo: the swap happens where the files are
     remove_stale_staging(target, STAGING_KIND)
     staging = make_staging(target, STAGING_KIND)
     start = time.perf_counter()
