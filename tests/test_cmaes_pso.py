@@ -92,7 +92,8 @@ def test_cmaes_starts_at_the_uniform_average_with_a_quarter_box_step():
 def test_cmaes_only_evaluates_points_inside_the_box(boundary):
     outside = SmoothLandscape(5, condition_number=1.0, optimum=torch.full((5,), 1.5))
     problem = Recording(outside)
-    workflow = StdWorkflow(BoundedCMAES(5, pop_size=12, seed=1, boundary=boundary), problem, opt_direction="max")
+    cmaes = BoundedCMAES(5, pop_size=12, lb=-1.0, ub=1.0, seed=1, boundary=boundary)  # the optimum lies outside
+    workflow = StdWorkflow(cmaes, problem, opt_direction="max")
     workflow.init_step()
     for _ in range(60):
         workflow.step()
@@ -119,9 +120,8 @@ def test_every_algorithm_takes_the_same_basic_arguments_and_stays_in_bounds(algo
     for _ in range(4):
         workflow.step()
     assert [len(pop) for pop in problem.populations] == [6] * 5, "one generation of pop_size evaluations per step"
-    if algorithm_cls is not EvoGM:  # EvoGM's bounds hold in the round basis; see test_evogm.py
-        seen = torch.cat(problem.populations)
-        assert seen.min() >= -0.5 and seen.max() <= 0.5
+    seen = torch.cat(problem.populations)  # EvoGM's too, after its basis shift (evogm_basis.RoundBasis.repair)
+    assert seen.min() >= -0.5 and seen.max() <= 0.5
 
 
 def test_pso_starts_from_evogm_hybrid_population():
@@ -183,11 +183,15 @@ def test_cmaes_ranks_nan_last_and_its_mean_leaves_the_nan_region():
     assert mean[0] <= 0.05
 
 
+@pytest.mark.parametrize("starts", [False, True], ids=["default_start", "static_start"])
 @pytest.mark.parametrize("algorithm_cls", [BoundedCMAES, BoundedPSO, RandomSearch])
-def test_state_dict_resumes_a_run_exactly(algorithm_cls, tmp_path):
+def test_state_dict_resumes_a_run_exactly(algorithm_cls, starts, tmp_path):
+    initial = torch.tensor([[0.3] * 5, [1.0, 0, 0, 0, 0]]) if starts else None
+
     def workflow_for() -> tuple[StdWorkflow, Recording]:
         problem = Recording(SmoothLandscape(5, seed=0))
-        return StdWorkflow(algorithm_cls(5, pop_size=8, seed=2), problem, opt_direction="max"), problem
+        algorithm = algorithm_cls(5, pop_size=8, seed=2, initial=initial)
+        return StdWorkflow(algorithm, problem, opt_direction="max"), problem
 
     reference, reference_problem = workflow_for()
     reference.init_step()
@@ -204,6 +208,10 @@ def test_state_dict_resumes_a_run_exactly(algorithm_cls, tmp_path):
     for _ in range(3):
         resumed.step()
     torch.testing.assert_close(torch.cat(resumed_problem.populations), torch.cat(reference_problem.populations[4:]))
+    if starts:  # evaluated once, in the first generation only (a resumed run does not evaluate them again)
+        assert torch.equal(reference_problem.populations[0][:2], initial)
+        later = torch.cat(reference_problem.populations[1:])
+        assert not any(bool((later == row).all(-1).any()) for row in initial)
 
 
 def test_plain_evox_de_runs_on_our_landscape_and_improves():

@@ -72,8 +72,8 @@ def test_a_search_with_a_mergevolve_stage_records_it_and_releases_the_better_mer
     from tests.test_search import search_config
 
     out = tmp_path / "out"
-    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 4}, budget={"generations": 2},
-                           mergevolve={"generations": 2, "pairs": 1, "sigma": 0.5, "rank": 2},
+    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 4, "start": "default"},
+                           budget={"generations": 2}, mergevolve={"generations": 2, "pairs": 1, "sigma": 0.5, "rank": 2},
                            release={"baselines": False})
     result = run_search(config, progress="quiet")
     recipe = json.loads((out / "recipe.json").read_text())

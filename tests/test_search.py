@@ -71,7 +71,9 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert "paired bootstrap interval" in (out / "README.md").read_text()
     oob = margin["out_of_bag"]  # the whole contest rerun on resamples, judged on what each left out
     assert set(oob) == {"gain", "ci95", "searched_won_share", "resamples"} and 0 < oob["resamples"] <= 2000
-    assert oob["ci95"][0] <= oob["gain"] <= oob["ci95"][1] and 0 <= oob["searched_won_share"] <= 1
+    # ci95 holds quantiles of the per-resample differences, gain their mean: with most resamples tied at 0 (a search
+    # started from the static merges keeps them among its candidates) the mean may lie outside those quantiles
+    assert oob["ci95"][0] <= oob["ci95"][1] and 0 <= oob["searched_won_share"] <= 1
     assert "Out of bag (the contest rerun on" in (out / "README.md").read_text()
     assert recipe["normalisation"]["mode"] == "base_best_single"
     kinds = {node["kind"] for node in recipe["lineage"]["nodes"]}

@@ -86,8 +86,8 @@ def test_a_layer_space_search_releases_and_reapplies_its_layer_wise_merge(tiny_s
     from tests.test_search import search_config
 
     out = tmp_path / "out"
-    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 6}, budget={"generations": 2},
-                           space={"kind": "layer", "by": "blocks", "groups": 2}, release={"baselines": False})
+    config = search_config(tiny_setup, out, algorithm={"name": "cmaes", "pop_size": 6, "start": "default"},
+                           budget={"generations": 2}, space={"kind": "layer", "by": "blocks", "groups": 2}, release={"baselines": False})
     result = run_search(config, progress="quiet")
     recipe = json.loads((out / "recipe.json").read_text())
     n = len(tiny_setup.adapter_dirs)

@@ -1,8 +1,9 @@
 """EvoX algorithms for merge-coefficient search: EvoGM, bounded CMA-ES and PSO wrappers, uniform random search.
 
-All share one constructor shape, `Algo(num_experts, pop_size=20, lb=-1.0, ub=1.0, seed=0, ...)`, and one budget
-convention (one step = one generation of `pop_size` evaluations; `init_step` evaluates the first population), and
-minimise: run them in `evox.workflows.StdWorkflow(algo, problem, opt_direction="max")` for higher-is-better scores.
+All share one constructor shape, `Algo(num_experts, pop_size=20, lb=None, ub=None, seed=0, ...)` (None bounds:
+the default box, `evox_merge.algorithms.limits.DEFAULT_LB` / ``DEFAULT_UB``), and one budget convention (one step =
+one generation of `pop_size` evaluations; `init_step` evaluates the first population), and minimise: run them in
+`evox.workflows.StdWorkflow(algo, problem, opt_direction="max")` for higher-is-better scores.
 
 The classes are imported on first use, so `evox_merge.algorithms.limits` (what each algorithm accepts) is readable
 without importing torch or EvoX.

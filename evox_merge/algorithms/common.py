@@ -22,6 +22,8 @@ import torch
 
 from evox_merge.util.errors import MergeInputError
 
+from .limits import DEFAULT_LB, DEFAULT_UB
+
 
 @runtime_checkable
 class CandidateAnnotations(Protocol):
@@ -53,15 +55,16 @@ class RecipeFacts(Protocol):
 
 
 def coefficient_bounds(
-    num_experts: int, lb: float | torch.Tensor, ub: float | torch.Tensor
+    num_experts: int, lb: float | torch.Tensor | None, ub: float | torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coefficient box as two (N,) float32 CPU tensors, from scalars or (N,) tensors.
+    """The coefficient box as two (N,) float32 CPU tensors, from scalars or (N,) tensors; None is the default box's
+    bound (`evox_merge.algorithms.limits.DEFAULT_LB` / ``DEFAULT_UB``, its one home).
 
     Raises:
         MergeInputError: a bound of the wrong shape, a non-finite bound, or lb >= ub in some coordinate.
     """
     bounds = []
-    for name, value in (("lb", lb), ("ub", ub)):
+    for name, value in (("lb", DEFAULT_LB if lb is None else lb), ("ub", DEFAULT_UB if ub is None else ub)):
         tensor = torch.as_tensor(value, dtype=torch.float32, device="cpu").detach()
         if tensor.ndim == 0:
             tensor = tensor.expand(num_experts)
@@ -80,6 +83,32 @@ def coefficient_bounds(
     return lower, upper
 
 
+def initial_points(initial: Any, dim: int) -> torch.Tensor | None:
+    """The ``initial`` constructor argument every registered algorithm takes, checked: ``(M, D)`` float32 on CPU
+    (a single ``(D,)`` point becomes one row), or None. The rows are points in the search's coordinates, best first
+    (`evox_merge.run.registry.build_algorithm`: the tuned linear static merges); each algorithm repairs them into
+    its box and evaluates them in its first generation.
+
+    Raises:
+        MergeInputError: not a (M, D) array of finite numbers with M >= 1.
+    """
+    if initial is None:
+        return None
+    points = torch.as_tensor(initial, dtype=torch.float32).detach().to("cpu")
+    if points.ndim == 1:
+        points = points[None]
+    if points.ndim != 2 or points.shape[1] != dim or len(points) == 0 or not bool(torch.isfinite(points).all()):
+        raise MergeInputError(f"initial: expected an (M, {dim}) array of finite numbers (M >= 1 starting points, one "
+                              f"coordinate per search dimension), got shape {tuple(points.shape)}")
+    return points.clone()
+
+
+def unique_rows(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` without exact repeats of an earlier row, order kept."""
+    keep = [i for i in range(len(rows)) if not any(torch.equal(rows[i], rows[j]) for j in range(i))]
+    return rows[keep]
+
+
 def hybrid_population(
     num_experts: int,
     pop_size: int,
@@ -88,6 +117,7 @@ def hybrid_population(
     rng: torch.Generator,
     task_arithmetic_scales: tuple[float, ...] = (),
     space: Any = None,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """EvoGM's initial population (arXiv 2605.29295, "Population Initialization"), (P, N) float32 on CPU.
 
@@ -95,10 +125,14 @@ def hybrid_population(
     rows and clipped into the box. The average comes first *(ours; the authors' code puts the one-hots first)*, so a
     population smaller than N + 1 keeps the average merge, the strongest static baseline, and drops a one-hot.
     `task_arithmetic_scales` *(ours)* adds a row s * ones (task arithmetic with scale s) per scale after the average.
+    `initial` *(ours)*: ``(M, N)`` starting points (`initial_points`, e.g. the tuned static merges) put before
+    everything else. A row that repeats an earlier one exactly (the soup is the average, the best single expert a
+    one-hot) is dropped, and random draws fill its place.
 
     With a search `space` (`evox_merge.experts.spaces`; ``num_experts`` is then the space's dimension D) the average,
     the task-arithmetic rows and the one-hots are the same *merges* written in the space's coordinates
-    (``space.from_expert``), one per expert of the space; only the random rows are drawn in the space itself.
+    (``space.from_expert``), one per expert of the space; only the random rows are drawn in the space itself;
+    `initial` is already in the space's coordinates.
     """
     experts = len(space.expert_names) if space is not None else num_experts
     average = torch.full((1, experts), 1.0 / experts, device="cpu")
@@ -106,6 +140,9 @@ def hybrid_population(
     structured = torch.cat([average, scaled, torch.eye(experts, device="cpu")])
     if space is not None:
         structured = space.from_expert(structured).float()
+    if initial is not None:
+        structured = torch.cat([initial.float(), structured])
+    structured = unique_rows(torch.clamp(structured, lb, ub))
     num_random = max(pop_size - len(structured), 0)
     random = lb + (ub - lb) * torch.rand(num_random, num_experts, generator=rng, device="cpu")
     return torch.clamp(torch.cat([structured, random])[:pop_size], lb, ub)

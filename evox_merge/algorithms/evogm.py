@@ -9,8 +9,8 @@ docstring of `EvoGM`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,18 +20,13 @@ from evox.core import Algorithm, Mutable, Parameter
 
 from evox_merge.util.errors import MergeInputError
 
-from .common import coefficient_bounds, hybrid_population, kth_best, rank_key, rank_order, split_winners_losers
+from .common import coefficient_bounds, hybrid_population, initial_points, rank_key, rank_order, split_winners_losers
 from .pareto import dominates, pareto_order, split_pareto_winners
+from .evogm_basis import RoundBasis
+from .evogm_facts import EvoGMRunFacts
 from .evogm_history import EvoGMHistory
-from .limits import evogm_basis_problem, pop_size_problem, raise_for_arguments
-from .evogm_variants import (
-    EvoGMSwitches,
-    diverse_basis,
-    extrapolate_and_mutate,
-    replace_cached,
-    resolve_switches,
-    success_rule,
-)
+from .limits import raise_for_evogm
+from .evogm_variants import EvoGMSwitches, extrapolate_and_mutate, replace_cached, resolve_switches, success_rule
 from .generators import GeneratorPair
 
 __all__ = ["EvoGM", "EvoGMHistory", "EvoGMSwitches"]
@@ -39,7 +34,7 @@ __all__ = ["EvoGM", "EvoGMHistory", "EvoGMSwitches"]
 log = logging.getLogger(__name__)
 
 
-class EvoGM(Algorithm):
+class EvoGM(EvoGMRunFacts, Algorithm):
     """Evolutionary Generative Merging (Jiang et al., arXiv 2605.29295, Algorithm 1) over N merge coefficients.
 
     One `step` is one generation of `pop_size` evaluations, so budgets compare with any EvoX algorithm by evaluations:
@@ -47,8 +42,8 @@ class EvoGM(Algorithm):
     * `init_step`, and the first step of every later round, evaluate the round's hybrid initial population
       (average, one-hots, uniform random) and reset the generators;
     * each other step splits the round's history into winners/losers, trains the generators
-      (`train_steps` Adam steps on alpha_c * L_cyc + alpha_o * L_opt), maps the population through G_f, clips to the
-      bounds, evaluates the P new candidates and keeps the best P of old and new;
+      (`train_steps` Adam steps on alpha_c * L_cyc + alpha_o * L_opt), maps the population through G_f, repairs
+      it into the box, evaluates the P new candidates and keeps the best P of old and new;
     * after `iterations_per_round` generated populations the best N vectors of the round become the next round's
       expert basis (basis shift).
 
@@ -60,31 +55,20 @@ class EvoGM(Algorithm):
     **Variants.** `variant="paper"` is the algorithm above, exactly (a test pins it to a saved trajectory of the
     code before the switches existed). `variant="default"` turns on the switches below, chosen by the measurements
     in benchmarks/results/landscapes.md; any switch given to the constructor overrides the variant's value. Every
-    departure from the paper (*ours*):
+    departure from the paper is *ours*, each documented on `EvoGMSwitches`: `extrapolation` (overshoot along the
+    learned direction: the paper's step contracts the population onto the winners' mean, spread 0.45 -> 0.02 in
+    one round, issue 12), `mutation` (winners' covariance, 1/5 success rule), `archive` (never re-evaluate; carry
+    the round's best P into the next round), `task_arithmetic_scales`, `newer_ties` and `guarded_shift` (a
+    well-conditioned basis; the paper's top-N basis measured 7e3 to 5.6e5). *Ours*, every variant: the average
+    comes first in the initial population (`hybrid_population`), ``initial`` starting points (the tuned static
+    merges) before it in round 0 (the fixed task-arithmetic scales are then left out: the tuned scale replaces
+    them), NaN/inf fitness ranks last, the generators train on CPU on one thread.
 
-    * *ours* `extrapolation`: candidate x + beta (G_f(x) - x), beta ~ U(1, beta_max), not G_f(x). L_opt's minimiser
-      maps every loser to the winners' mean, so the paper's step contracts the population onto it (spread 0.45 ->
-      0.02 in one round, issue 12); overshooting keeps moving along the learned direction.
-    * *ours* `mutation`: plus sigma * L z, L L^T the winners' covariance (shape only), sigma by the 1/5 success rule
-      (success: a candidate beats its parent), reset to `initial_sigma` every round.
-    * *ours* `archive`: a candidate within `duplicate_tolerance` (original basis) of an evaluated vector is replaced
-      by a fresh one, never re-evaluated; at a basis shift the round's best P vectors are carried into the next
-      round with their scores (they join its history and population unevaluated), and the initial rows that repeat
-      them (the new one-hots are the old elites) are replaced by uniform draws.
-    * *ours* `task_arithmetic_scales`: round 0's initial population also holds s * ones for each scale s.
-    * *ours* `newer_ties`: equal fitness ranks the newer candidate first (split, selection, best, basis).
-    * *ours* `guarded_shift`: the next basis is built greedily from the round's ranked vectors, skipping those that
-      push its condition number over `max_condition` (the paper's top-N basis measured 7e3 to 5.6e5); with fewer
-      than N such vectors the basis is kept and the round restarts in it (`skipped_shifts`).
-    * *ours*, every variant: the average comes first in the initial population (`hybrid_population`), NaN/inf
-      fitness ranks last, the generators train on CPU on one thread.
+    **Basis shift and box** (`evox_merge.algorithms.evogm_basis`): the basis shift is a change of coordinates, the
+    problem always gets original-basis coefficients c = M_r^T lambda, and every candidate is repaired so that c
+    lies in the box [lb, ub], after a shift too *(ours: the paper's c leaves it)*.
 
-    **Basis shift as a change of coordinates.** The algorithm keeps M_r, the (N, N) matrix whose rows are round r's
-    experts written in the original experts (M_0 = I, M_{r+1} = Lambda_r M_r with Lambda_r the round's top-N
-    vectors as rows) and always hands the problem c = M_r^T lambda. For linear merging,
-    theta(lambda in round r's basis) == theta(c in the original basis), so the problem never changes state and any
-    EvoX problem can run EvoGM. Bounds apply to lambda, the coordinates the generators see; after a shift, c may
-    leave the box (it does in the paper too).
+    **Inspecting a run, checkpoints, the run layer's protocol**: `evox_merge.algorithms.evogm_facts`.
 
     **Fitness.** EvoX algorithms minimise; run merges with `StdWorkflow(..., opt_direction="max")`. NaN or infinite
     fitness ranks last everywhere: it is never a winner, never selected over a finite candidate, never a basis
@@ -96,24 +80,6 @@ class EvoGM(Algorithm):
     single-threaded on CPU, so a seed gives a bit-identical history on every run, whatever the problem does with
     the global RNG.
 
-    **Inspecting a run** (read it from `workflow.algorithm`; the objects are shared with the instance passed in):
-
-    * `history`: an `EvoGMHistory` of every evaluation (both bases, fitness, round, iteration, generation);
-    * `bases`: list of the (N, N) basis matrices M_r, one per round begun, and `basis_records`: for each round,
-      the history indices of the vectors that became its basis (empty for round 0);
-    * `generator_log`: one dict per generated population: round, iteration, generation, `winners`/`losers` sizes,
-      `losses` ((train_steps, 3): total, cycle, optimisation-guided per Adam step), `seconds` (training plus
-      generation wall time), `sigma` (mutation step used) and `replaced` (cached candidates replaced);
-    * `pop`/`fit`: the current population (P, N) in the round's basis and its fitness; `record_step()` reports the
-      population in the original basis;
-    * `best_coefficients`/`best_fitness`: the best evaluation so far, in the original basis;
-    * `switches`: the active `EvoGMSwitches`, `variant` its preset's name.
-
-    **Checkpoints.** `state_dict()` carries the whole search state: `pop`/`fit` and the hyperparameters as buffers and
-    parameters, and, through `get_extra_state`, the history, bases, generator log, generator weights with their Adam
-    state, the carried elites, sigma and the RNG state. `torch.save(workflow.state_dict(), path)` during a run, then
-    build the same algorithm and workflow, `workflow.load_state_dict(torch.load(path, weights_only=True))` and keep
-    stepping: the continuation is identical to an uninterrupted run.
     """
 
     def __init__(
@@ -130,8 +96,8 @@ class EvoGM(Algorithm):
         opt_weight: float = 1.0,
         single_generator: bool = False,
         multi_round: bool = True,
-        lb: float | torch.Tensor = -1.0,
-        ub: float | torch.Tensor = 1.0,
+        lb: float | torch.Tensor | None = None,
+        ub: float | torch.Tensor | None = None,
         seed: int = 0,
         device: torch.device | None = None,
         variant: str = "default",
@@ -147,6 +113,7 @@ class EvoGM(Algorithm):
         objectives: str = "scalar",
         n_objs: int = 1,
         space: Any = None,
+        initial: torch.Tensor | None = None,
     ):
         """Defaults are the authors' public settings (JiangTao97/evogm, config/method/evogm.yaml) plus the default
         variant's switches; `variant="paper"` turns every switch off.
@@ -167,8 +134,10 @@ class EvoGM(Algorithm):
             single_generator: the "single-generator" ablation (Table 11): only G_f, trained on L_opt alone.
             multi_round: False is the "w/o rounds" ablation (Table 11): one round of R * (T + 1) - 1 iterations,
                 the same evaluation budget (the paper turns 2 rounds x 2 iterations into 5 iterations).
-            lb: lower bound on lambda, a float or an (N,) tensor. Default -1, the tanh range the paper uses.
-            ub: upper bound on lambda. Default 1. Other boxes map the generators' tanh range onto [lb, ub].
+            lb: lower bound on lambda and on the coefficients the problem gets, a float or an (N,) tensor. None:
+                `limits.DEFAULT_LB` (the paper's is -1, its tanh range).
+            ub: upper bound. None: `limits.DEFAULT_UB` (the paper's is 1). The generators' tanh range is mapped
+                onto [lb, ub].
             seed: seed of the algorithm's private `torch.Generator`.
             device: device of `pop`/`fit` and of the populations handed to the problem (default: torch's default).
                 The generators always train on CPU.
@@ -184,13 +153,15 @@ class EvoGM(Algorithm):
                 (``num_experts`` is then its dimension): round 0's average, task-arithmetic rows and one-hot
                 experts are those merges in the space's coordinates (`hybrid_population`).
             n_objs: the number of objectives with ``objectives="pareto"`` (1 otherwise).
+            initial: (M, N) starting points, best first (`common.initial_points`; the tuned static merges): the
+                first rows of round 0's initial population, in place of the fixed task-arithmetic scales.
 
         Raises:
             MergeInputError: an argument outside its valid range.
         """
         super().__init__()
         device = torch.get_default_device() if device is None else torch.device(device)
-        _validate(num_experts, pop_size, {
+        raise_for_evogm(num_experts, pop_size, {
             "num_rounds": num_rounds, "iterations_per_round": iterations_per_round, "winner_ratio": winner_ratio,
             "hidden_sizes": hidden_sizes, "lr": lr, "train_steps": train_steps, "cycle_weight": cycle_weight,
             "opt_weight": opt_weight, "single_generator": single_generator, "multi_round": multi_round,
@@ -204,20 +175,8 @@ class EvoGM(Algorithm):
         self.objectives = objectives
         self.n_objs = n_objs
         self.variant = variant
-        self.switches = resolve_switches(
-            variant,
-            {
-                "extrapolation": extrapolation,
-                "mutation": mutation,
-                "initial_sigma": initial_sigma,
-                "archive": archive,
-                "duplicate_tolerance": duplicate_tolerance,
-                "task_arithmetic_scales": task_arithmetic_scales,
-                "newer_ties": newer_ties,
-                "guarded_shift": guarded_shift,
-                "max_condition": max_condition,
-            },
-        )
+        given = locals()  # the switch arguments, by their names in EvoGMSwitches
+        self.switches = resolve_switches(variant, {f.name: given[f.name] for f in dataclasses.fields(EvoGMSwitches)})
         self.num_experts = num_experts
         self.space = space
         self.pop_size = pop_size
@@ -230,15 +189,13 @@ class EvoGM(Algorithm):
         self.lr = Parameter(lr, dtype=torch.float64, device=device)
         self.cycle_weight = Parameter(cycle_weight, dtype=torch.float64, device=device)
         self.opt_weight = Parameter(opt_weight, dtype=torch.float64, device=device)
-        # Internal state lives on CPU: the box, its affine map to the generators' [-1, 1], the archive.
+        # Internal state lives on CPU: the box and the round bases, the archive.
         self.lb, self.ub = coefficient_bounds(num_experts, lb, ub)
-        self._center, self._half_width = (self.ub + self.lb) / 2, (self.ub - self.lb) / 2
+        self.initial = initial_points(initial, num_experts)
+        self._basis = RoundBasis(num_experts, self.lb, self.ub)
         self._rng = torch.Generator().manual_seed(seed)
         self._generators = GeneratorPair(num_experts, self.hidden_sizes, dual=not single_generator)
         self.history = EvoGMHistory(num_experts)
-        self.bases: list[torch.Tensor] = [torch.eye(num_experts, device="cpu")]
-        self.basis_records: list[list[int]] = [[]]
-        self.skipped_shifts: list[int] = []
         self.generator_log: list[dict[str, Any]] = []
         self._evaluating: tuple[torch.Tensor, int] = (torch.empty(0, num_experts, device="cpu"), 0)
         # Archive switch: the elites carried into the current round (history indices, lambda in its basis).
@@ -306,62 +263,14 @@ class EvoGM(Algorithm):
         else:
             self._generate()
 
-    def record_step(self) -> dict[str, torch.Tensor]:
-        """The current population in the original expert basis (P, N) and its fitness (P,), for EvoX monitors."""
-        return {"pop": self.pop @ self.bases[-1].to(self.pop.device), "fit": self.fit}
-
-    def racing_threshold(self, lower_bounds: torch.Tensor) -> float:
-        """Racing quota (`evox_merge.algorithms.common.RacingQuota`): a candidate is used if it can enter the
-        round archive's winner share ``rho`` or its best P (carried into the next round, and the initial
-        population kept), i.e. reach the m-th best of the archive so far and this population's lower bounds,
-        ``m = max(ceil(rho (H + P)), P)``. The archive holds minimised fitness; the problem's is maximised."""
-        _, _, fitness = self._round_data()
-        archive = -fitness.double() if fitness.ndim == 1 else torch.empty(0, dtype=torch.float64)
-        pool = torch.cat([archive, lower_bounds.double()])
-        m = max(math.ceil(float(self.winner_ratio) * len(pool)), self.pop_size)
-        return kth_best(pool, m)
-
-    def candidate_annotations(self) -> dict[str, Any]:
-        """Annotations of the population evaluated in the last step (`evox_merge.algorithms.common` protocol).
-
-        The round, the iteration, each candidate's coefficients in the round's basis, (from round 1 on)
-        ``basis_records``, the evaluation indices (record ids) of the N vectors that form the round's basis, and
-        ``parents``: per candidate, the evaluation index of the population row it was generated from (a generated
-        population), the round's basis (an initial population: ``"experts"`` in round 0, else the basis records) or
-        ``"none"`` (uniform draws when no fitness was finite).
-        """
-        coefficients, iteration = self._evaluating
-        parents = self._evaluating_parents
-        if not (isinstance(parents, list) and parents and isinstance(parents[0], list)):
-            parents = [parents] * len(coefficients)  # one value for the whole population
-        annotations: dict[str, Any] = {
-            "round": self.current_round,
-            "iteration": iteration,
-            "coefficients_round_basis": coefficients.tolist(),
-            "parents": parents,
-        }
-        if self.current_round > 0:
-            annotations["basis_records"] = [self.basis_records[-1]] * len(coefficients)
-        return annotations
-
-    def recipe_facts(self) -> dict[str, Any]:
-        """For recipe.json: every round's basis (rows in the original expert basis), the records behind it, the
-        variant and its switches, and the rounds whose guarded basis shift kept the old basis."""
-        return {
-            "round_bases": [basis.tolist() for basis in self.bases],
-            "basis_records": self.basis_records,
-            "variant": self.variant,
-            "switches": self.switches.as_dict(),
-            "skipped_shifts": list(self.skipped_shifts),
-        }
-
     # --- rounds -----------------------------------------------------------------------------------------------
 
     def _begin_round(self) -> None:
         first = self.current_round == 0
-        scales = self.switches.task_arithmetic_scales if first else ()
-        population = hybrid_population(self.num_experts, self.pop_size, self.lb, self.ub, self._rng, scales,
-                                       space=self.space if first else None)
+        scales = self.switches.task_arithmetic_scales if first and self.initial is None else ()
+        population = self._basis.repair(hybrid_population(
+            self.num_experts, self.pop_size, self.lb, self.ub, self._rng, scales,
+            space=self.space if first else None, initial=self.initial if first else None))
         if self.switches.archive:
             population = self._replace_cached(population, around=False)
         self._evaluating_parents = "experts" if self.current_round == 0 else list(self.basis_records[-1])
@@ -401,29 +310,15 @@ class EvoGM(Algorithm):
     def _shift_basis(self) -> None:
         index, coefficients, fitness = self._round_data()
         order = self._order(fitness)
-        if self.switches.guarded_shift:
-            chosen = diverse_basis(
-                self.history.original_coefficients[index], order, self.num_experts, self.switches.max_condition
-            )
-        else:
-            chosen = order[: self.num_experts].tolist()
-        if chosen is None:
-            log.info("EvoGM round %d: no well-conditioned basis among its vectors, basis kept", self.current_round + 1)
-            self.skipped_shifts.append(self.current_round + 1)
-            self.bases.append(self.bases[-1].clone())
-            self.basis_records.append(list(self.basis_records[-1]))
-        else:
-            # Rows: the chosen vectors (round-basis lambda) written in the original experts.
-            self.bases.append(coefficients[chosen] @ self.bases[-1])
-            self.basis_records.append(index[chosen].tolist())
+        if not self._basis.shift(index, coefficients, self.history.original_coefficients[index], order,
+                                 self.switches.guarded_shift, self.switches.max_condition):
+            log.info("EvoGM round %d: no well-conditioned basis among its vectors, basis kept", self.current_round)
         if self.switches.archive:
             carried = index[order[: self.pop_size]]
             finite = torch.isfinite(self.history.fitness[carried])
             carried = carried[finite if finite.ndim == 1 else finite.all(-1)]
             self._carried_index = carried
-            self._carried_coefficients = torch.linalg.lstsq(
-                self.bases[-1].double().T, self.history.original_coefficients[carried].double().T
-            ).solution.T.float()
+            self._carried_coefficients = self._basis.coordinates_of(self.history.original_coefficients[carried])
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -441,7 +336,7 @@ class EvoGM(Algorithm):
         else:
             candidates = self._train_and_generate(coefficients[winners], coefficients[losers], iteration)
             candidates = self._perturb(candidates, coefficients[winners])
-        candidates = torch.clamp(candidates, self.lb, self.ub)
+        candidates = self._basis.repair(candidates)
         if self.switches.archive:
             fresh = self._replace_cached(candidates, around=True)
             replaced = int((fresh != candidates).any(-1).sum())
@@ -465,32 +360,25 @@ class EvoGM(Algorithm):
         """Extrapolation and mutation switches, in the generators' [-1, 1] coordinates; the identity when off."""
         if not (self.switches.extrapolation or self.switches.mutation):
             return generated
-        parents, winners = self._to_generator_space(self.pop.cpu()), self._to_generator_space(winners)
-        targets = self._to_generator_space(generated)
+        to_generator = self._basis.to_generator_space
+        parents, winners, targets = to_generator(self.pop.cpu()), to_generator(winners), to_generator(generated)
         sigma = self._sigma if self.switches.mutation else 0.0
-        return self._from_generator_space(
+        return self._basis.from_generator_space(
             extrapolate_and_mutate(parents, targets, winners, self.switches.extrapolation, sigma, self._rng)
         )
 
     def _replace_cached(self, candidates: torch.Tensor, around: bool) -> torch.Tensor:
         """Archive switch: rows already evaluated (original basis) become fresh candidates; see `replace_cached`."""
-        step = max(self._sigma, 0.05) * self._half_width if around else None
-        return replace_cached(
-            candidates, self.bases[-1], self.history.original_coefficients, self.switches.duplicate_tolerance,
-            self.lb, self.ub, step, self._rng,
-        )
+        step = max(self._sigma, 0.05) * (self.ub - self.lb) / 2 if around else None
+        return replace_cached(candidates, self.bases[-1], self.history.original_coefficients,
+                              self.switches.duplicate_tolerance, self.lb, self.ub, step, self._rng, self._basis.repair)
 
     def _train_and_generate(self, winners: torch.Tensor, losers: torch.Tensor, iteration: int) -> torch.Tensor:
         start = time.perf_counter()
-        losses = self._generators.train(
-            self._to_generator_space(winners),
-            self._to_generator_space(losers),
-            self.train_steps,
-            float(self.cycle_weight),
-            float(self.opt_weight),
-            self._rng,
-        )
-        candidates = self._from_generator_space(self._generators.generate(self._to_generator_space(self.pop.cpu())))
+        to_generator, from_generator = self._basis.to_generator_space, self._basis.from_generator_space
+        losses = self._generators.train(to_generator(winners), to_generator(losers), self.train_steps,
+                                        float(self.cycle_weight), float(self.opt_weight), self._rng)
+        candidates = from_generator(self._generators.generate(to_generator(self.pop.cpu())))
         seconds = time.perf_counter() - start
         self.generator_log.append(
             {
@@ -513,8 +401,8 @@ class EvoGM(Algorithm):
         return candidates
 
     def _evaluate_and_record(self, coefficients: torch.Tensor, iteration: int) -> torch.Tensor:
-        # The problem always sees original-basis coefficients c = M^T lambda (rows: lambda @ M).
-        original = coefficients @ self.bases[-1]
+        # The problem always sees original-basis coefficients c = M^T lambda (rows: lambda @ M), in the box.
+        original = self._basis.to_original(coefficients)
         self._evaluating = (coefficients, iteration)
         fitness = self.evaluate(original.to(self.pop.device))
         expected = (len(coefficients),) if self.objectives == "scalar" else (len(coefficients), self.n_objs)
@@ -535,58 +423,3 @@ class EvoGM(Algorithm):
         self.pop = population.to(self.pop.device)
         self.fit = fitness.to(self.fit.device)
         self._pop_index = index.to("cpu", torch.int64)
-
-    def _to_generator_space(self, coefficients: torch.Tensor) -> torch.Tensor:
-        # Affine map of the box onto [-1, 1]^N (the identity for the default box).
-        return (coefficients - self._center) / self._half_width
-
-    def _from_generator_space(self, values: torch.Tensor) -> torch.Tensor:
-        return self._center + self._half_width * values
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """Search state outside buffers (it grows, or is not a tensor), saved by `state_dict()`."""
-        return {
-            "history": self.history.state_dict(),
-            "bases": [basis.clone() for basis in self.bases],
-            "basis_records": [list(records) for records in self.basis_records],
-            "skipped_shifts": list(self.skipped_shifts),
-            "generator_log": [dict(entry) for entry in self.generator_log],
-            "generators": self._generators.state_dict(),
-            "carried_index": self._carried_index.clone(),
-            "carried_coefficients": self._carried_coefficients.clone(),
-            "sigma": self._sigma,
-            "rng": self._rng.get_state(),
-            "pop_index": self._pop_index.clone(),
-            "evaluating_parents": self._evaluating_parents,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore `get_extra_state`'s dict, in place (the workflow's copy of the algorithm shares these objects)."""
-        self.history.load_state_dict(state["history"])
-        self.bases[:] = [basis.clone() for basis in state["bases"]]
-        self.basis_records[:] = [list(records) for records in state["basis_records"]]
-        self.skipped_shifts[:] = list(state["skipped_shifts"])
-        self.generator_log[:] = [dict(entry) for entry in state["generator_log"]]
-        self._generators.load_state_dict(state["generators"])
-        self._carried_index = state["carried_index"].clone()
-        self._carried_coefficients = state["carried_coefficients"].clone()
-        self._sigma = float(state["sigma"])
-        self._rng.set_state(state["rng"])
-        if "pop_index" in state:  # checkpoints written before parents were tracked lack it
-            self._pop_index = state["pop_index"].clone()
-            self._evaluating_parents = state["evaluating_parents"]
-
-
-def _validate(num_experts: int, pop_size: int, arguments: dict[str, Any]) -> None:
-    """The constructor's arguments by the rules of `evox_merge.algorithms.limits` (the ones a search config is
-    checked with): MergeInputError naming the first bad one and what was expected."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise MergeInputError(f"num_experts: expected an integer >= 1, got {num_experts!r}")
-    problem = pop_size_problem("EvoGM", pop_size)
-    if problem:
-        raise MergeInputError(problem)
-    raise_for_arguments("EvoGM", arguments)
-    problem = evogm_basis_problem(num_experts, pop_size, arguments["num_rounds"], arguments["iterations_per_round"],
-                                  arguments["multi_round"])
-    if problem:
-        raise MergeInputError(problem)

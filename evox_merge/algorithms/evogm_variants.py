@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -179,20 +179,25 @@ def replace_cached(
     ub: torch.Tensor,
     step: torch.Tensor | None,
     rng: torch.Generator,
+    repair: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(P, N) candidates (round basis) with every row whose original-basis vector (row @ basis) is within
     `tolerance` of `archive` (A, N) or of an earlier accepted row replaced: by up to RESAMPLE_TRIES Gaussian draws
-    around it with per-coordinate std `step` (clipped to [lb, ub]; skipped when None), then uniform draws in the
-    box until one is new."""
+    around it with per-coordinate std `step` (skipped when None), then uniform draws in [lb, ub] until one is new.
+    A fresh row is put in the box by `repair` ((n, N) rows to rows; default: clipped to [lb, ub];
+    `evox_merge.algorithms.evogm_basis.RoundBasis.repair` puts its original-basis vector in the box too)."""
+    if repair is None:
+        def repair(rows: torch.Tensor) -> torch.Tensor:
+            return torch.clamp(rows, lb, ub)
     accepted: list[torch.Tensor] = []
     for row in candidates:
         tries = 0
         while bool(is_cached((row @ basis)[None], archive, tolerance)[0]):
             if step is not None and tries < RESAMPLE_TRIES:
                 noise = torch.randn(len(row), generator=rng, device="cpu")
-                row = torch.clamp(row + step * noise, lb, ub)
+                row = repair((row + step * noise)[None])[0]
             else:
-                row = lb + (ub - lb) * torch.rand(len(row), generator=rng, device="cpu")
+                row = repair((lb + (ub - lb) * torch.rand(len(row), generator=rng, device="cpu"))[None])[0]
             tries += 1
         accepted.append(row)
         archive = torch.cat([archive, (row @ basis)[None]])

@@ -16,6 +16,23 @@ from evox_merge.util.errors import MergeInputError
 
 Rule = tuple[Callable[[Any], bool], str]
 
+DEFAULT_LB = -0.5
+DEFAULT_UB = 1.5
+"""The default coefficient box [DEFAULT_LB, DEFAULT_UB]^D, the one search space every algorithm's candidates lie in
+(the config's ``algorithm.lb``/``algorithm.ub``, every constructor's ``lb``/``ub``). Chosen on the tiny zoo's search
+and selection parts (benchmarks/results/search_box.md): with [-1, 1] the picks sat on the upper edge in 5-9 of 9
+runs (EvoGM, CMA-ES, PSO) and never on the lower one; wider boxes freed them but lowered the search-part fitness at
+160 evaluations (the algorithms' steps scale with the box); [-0.5, 1.5], as wide as [-1, 1] and shifted up, keeps
+every algorithm's edge hits at or under a third of runs and its fitness within noise of [-1, 1]'s."""
+
+STARTS = ("static", "default")
+"""``algorithm.start``: ``static`` starts every search from the tuned linear static merges (the ``initial`` argument
+of every registered algorithm, `evox_merge.run.registry.build_algorithm`); ``default`` from each algorithm's own
+start. Default ``static``: on the tiny zoo (benchmarks/results/search_box.md, 6 seeds x 3 tasks x 4 algorithms) it
+raised the search-part fitness (pooled Welch p = 0.013) and the selection-part fitness (p = 0.07) and never ended
+below the static merges it started from (random search from the default start did in 8 of 18 runs)."""
+DEFAULT_START = "static"
+
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -145,3 +162,19 @@ def evogm_basis_problem(num_experts: int, pop_size: int, num_rounds: int, iterat
         return None
     return (f"pop_size: expected pop_size * (iterations_per_round + 1) >= num_experts = {num_experts} so a basis "
             f"shift finds N vectors, got {pop_size}")
+
+
+def raise_for_evogm(num_experts: int, pop_size: int, arguments: dict[str, Any]) -> None:
+    """EvoGM's constructor arguments by the rules a search config is checked with: MergeInputError naming the first
+    bad one and what was expected (`arguments` holds ``num_rounds``, ``iterations_per_round``, ``multi_round`` and
+    the other ruled ones)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise MergeInputError(f"num_experts: expected an integer >= 1, got {num_experts!r}")
+    problem = pop_size_problem("EvoGM", pop_size)
+    if problem:
+        raise MergeInputError(problem)
+    raise_for_arguments("EvoGM", arguments)
+    problem = evogm_basis_problem(num_experts, pop_size, arguments["num_rounds"], arguments["iterations_per_round"],
+                                  arguments["multi_round"])
+    if problem:
+        raise MergeInputError(problem)

@@ -34,8 +34,8 @@ from .limits import pop_size_problem, raise_for_arguments
 __all__ = ["MergeHypE", "MergeMOEAD", "MergeNSGA2", "MergeNSGA3", "MergeRVEA"]
 
 
-def _build(cls: type, algorithm: Any, num_experts: int, pop_size: int, n_objs: int, lb: float | torch.Tensor,
-           ub: float | torch.Tensor, seed: int, **kwargs: Any) -> None:
+def _build(cls: type, algorithm: Any, num_experts: int, pop_size: int, n_objs: int,
+           lb: float | torch.Tensor | None, ub: float | torch.Tensor | None, seed: int, **kwargs: Any) -> None:
     # The population and arguments by the rules a search config is checked with (`evox_merge.algorithms.limits`).
     problem = pop_size_problem(type(algorithm).__name__, pop_size, n_objs)
     if problem:
@@ -56,24 +56,24 @@ class _Parentless:
 class MergeNSGA2(_Parentless, NSGA2):
     """NSGA-II (EvoX) over N merge coefficients."""
 
-    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
-                 ub: float | torch.Tensor = 1.0, seed: int = 0, device: torch.device | None = None):
+    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor | None = None,
+                 ub: float | torch.Tensor | None = None, seed: int = 0, device: torch.device | None = None):
         _build(NSGA2, self, num_experts, pop_size, n_objs, lb, ub, seed, device=device)
 
 
 class MergeNSGA3(_Parentless, NSGA3):
     """NSGA-III (EvoX) over N merge coefficients."""
 
-    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
-                 ub: float | torch.Tensor = 1.0, seed: int = 0, device: torch.device | None = None):
+    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor | None = None,
+                 ub: float | torch.Tensor | None = None, seed: int = 0, device: torch.device | None = None):
         _build(NSGA3, self, num_experts, pop_size, n_objs, lb, ub, seed, device=device)
 
 
 class MergeMOEAD(_Parentless, MOEAD):
     """MOEA/D (EvoX) over N merge coefficients (evaluates one candidate at a time)."""
 
-    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
-                 ub: float | torch.Tensor = 1.0, seed: int = 0, device: torch.device | None = None):
+    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor | None = None,
+                 ub: float | torch.Tensor | None = None, seed: int = 0, device: torch.device | None = None):
         _build(MOEAD, self, num_experts, pop_size, n_objs, lb, ub, seed, device=device)
 
 
@@ -81,8 +81,8 @@ class MergeRVEA(_Parentless, RVEA):
     """RVEA (EvoX) over N merge coefficients; ``max_gen`` should be the run's generations (its angle penalty
     grows with gen / max_gen)."""
 
-    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
-                 ub: float | torch.Tensor = 1.0, seed: int = 0, alpha: float = 2.0, fr: float = 0.1,
+    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor | None = None,
+                 ub: float | torch.Tensor | None = None, seed: int = 0, alpha: float = 2.0, fr: float = 0.1,
                  max_gen: int = 100, device: torch.device | None = None):
         _build(RVEA, self, num_experts, pop_size, n_objs, lb, ub, seed, alpha=alpha, fr=fr, max_gen=max_gen,
                device=device)
@@ -91,7 +91,7 @@ class MergeRVEA(_Parentless, RVEA):
 class MergeHypE(_Parentless, HypE):
     """HypE (EvoX) over N merge coefficients (Monte Carlo hypervolume contributions from ``n_sample`` draws)."""
 
-    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor = -1.0,
-                 ub: float | torch.Tensor = 1.0, seed: int = 0, n_sample: int = 10000,
+    def __init__(self, num_experts: int, pop_size: int = 20, n_objs: int = 2, lb: float | torch.Tensor | None = None,
+                 ub: float | torch.Tensor | None = None, seed: int = 0, n_sample: int = 10000,
                  device: torch.device | None = None):
         _build(HypE, self, num_experts, pop_size, n_objs, lb, ub, seed, n_sample=n_sample, device=device)

@@ -8,7 +8,7 @@ import torch
 from evox.algorithms import PSO
 from evox.algorithms.so.pso_variants.utils import min_by
 
-from .common import coefficient_bounds, hybrid_population, rank_key
+from .common import coefficient_bounds, hybrid_population, initial_points, rank_key
 from .limits import raise_for_arguments
 
 __all__ = ["BoundedPSO"]
@@ -23,7 +23,8 @@ class BoundedPSO(PSO):
       lb = 0, since velocities can then never be negative; docs/evox.md), and moves particles with the clamped
       velocity; positions are clipped to the box, as upstream;
     * starts, by default, from EvoGM's hybrid initial population (average, one-hots, uniform random), so both
-      algorithms search from the same points; `init="uniform"` gives upstream's uniform swarm;
+      algorithms search from the same points; `init="uniform"` gives upstream's uniform swarm; ``initial``
+      starting points (the tuned static merges) are the swarm's first particles in either case;
     * draws all randomness from a private `torch.Generator` seeded with `seed` (the parent constructor's draws are
       discarded and do not disturb torch's global RNG), checkpointed by `state_dict()`;
     * ranks NaN/inf fitness last (`fit` holds the fitness with those replaced by +inf), so they never become a
@@ -38,8 +39,8 @@ class BoundedPSO(PSO):
         self,
         num_experts: int,
         pop_size: int = 20,
-        lb: float | torch.Tensor = -1.0,
-        ub: float | torch.Tensor = 1.0,
+        lb: float | torch.Tensor | None = None,
+        ub: float | torch.Tensor | None = None,
         seed: int = 0,
         w: float = 0.6,
         phi_p: float = 2.5,
@@ -47,13 +48,14 @@ class BoundedPSO(PSO):
         init: Literal["hybrid", "uniform"] = "hybrid",
         device: torch.device | None = None,
         space: Any = None,
+        initial: torch.Tensor | None = None,
     ):
         """
         Args:
             num_experts: N, the length of a coefficient vector.
             pop_size: number of particles. Default 20, EvoGM's.
-            lb: lower bound, a float or an (N,) tensor. Default -1.
-            ub: upper bound, a float or an (N,) tensor. Default 1.
+            lb: lower bound, a float or an (N,) tensor. None: `limits.DEFAULT_LB`, the default box's.
+            ub: upper bound, a float or an (N,) tensor. None: `limits.DEFAULT_UB`.
             seed: seed of the private `torch.Generator`.
             w: inertia weight (EvoX's default 0.6).
             phi_p: cognitive (personal-best) weight (EvoX's default 2.5).
@@ -62,9 +64,12 @@ class BoundedPSO(PSO):
             device: device of the state and of the populations handed to the problem.
             space: the search space (`evox_merge.experts.spaces`) when it is not one coefficient per expert
                 (``num_experts`` is then its dimension): the hybrid swarm's structured rows are written in it.
+            initial: (M, N) starting points, best first (`common.initial_points`): the swarm's first particles
+                (the first min(M, pop_size), repaired into the box), before the hybrid or uniform ones.
 
         Raises:
-            MergeInputError: non-finite w, phi_p or phi_g, an init other than "hybrid"/"uniform", or bad bounds.
+            MergeInputError: non-finite w, phi_p or phi_g, an init other than "hybrid"/"uniform", an initial that is
+                not (M, N) finite numbers, or bad bounds.
         """
         raise_for_arguments("BoundedPSO", {"w": w, "phi_p": phi_p, "phi_g": phi_g, "init": init})
         device = torch.get_default_device() if device is None else torch.device(device)
@@ -73,10 +78,14 @@ class BoundedPSO(PSO):
             super().__init__(pop_size, lower.to(device), upper.to(device), w=w, phi_p=phi_p, phi_g=phi_g, device=device)
         self._rng = torch.Generator().manual_seed(seed)
         width = upper - lower
+        initial = initial_points(initial, num_experts)
         if init == "hybrid":
-            pop = hybrid_population(num_experts, pop_size, lower, upper, self._rng, space=space)
+            pop = hybrid_population(num_experts, pop_size, lower, upper, self._rng, space=space, initial=initial)
         else:
             pop = lower + width * torch.rand(pop_size, num_experts, generator=self._rng, device="cpu")
+            if initial is not None:
+                starts = torch.clamp(initial[:pop_size], lower, upper)
+                pop = torch.cat([starts, pop[len(starts):]])
         velocity = width * (2 * torch.rand(pop_size, num_experts, generator=self._rng, device="cpu") - 1)
         # Buffers, not plain tensors, so `StdWorkflow(device=...)` moves them with the rest of the state.
         for name in ("lb", "ub"):

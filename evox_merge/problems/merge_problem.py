@@ -44,6 +44,7 @@ class MergeProblem(Problem):
         invalid_fitness: float = -math.inf,
         candidates_per_pass: int = 1,
         space: SearchSpace | None = None,
+        batch_tokens: int | None = None,
     ) -> None:
         """
         Args:
@@ -60,12 +61,17 @@ class MergeProblem(Problem):
                 one coefficient per expert). Candidates have `dim` entries; `in_space` writes expert-space
                 vectors (the searches' starting points) in it; `evaluate_linear` scores expert-space merges
                 (static merges, normalisation anchors) exactly in any space.
+            batch_tokens: batches of at most this many padded tokens instead of `batch_size` rows (decoder-only
+                models; `evox_merge.tasks.batching.cut_sorted`). None: `batch_size` rows per batch.
         """
         super().__init__()
         if not tasks:
             raise MergeInputError("MergeProblem needs at least one task")
         if batch_size < 1:
             raise MergeInputError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_tokens is not None and batch_tokens < 1:
+            raise MergeInputError(f"batch_tokens must be >= 1 or None, got {batch_tokens}")
+        self.batch_tokens = batch_tokens
         if isinstance(candidates_per_pass, bool) or not isinstance(candidates_per_pass, int) or candidates_per_pass < 1:
             raise MergeInputError(f"candidates_per_pass must be an integer >= 1, got {candidates_per_pass!r}")
         self.candidates_per_pass = candidates_per_pass
@@ -80,8 +86,8 @@ class MergeProblem(Problem):
         self.per_task_fitness = per_task_fitness
         self.invalid_fitness = invalid_fitness
         device = next(experts.model.parameters()).device
-        self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device, model_config=experts.model.config)
-                        for task in self.tasks]
+        self.scorers = [build_scorer(task, experts.tokenizer, batch_size, device, model_config=experts.model.config,
+                                     batch_tokens=batch_tokens) for task in self.tasks]
         self.merger = shared_merger(experts)
         self.space = space if space is not None else ExpertSpace(tuple(experts.target_names),
                                                                  tuple(experts.expert_names))
@@ -237,19 +243,42 @@ class MergeProblem(Problem):
         else:
             self.merger.apply(candidate if self.space.kind == "expert" else self.space.layer_coefficients(candidate))
 
+    def _part_scorer(self, task: Task, records: list[dict]):
+        """A scorer over some of `task`'s records (tokenised now): racing's stages, subsample mode's subsets."""
+        return build_scorer(Task(task.spec, records), self.experts.tokenizer, self.batch_size,
+                            next(self.experts.model.parameters()).device, model_config=self.experts.model.config,
+                            batch_tokens=self.batch_tokens)
+
+    def subset_scorers(self, indices: Sequence[Sequence[int]]) -> list:
+        """Per task, a scorer over its examples at `indices[k]` (positions in the task's records, in that order;
+        tokenised now, once): what `scoring_on` takes (`evox_merge.problems.subsample`)."""
+        if len(indices) != len(self.tasks):
+            raise MergeInputError(f"subset_scorers: expected one index list per task ({len(self.tasks)}), got "
+                                  f"{len(indices)}")
+        return [self._part_scorer(task, [task.records[int(i)] for i in index])
+                for task, index in zip(self.tasks, indices)]
+
+    @contextmanager
+    def scoring_on(self, scorers: list) -> Iterator[None]:
+        """Within the block every path that scores a merge on this problem's tasks uses `scorers` (one per task,
+        e.g. `subset_scorers`) instead of the scorers over all their examples."""
+        if len(scorers) != len(self.scorers):
+            raise MergeInputError(f"scoring_on: expected one scorer per task ({len(self.scorers)}), got {len(scorers)}")
+        saved, self.scorers = self.scorers, list(scorers)
+        try:
+            yield
+        finally:
+            self.scorers = saved
+
     def _stages(self) -> list[list]:
         """Per task, one scorer per racing stage over that stage's new examples (None where a stage adds none)."""
         if self._stage_scorers is None:
-            device = next(self.experts.model.parameters()).device
             self._stage_scorers = []
             for task in self.tasks:
                 total, start, scorers = len(task.records), 0, []
                 for fraction in self.racing.stages:
                     end = max(start, min(total, max(1, math.ceil(fraction * total))))
-                    part = Task(task.spec, task.records[start:end]) if end > start else None
-                    scorers.append(None if part is None else
-                                   build_scorer(part, self.experts.tokenizer, self.batch_size, device,
-                                                model_config=self.experts.model.config))
+                    scorers.append(self._part_scorer(task, task.records[start:end]) if end > start else None)
                     start = end
                 self._stage_scorers.append(scorers)
         return self._stage_scorers

@@ -3,9 +3,9 @@
 A candidate's evidence is its line in records.jsonl (`evox_merge.run.monitor.EVIDENCE_FIELDS`: id and lineage node,
 parents, operator, coefficients, scores, seconds) joined with the run-constant part in run.json's ``evidence``
 (`RUN_EVIDENCE_FIELDS`: base family, tokenizer compatibility, operator in words, the experts and their hashes, the
-evaluation suite with the task-file hashes, the resource profile's device, intended use); `full_record` joins them.
-Records name their parents as lineage nodes (``record:<id>``, ``expert:<name>``), so the lineage DAG is the
-records themselves: `ancestry` walks it from one candidate back to the experts.
+evaluation suite with the task-file hashes, the resource profile's device and dtype, intended use); `full_record`
+joins them. Records name their parents as lineage nodes (``record:<id>``, ``expert:<name>``), so the lineage DAG is
+the records themselves: `ancestry` walks it from one candidate back to the experts.
 
 The DOT file `lineage` writes ends with a mark (``// written by evox-merge lineage; sha256 <its text>; png <hash>``):
 it replaces an existing file, and the PNG beside it, only when that mark proves it wrote them, and never writes over
@@ -52,8 +52,9 @@ def run_evidence(config: Any, experts: Any, device: str, objectives: Any) -> dic
             "normalisation": config.normalise,
             "objectives": objectives.to_dict(),
         },
-        "resource_profile": {"device": device, "per_candidate": "each record's 'seconds' (wall time of its "
-                                                                "evaluation, its population's share)"},
+        "resource_profile": {"device": device, "dtype": experts.dtype_name,
+                             "per_candidate": "each record's 'seconds' (wall time of its evaluation, its "
+                                              "population's share)"},
         "intended_use": config.intended_use,
     }
 

@@ -56,6 +56,8 @@ def operator(merge_settings: dict[str, Any], name: str, space: Any = None) -> st
         method = "TIES" if name == "ties" else "DARE-TIES"
         return (f"{method} (peft.utils.merge_utils) on the experts' dense task vectors s_i B_i A_i per target layer, "
                 f"density {merge_settings.get('density')}, scaling {merge_settings.get('scaling')}")
+    if "operator" in merge_settings:  # the merges of evox_merge.problems.static_methods describe themselves
+        return str(merge_settings["operator"])
     if name == "mergevolve":
         return ("MERGEvolve: the selected merge's dense delta per target layer, moved by an evolution strategy over "
                 "seeded low-rank Gaussian perturbations (recipe.mergevolve)")
@@ -119,10 +121,14 @@ def build_recipe(
     algorithm: Algorithm,
     resources: dict[str, Any],
     space: Any = None,
+    start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The recipe of a released merge (see the search module for where it is written). ``warnings`` lists inputs
     that were accepted but change what the numbers mean (test examples that are also validation examples:
-    `evox_merge.tasks.spec.split_overlap`, counted per task in ``evaluation.test_overlap``)."""
+    `evox_merge.tasks.spec.split_overlap`, counted per task in ``evaluation.test_overlap``). ``search.box`` is the
+    box every searched candidate's coefficients lie in; ``search.start`` where the search started (`start`:
+    ``{"start": "static" | "default", "starting_points": [{name, search_fitness, coefficients}]}``, from
+    `evox_merge.run.search`)."""
     tasks = [{**spec.to_dict(), **spec.file_hashes()} for spec in specs]
     overlaps = {spec.name: overlap for spec in specs if (overlap := split_overlap(spec)) is not None}
     best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
@@ -196,8 +202,12 @@ def build_recipe(
             "evaluations": len(records),
             "seed": config.seed,
             "algorithm_facts": algorithm.recipe_facts() if isinstance(algorithm, RecipeFacts) else {},
+            "box": {"lb": config.algorithm.lb, "ub": config.algorithm.ub,
+                    "applies_to": "every coordinate of every searched candidate (in the search space's "
+                                  "coordinates; EvoGM's after a basis shift too)"},
+            **(start or {"start": config.algorithm.start, "starting_points": []}),
         },
-        "resources": resources,
+        "resources": {**resources, "dtype": experts.dtype_name},  # the dtype the model ran in
         "lineage": lineage(records, release, experts.expert_names),
         "intended_use": config.intended_use,
         "versions": library_versions(),

@@ -4,6 +4,15 @@ The search config (``algorithm.name``), the CLI (``evox-merge algorithms``) and 
 ``methods``) all resolve names here. A name is either a registered entry (an algorithm class plus fixed
 constructor arguments, so ablations are names too) or an import path to any EvoX `Algorithm` class
 (``evox.algorithms.DE``). Classes are imported only when an algorithm is built, so validating a config stays cheap.
+
+What the search hands every registered algorithm (`build_algorithm`): ``num_experts`` (the search's dimension D),
+``pop_size``, the box ``lb``/``ub`` (one box for every algorithm: every candidate it hands the problem lies in it,
+EvoGM's after a basis shift too; default `evox_merge.algorithms.limits.DEFAULT_LB`/``DEFAULT_UB``), ``seed``, the
+search ``space`` where it is not the expert space and the class takes it, and ``initial``: an ``(M, D)`` tensor of
+starting points in the search's coordinates, best first (``algorithm.start: static``: the tuned linear static
+merges, `start_points`), where the class takes it. Every registered single-objective algorithm takes ``initial``
+and evaluates those points in its first generation (CMA-ES: its mean at the first, its step size from their
+spread); each repairs them into its box.
 """
 
 from __future__ import annotations
@@ -80,12 +89,13 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
 
 # Constructor arguments the search sets from its own config keys (named in the refusal of one in params).
 _SET_BY_SEARCH = {"num_experts": "experts", "pop_size": "algorithm.pop_size", "lb": "algorithm.lb",
-                  "ub": "algorithm.ub", "seed": "seed", "device": "device", "space": "space"}
+                  "ub": "algorithm.ub", "seed": "seed", "device": "device", "space": "space",
+                  "initial": "algorithm.start"}
 
 
 def reserved_params(name: str) -> set[str]:
     """Constructor arguments of registered algorithm `name` that the search sets: num_experts, pop_size, lb, ub,
-    seed, the device and the search space, its fixed arguments, ``n_objs`` for a multi-objective one, and EvoGM's
+    seed, the device, the search space and the starting points, its fixed arguments, ``n_objs`` for a multi-objective one, and EvoGM's
     ``objectives`` and ``n_objs`` (``evogm_pareto`` is EvoGM with Pareto objectives)."""
     entry = ALGORITHMS[name]
     vector = ("n_objs",) if entry.multi_objective else ("objectives", "n_objs") if entry.family == "evogm" else ()
@@ -172,8 +182,9 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 
 
 def build_algorithm(
-    name: str, num_experts: int, *, pop_size: int, lb: float = -1.0, ub: float = 1.0, seed: int = 0,
-    params: dict[str, Any] | None = None, n_objs: int | None = None, space: Any = None,
+    name: str, num_experts: int, *, pop_size: int, lb: float = limits.DEFAULT_LB, ub: float = limits.DEFAULT_UB,
+    seed: int = 0, params: dict[str, Any] | None = None, n_objs: int | None = None, space: Any = None,
+    initial: Any = None,
 ):
     """Construct the algorithm `name` for `num_experts` coefficients.
 
@@ -185,6 +196,9 @@ def build_algorithm(
     `space`: the problem's search space (`evox_merge.experts.spaces`), whose dimension is then ``num_experts``.
     Registered algorithms that start from particular merges (EvoGM's average and one-hot experts, CMA-ES's
     average, PSO's hybrid swarm) take it to write those merges in its coordinates; the expert space needs nothing.
+
+    `initial`: ``(M, num_experts)`` starting points, best first (`start_points`), for a registered class that takes
+    ``initial`` (all single-objective ones); MergeInputError for one that does not.
     """
     import torch
 
@@ -197,8 +211,13 @@ def build_algorithm(
                 raise MergeInputError(f"algorithm.name: {name!r} is multi-objective; set objectives: pareto")
             params["n_objs"] = n_objs
         cls = entry.load()
-        if space is not None and space.kind != "expert" and "space" in inspect.signature(cls.__init__).parameters:
+        accepted = inspect.signature(cls.__init__).parameters
+        if space is not None and space.kind != "expert" and "space" in accepted:
             params["space"] = space
+        if initial is not None:
+            if "initial" not in accepted:
+                raise MergeInputError(f"initial: {name!r} takes no starting points (takes_starting_points)")
+            params["initial"] = initial
         try:
             return cls(num_experts, pop_size=pop_size, lb=lb, ub=ub, seed=seed, **entry.fixed, **params)
         except (AssertionError, TypeError, ValueError) as error:  # what the limits do not foresee, still named
@@ -215,6 +234,37 @@ def build_algorithm(
     except (AssertionError, TypeError, ValueError) as error:
         raise MergeInputError(f"algorithm.params: cannot build {name} with {sorted({**kwargs, **params})}: "
                               f"{_constructor_failure(error)}") from error
+
+
+def takes_starting_points(name: str) -> bool:
+    """Whether algorithm `name` (registered, or an EvoX import path) takes ``initial`` starting points (imports its
+    class): every registered single-objective algorithm does."""
+    return "initial" in inspect.signature(algorithm_class(name).__init__).parameters
+
+
+def start_points(statics: list[Any], space: Any = None) -> tuple[Any, list[str]]:
+    """The starting points of ``algorithm.start: static``: the linear static merges among `statics` (the release
+    contest's `evox_merge.run.selection.Candidate`s tuned on the search part; linear: coefficients in the expert
+    basis, ``merge.coefficients`` not None), best search-part fitness first, exact repeats dropped, written in the
+    search `space`'s coordinates (``space.from_expert``). Returns an ``(M, D)`` float32 tensor (None when no static
+    merge is linear) and the merges' names in its row order."""
+    import torch
+
+    linear = [c for c in statics if c.merge.coefficients is not None and c.merge.space is None]
+    linear.sort(key=lambda c: -c.search_fitness if c.search_fitness == c.search_fitness else float("inf"))
+    rows: list[Any] = []
+    names: list[str] = []
+    for candidate in linear:
+        row = candidate.merge.coefficients.detach().float().cpu()
+        if not any(torch.equal(row, kept) for kept in rows):
+            rows.append(row)
+            names.append(candidate.name)
+    if not rows:
+        return None, []
+    points = torch.stack(rows)
+    if space is not None and space.kind != "expert":
+        points = space.from_expert(points).float()
+    return points, names
 
 
 def _constructor_failure(error: Exception) -> str:

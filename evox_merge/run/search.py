@@ -24,6 +24,7 @@ history.csv. With ``objectives: mean`` the packet is exactly the one above.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -36,7 +37,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from evox_merge.run.loop import run_generations
-from evox_merge.run.registry import build_algorithm, is_multi_objective, racing_for
+from evox_merge.run.registry import (build_algorithm, is_multi_objective, racing_for, start_points,
+                                     takes_starting_points)
 from evox_merge.util.atomic import write_text_atomic
 from evox_merge.run.checkpoint import load_checkpoint, read_checkpoint_counters, save_checkpoint
 from evox_merge.run.config import SearchConfig, load_config
@@ -48,6 +50,7 @@ from evox_merge.util.machine import describe_machine
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation
 from evox_merge.problems.static_merges import STATIC_MERGES
+from evox_merge.problems.subsample import Subsampler, SubsampleSettings
 from evox_merge.run.progress import ProgressMode, SearchProgress
 from evox_merge.run.evidence import run_evidence
 from evox_merge.run.objectives import hypervolume_by_generation, objectives_from_config
@@ -193,18 +196,23 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     parts = [split_task(read_task(spec), config.selection_fraction, config.max_validation_examples)
              for spec in specs]
     space = build_space(experts.target_names, experts.expert_names, **config.space.options(config.seed))
-    problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size, space=space)
+    problem = MergeProblem(experts, [search for search, _ in parts], batch_size=config.batch_size,
+                           batch_tokens=config.batch_tokens, space=space)
     if config.normalise != "none":
         problem.normalise(anchor_normalisation(problem))
     vector = objectives.pareto and is_multi_objective(config.algorithm.name)
+    statics, initial, start = _static_start(config, problem, progress == "bar")
     algorithm = build_algorithm(config.algorithm.name, problem.dim, pop_size=config.algorithm.pop_size,
                                 lb=config.algorithm.lb, ub=config.algorithm.ub, seed=config.seed,
                                 params=config.algorithm.params, n_objs=len(objectives.names) if vector else None,
-                                space=space)
+                                space=space, initial=initial)
     if config.racing is not None:
         problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages, config.selection_top_k))
     generations = config.budget.generations_for(config.algorithm.pop_size)
     budget = generations * config.algorithm.pop_size
+    subsample = (Subsampler(SubsampleSettings(config.subsample.size, config.subsample.elites, config.seed),
+                            problem.task_names, [len(task.records) for task in problem.tasks])
+                 if config.subsample is not None else None)  # evox_merge.problems.subsample
 
     counters = {"generation": 0, "records": 0, "best": -math.inf, "elapsed": 0.0}
     checkpoint_path = out / CHECKPOINT_NAME
@@ -213,7 +221,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
                          objectives=(lambda scores: objectives.values(problem, scores)) if objectives.pareto else None,
                          objective_names=objectives.names)
     workflow = build_workflow(algorithm, problem, monitor, objectives=objectives if vector else None,
-                              device=context.device, enable_distributed=context.world_size > 1)
+                              device=context.device, enable_distributed=context.world_size > 1, subsample=subsample)
     if resume and checkpoint_path.exists():
         counters = load_checkpoint(checkpoint_path, workflow)
         monitor.restart(counters["records"], counters["generation"], counters["best"])
@@ -254,7 +262,9 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     records = read_records(out / RECORDS_NAME)
     if not any(r["fitness"] is not None for r in records):
         raise MergeInputError("every candidate scored NaN: nothing to release (see records.jsonl)")
-    selection = _select_and_score(config, problem, parts, specs, records, progress == "bar")
+    # subsample mode: the contest's searched candidates are the best by estimate, re-scored on the full search part
+    pool = subsample.release_pool(problem, config.selection_top_k) if subsample is not None else None
+    selection = _select_and_score(config, problem, parts, specs, records if pool is None else pool, progress == "bar", statics)
     evolved = mergevolve_stage(config, problem, selection, out) if config.mergevolve is not None else None
     winner = selection["winner"]
     release_dir = "champion" if objectives.pareto else "best"
@@ -265,6 +275,7 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     recipe = build_recipe(
         config=config, experts=experts, specs=specs, records=records, selection=selection,
         normalisation=problem.normalisation, adapter_info=adapter_info, algorithm=algorithm, space=problem.space,
+        start=start,
         resources={
             "device": device_name,
             "wall_seconds": wall_seconds,
@@ -275,6 +286,8 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     )
     if evolved is not None:
         recipe["mergevolve"] = evolved
+    if subsample is not None:
+        recipe["subsample"] = {**subsample.summary(), "release_pool": pool}
     scores = selection["scores"]
     volumes = None
     if objectives.pareto:
@@ -304,24 +317,52 @@ def _run(config: SearchConfig, context, resume: bool, overwrite: bool, progress:
     return SearchResult(out, best["coefficients"], best["fitness"], winner.name, coefficients, scores, recipe)
 
 
-def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs, records, show: bool) -> dict:
+def _static_start(config: SearchConfig, problem: MergeProblem, show: bool) -> tuple[list | None, Any, dict]:
+    """With ``algorithm.start: static``: the static merges tuned on the search part now, before the search (the
+    release contest reuses them: nothing is tuned twice), the starting points made of the linear ones
+    (`start_points`, best first) and the start's facts for recipe.json; else ``(None, None, facts)``."""
+    facts: dict[str, Any] = {"start": config.algorithm.start, "starting_points": []}
+    if config.algorithm.start != "static":
+        return None, None, facts
+    if not takes_starting_points(config.algorithm.name):  # EvoX's multi-objective algorithms, foreign classes
+        logging.getLogger(__name__).warning("algorithm.start: static: %s takes no starting points; it starts as it "
+                                            "does by default", config.algorithm.name)
+        return None, None, {"start": "default", "starting_points": [],
+                            "start_note": f"start: static asked; {config.algorithm.name} takes no starting points"}
+    bar = tqdm(total=len(STATIC_MERGES), desc="tuning the static merges to start from", unit="merge",
+               disable=not show, leave=False)
+    statics = static_candidates(problem, list(STATIC_MERGES), seed=config.seed, progress=bar)
+    bar.close()
+    initial, names = start_points(statics, problem.space)
+    fitness = {candidate.name: candidate.search_fitness for candidate in statics}
+    facts["starting_points"] = [{"name": name, "search_fitness": fitness[name],
+                                 "coefficients": row.tolist()} for name, row in zip(names, initial if names else [])]
+    return (statics if config.release.baselines else None), initial, facts
+
+
+def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs, records, show: bool,
+                      statics: list | None = None) -> dict:
     """Choose the release on the selection part (`evox_merge.run.selection`) and score it, the best searched
-    candidate and the static merges on the search part, the selection part and the test files."""
+    candidate and the static merges on the search part, the selection part and the test files (`statics`: the
+    static merges already tuned on the search part, by `_static_start`)."""
     splits = {"search": problem}
     if config.selection_fraction > 0:
         splits["selection"] = MergeProblem(problem.experts, [sel for _, sel in parts], batch_size=config.batch_size,
+                                           batch_tokens=config.batch_tokens,
                                            space=problem.space).normalise(problem.normalisation)
     tested = [spec.with_split("test") for spec in specs if spec.test_path]
     if len(tested) == len(specs):
         splits["test"] = MergeProblem(problem.experts, tested, batch_size=config.batch_size,
+                                      batch_tokens=config.batch_tokens,
                                       space=problem.space).normalise(problem.normalisation)
     searched = searched_candidates(records, config.selection_top_k,
                                    space=None if problem.space.kind == "expert" else problem.space)
     static_names = list(STATIC_MERGES) if config.release.baselines else []
-    steps = len(static_names) + (len(searched) + len(static_names) + 2) * ("selection" in splits)
+    steps = len(static_names) * (statics is None) + (len(searched) + len(static_names) + 2) * ("selection" in splits)
     steps += len(splits) * (2 + len(static_names))
     bar = tqdm(total=steps, desc="selecting and scoring the release", unit="step", disable=not show, leave=False)
-    statics = static_candidates(problem, static_names, seed=config.seed, progress=bar)
+    if statics is None:
+        statics = static_candidates(problem, static_names, seed=config.seed, progress=bar)
     selection_problem = splits.get("selection")
     contest_winner = select_release(searched + statics, selection_problem, progress=bar)
     best_searched = select_release(searched, selection_problem)  # reuses the scores of the contest above
