@@ -110,3 +110,18 @@ def test_a_t5_search_releases_an_adapter_that_reproduces_its_scores(t5_setup, tm
     assert json.loads((result.output_dir / "recipe.json").read_text())["release_files"]["adapter"] == "best/adapter"
     card = (result.output_dir / "README.md").read_text()
     assert "2 LoRA experts" in card and "base = AutoModelForSeq2SeqLM.from_pretrained(" in card
+
+
+@pytest.mark.parametrize("kind", ["choice", "copy"])
+def test_a_prompt_that_tokenises_to_nothing_is_refused_by_the_encoder_scorers(t5_setup, t5_model, kind):
+    from evox_merge.tasks import Task
+    from evox_merge.util.errors import TaskFormatError
+
+    model, tokenizer = t5_model
+    task = read_task(next(spec for spec in t5_setup.tasks if spec.name == kind))
+    records = [dict(record) for record in task.records]
+    records[2]["prompt"] = ""
+    with pytest.raises(TaskFormatError, match=rf"task '{kind}', example 2: the prompt tokenises to nothing"):
+        build_scorer(Task(task.spec, records), tokenizer, batch_size=4, device="cpu", model_config=model.config)
+    build_scorer(Task(task.spec, records[:2] + records[3:]), tokenizer, batch_size=4, device="cpu",
+                 model_config=model.config)  # the others score

@@ -27,7 +27,8 @@ class InPlaceMerger:
     Keeps one copy of each target layer's original weight ``W0`` (only the targeted layers, and the dense targets'
     parameters in ``memory``/``svd`` mode; in ``stream`` mode a dense parameter is restored from the base's file),
     so that every candidate starts from exactly ``W0``: candidates never leak into one another, whatever order
-    they come in.
+    they come in. ``W0`` is kept in the model's dtype (bfloat16 too: the copy is exact), and each merged weight is
+    ``W0 + B A`` rounded once to it by the ``addmm`` (tests/test_dtype.py measures bfloat16 against float32).
     """
 
     def __init__(self, experts: ExpertSet) -> None:
@@ -58,6 +59,8 @@ class InPlaceMerger:
         if per_layer and coefficients.shape[0] != len(names):
             raise ValueError(f"per-layer coefficients need {len(names)} rows (one per target layer), "
                              f"got {tuple(coefficients.shape)}")
+        if self._experts.layers:  # one copy to the device per candidate, not one (synchronising) per layer
+            coefficients = coefficients.to(next(iter(self._experts.layers.values())).B_scaled.device)
         for index, (name, factors) in enumerate(self._experts.layers.items()):
             a, b = merged_factors(factors, coefficients[index] if per_layer else coefficients)
             torch.addmm(self._originals[name], b, a, out=self._weights[name])

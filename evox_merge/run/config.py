@@ -26,7 +26,7 @@ from pathlib import Path
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.algorithms import limits
@@ -36,6 +36,7 @@ from evox_merge.run.output_dir import output_dir_problem
 from evox_merge.tasks.spec import (TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap,
                                    split_task, task_spec_from_dict)
 from evox_merge.util.hub import is_dense_expert, is_hub_id, local_path, read_model_config, resolve_model
+from evox_merge.util.adapter_files import expert_problems, task_spec_file_problem
 from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.strict import StrictModel as _Strict
 from evox_merge.util.strict import format_validation_errors
@@ -50,13 +51,17 @@ class AlgorithmConfig(_Strict):
     ablations; ``evox-merge algorithms`` lists them) or an import path to any EvoX Algorithm class
     (``evox.algorithms.DE``). ``pop_size``, ``lb`` and ``ub`` go to every algorithm that takes them; ``params``
     holds the rest (e.g. EvoGM's ``num_rounds``, ``iterations_per_round``, ``winner_ratio``), checked against the
-    constructor.
+    constructor. ``lb``/``ub``: the box every candidate's coefficients lie in (default `limits.DEFAULT_LB` /
+    `limits.DEFAULT_UB`, benchmarks/results/search_box.md). ``start``: ``static`` tunes the static merges on the
+    search part before the search and starts it from the linear ones (`registry.start_points`), ``default`` from
+    the algorithm's own start (`limits.STARTS`).
     """
 
     name: str = "evogm"
     pop_size: int = Field(default=20, ge=1)
-    lb: float = -1.0
-    ub: float = 1.0
+    lb: float = limits.DEFAULT_LB
+    ub: float = limits.DEFAULT_UB
+    start: Literal[limits.STARTS] = limits.DEFAULT_START
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -284,6 +289,51 @@ class RacingConfig(_Strict):
         return stages
 
 
+class SubsampleConfig(_Strict):
+    """Opt-in subsample mode (`evox_merge.problems.subsample`): every generation scores its candidates on a fresh
+    subset of each task's search part, drawn from the seed and the generation, and re-scores the run's best
+    ``elites`` candidates on it so that comparisons across generations stay paired.
+
+    ``size``: examples per task per generation, an integer (a task whose search part is smaller gives all of it)
+    or a fraction in (0, 1) of each task's search part. ``elites``: candidates re-scored on every generation's subset (each costs
+    one more candidate scored on it)."""
+
+    size: int | float
+    elites: int = Field(default=2, ge=1)
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, size: Any) -> int | float:
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or (isinstance(size, int) and size < 1):
+            raise ValueError(f"expected an integer >= 1 (examples per task) or a fraction in (0, 1), got {size!r}")
+        if isinstance(size, float) and not 0 < size < 1:
+            raise ValueError(f"a fraction of each task's search part must lie in (0, 1), got {size!r}; write an "
+                             "integer for a number of examples")
+        return size
+
+    def refusal(self, config: "SearchConfig") -> str | None:
+        """Why `config`'s search cannot run in subsample mode (None if it can): the algorithm must be one whose
+        held fitness the mode keeps paired (evogm and its scalar variants, cmaes, pso, random), with one fitness
+        per candidate, one process and no racing."""
+        name = config.algorithm.name
+        entry = registry.ALGORITHMS.get(name)
+        if entry is None or entry.multi_objective or not (entry.family == "evogm" or name in SUBSAMPLE_ALGORITHMS):
+            return (f"subsample: algorithm {name!r} keeps fitness that the subsample mode cannot keep paired; it "
+                    f"works with {list(SUBSAMPLE_ALGORITHMS)} and EvoGM's scalar variants")
+        if config.objectives != "mean":
+            return "subsample: needs objectives: mean (one fitness per candidate)"
+        if config.distributed:
+            return "subsample: not with distributed: true (the elites are re-scored in one process)"
+        if config.racing is not None:
+            return "subsample: not with racing (both choose which examples a candidate is scored on)"
+        return None
+
+
+SUBSAMPLE_ALGORITHMS = ("evogm", "cmaes", "pso", "random")
+"""Algorithms the subsample mode keeps paired (`evox_merge.run.workflow.refresh_held_fitness`), EvoGM's scalar
+variants too."""
+
+
 class MergevolveConfig(_Strict):
     """An optional last stage: MERGEvolve (`evox_merge.algorithms.mergevolve`) from the selected release, on the
     search part; its final centre replaces the release only if it scores higher on the selection part."""
@@ -318,6 +368,19 @@ def check_device(device: str) -> str:
     return device
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype a model runs in: `dtype` itself, or for ``auto`` bfloat16 on a CUDA device that supports it
+    (about twice float32's speed on tensor cores, half its memory) and float32 otherwise (the CPU included: its
+    float32 matmuls are the fast ones). Only a CUDA device imports torch."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+
+
 SEED_LIMIT = 2 ** 64
 """Seeds are integers from 0 to 2**64 - 1, the range of a torch generator's seed."""
 
@@ -339,7 +402,9 @@ class SearchConfig(_Strict):
     candidates and the static merges on the selection part (`evox_merge.run.selection`). ``normalise`` puts every
     task on one scale before the weighted mean (`evox_merge.problems.normalisation`). ``objectives``: ``mean`` (one
     fitness) or ``pareto`` / an `ObjectivesConfig` (a vector of objectives, a Pareto release:
-    `evox_merge.run.objectives`).
+    `evox_merge.run.objectives`). ``dtype: auto`` (the default) is bfloat16 on a CUDA GPU that supports it, else
+    float32 (`resolve_dtype`; the validated config holds the dtype used). ``batch_tokens``: batches of at most
+    this many padded tokens (rows x length) instead of ``batch_size`` rows (`evox_merge.tasks.batching`).
     """
 
     base: str
@@ -350,8 +415,9 @@ class SearchConfig(_Strict):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(evaluations=160))
     seed: int = 0
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", validate_default=True)
     batch_size: int = Field(default=32, ge=1)
+    batch_tokens: int | None = Field(default=None, ge=1)
     max_validation_examples: int | None = Field(default=None, ge=1)
     selection_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
     selection_top_k: int = Field(default=5, ge=1)
@@ -366,6 +432,14 @@ class SearchConfig(_Strict):
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     mergevolve: MergevolveConfig | None = None
     dense: DenseConfig = Field(default_factory=DenseConfig)
+    subsample: SubsampleConfig | None = None
+
+    @model_validator(mode="after")
+    def _subsample(self) -> "SearchConfig":
+        refusal = self.subsample.refusal(self) if self.subsample is not None else None
+        if refusal:
+            raise ValueError(refusal)
+        return self
 
     @model_validator(mode="after")
     def _mergevolve(self) -> "SearchConfig":
@@ -392,6 +466,13 @@ class SearchConfig(_Strict):
     @classmethod
     def _device(cls, device: str) -> str:
         return check_device(device)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, dtype: str, info: ValidationInfo) -> str:
+        # ``auto`` becomes the dtype the run will use (`resolve_dtype`), so run.json's config records it.
+        device = info.data.get("device")
+        return resolve_dtype(dtype, device) if device is not None else dtype
 
     @field_validator("seed")
     @classmethod
@@ -604,6 +685,8 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
         problems.append(problem)
     specs: list[TaskSpec] = []
     try:
+        if isinstance(config.tasks, str) and (found := task_spec_file_problem(Path(updates["tasks"]), "tasks")):
+            raise TaskFormatError(found)
         specs = config.model_copy(update=updates).task_specs(base_dir)
     except TaskFormatError as error:
         problems.append(str(error) if str(error).startswith("tasks") else f"tasks: {error}")
@@ -634,6 +717,7 @@ def resolve_paths(config: SearchConfig, base_dir: str | Path) -> SearchConfig:
     if specs:
         problems += check_objectives(config.objectives, [spec.name for spec in specs], config.algorithm.name)
     problems += _check_space(config.space, experts)
+    problems += expert_problems([(f"experts[{i}]", expert) for i, expert in enumerate(experts)])  # from the files
     dense = [f"experts[{i}]" for i, expert in enumerate(experts) if is_dense_expert(expert)]
     if dense and config.mergevolve is not None:
         problems.append(f"mergevolve: perturbs a LoRA merge's low-rank delta; {', '.join(dense)} are dense "

@@ -4,7 +4,8 @@ model loads that every example tokenises to something to score and fits the mode
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence, TypeVar
+from functools import cached_property
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,12 +29,22 @@ class TargetBatch:
         targets: ``(B, L)`` long; ``targets[b, t]`` is the token position ``t`` must predict
             (``input_ids[b, t + 1]``) where it is scored, else ``IGNORE``.
         rows: ``(B,)`` long, the index of each sequence in the task's row order.
+
+    Every tensor lives on the scoring device (``rows`` too: scorers index device tensors with it).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     targets: torch.Tensor
     rows: torch.Tensor
+
+    @cached_property
+    def scored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions, owners)``: the flat index in ``(B * L)`` of every scored position, in row-major order, and
+        the row each belongs to, both ``(n_scored,)`` long on the batch's device. Found once per batch (one
+        synchronisation with the device), not once per candidate."""
+        flat = (self.targets != IGNORE).flatten().nonzero().flatten()
+        return flat, flat // self.targets.shape[1]
 
 
 @dataclass
@@ -232,14 +243,42 @@ def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tup
     return rows
 
 
+def cut_sorted(order: Sequence[int], per_batch: int, batch_tokens: int | None,
+               sizes: Callable[[int], tuple[int, ...]],
+               tokens: Callable[[int, tuple[int, ...]], int]) -> list[list[int]]:
+    """Cut `order` (items sorted by length) into consecutive chunks: of at most `per_batch` items, or, with
+    `batch_tokens`, of as many items as keep the padded batch within `batch_tokens` tokens (an item that alone
+    exceeds it gets a batch of its own). ``sizes(item)`` are an item's lengths (e.g. prompt, choice) and
+    ``tokens(items, longest)`` the padded tokens of a batch of `items` items whose longest lengths are `longest`.
+    """
+    if batch_tokens is None:
+        return [list(order[start : start + per_batch]) for start in range(0, len(order), per_batch)]
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    longest: tuple[int, ...] = ()
+    for item in order:
+        size = sizes(item)
+        grown = tuple(map(max, longest, size)) if chunk else size
+        if chunk and tokens(len(chunk) + 1, grown) > batch_tokens:
+            chunks.append(chunk)
+            chunk, grown = [], size
+        chunk.append(item)
+        longest = grown
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def target_batches(
-    sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_size: int, device: torch.device | str
+    sequences: Sequence[tuple[list[int], int]], pad_id: int, batch_size: int, device: torch.device | str,
+    batch_tokens: int | None = None,
 ) -> list[TargetBatch]:
-    """Sort rows by length and cut them into right-padded batches of at most `batch_size` rows."""
+    """Sort rows by length and cut them into right-padded batches of at most `batch_size` rows (with
+    `batch_tokens`: of at most that many tokens, rows x padded length, instead)."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]), reverse=True)
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in cut_sorted(order, batch_size, batch_tokens, lambda i: (len(sequences[i][0]),),
+                            lambda rows, longest: rows * longest[0]):
         length = len(sequences[chunk[0]][0])
         input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
@@ -249,21 +288,23 @@ def target_batches(
             input_ids[b, : len(ids)] = torch.tensor(ids)
             attention_mask[b, : len(ids)] = 1
             targets[b, context - 1 : len(ids) - 1] = torch.tensor(ids[context:])
-        batches.append(
-            TargetBatch(input_ids.to(device), attention_mask.to(device), targets.to(device), torch.tensor(chunk))
-        )
+        batches.append(TargetBatch(input_ids.to(device), attention_mask.to(device), targets.to(device),
+                                   torch.tensor(chunk, device=device)))
     return batches
 
 
 def prompt_batches(
-    prompts: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device | str, offset: int = 0
+    prompts: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device | str, offset: int = 0,
+    batch_tokens: int | None = None, new_tokens: int = 0,
 ) -> list[PromptBatch]:
-    """Sort prompts by length and cut them into left-padded batches, whatever the tokenizer's padding side.
-    Positions start at `offset` (the length of a shared prefix the prompts continue, see `tasks.prefix`)."""
+    """Sort prompts by length and cut them into left-padded batches, whatever the tokenizer's padding side, of at
+    most `batch_size` prompts (with `batch_tokens`: of at most that many tokens, prompts x (padded length +
+    `new_tokens`, the tokens decoding adds), instead). Positions start at `offset` (the length of a shared prefix
+    the prompts continue, see `tasks.prefix`)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in cut_sorted(order, batch_size, batch_tokens, lambda i: (len(prompts[i]),),
+                            lambda rows, longest: rows * (longest[0] + new_tokens)):
         length = len(prompts[chunk[0]])
         input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
@@ -272,19 +313,19 @@ def prompt_batches(
             input_ids[b, length - len(ids) :] = torch.tensor(ids)
             attention_mask[b, length - len(ids) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + offset
-        batches.append(
-            PromptBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device), torch.tensor(chunk))
-        )
+        batches.append(PromptBatch(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
+                                   torch.tensor(chunk, device=device)))
     return batches
 
 
 def choice_batches(
     examples: Sequence[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int, device: torch.device | str,
-    offset: int = 0,
+    offset: int = 0, batch_tokens: int | None = None,
 ) -> list[ChoiceBatch]:
     """Cut ``(prompt ids, [choice ids, ...])`` examples, sorted by length, into batches of at most `batch_size`
-    scored sequences (examples x choices), prompts left-padded and choices right-padded; prompt positions start
-    at `offset` (the length of a shared prefix the prompts continue)."""
+    scored sequences (examples x choices; with `batch_tokens`: of at most that many tokens, examples x (padded
+    prompt + choices x padded choice), instead), prompts left-padded and choices right-padded; prompt positions
+    start at `offset` (the length of a shared prefix the prompts continue)."""
     def size(i: int) -> tuple[int, int]:
         prompt, choices = examples[i]
         return len(prompt), max(len(choice) for choice in choices)
@@ -293,8 +334,8 @@ def choice_batches(
     most_choices = max(len(choices) for _, choices in examples)
     per_batch = max(1, batch_size // most_choices)
     batches = []
-    for start in range(0, len(order), per_batch):
-        chunk = order[start : start + per_batch]
+    for chunk in cut_sorted(order, per_batch, batch_tokens, size,
+                            lambda rows, longest: rows * (longest[0] + most_choices * longest[1])):
         prompt_length = max(size(i)[0] for i in chunk)
         choice_length = max(size(i)[1] for i in chunk)
         prompt_ids = torch.full((len(chunk), prompt_length), pad_id, dtype=torch.long)
@@ -310,7 +351,7 @@ def choice_batches(
                 choice_mask[b, c, : len(choice)] = 1
         prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + offset
         tensors = (prompt_ids, prompt_mask, prompt_positions, choice_ids, choice_mask)
-        batches.append(ChoiceBatch(*(t.to(device) for t in tensors), torch.tensor(chunk)))
+        batches.append(ChoiceBatch(*(t.to(device) for t in tensors), torch.tensor(chunk, device=device)))
     return batches
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -32,8 +33,24 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> t
     return torch.tensor([index for index, text in enumerate(texts) if any(s in text for s in stop)], dtype=torch.long)
 
 
+@dataclass
+class GreedyTokens:
+    """What greedy decoding of one batch leaves on the device.
+
+    Attributes:
+        tokens: ``(rows, max_new_tokens)`` long, each row's generated tokens (those past its length are not part of
+            its completion).
+        lengths: ``(rows,)`` long, how many of them the completion keeps (a final EOS excluded).
+        finite: ``(copies,)`` bool, whether that copy's logits stayed finite while it decoded.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    finite: torch.Tensor
+
+
 @torch.no_grad()
-def greedy_completions(
+def greedy_tokens(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     batch: PromptBatch,
@@ -43,23 +60,25 @@ def greedy_completions(
     stop_ids: torch.Tensor | None = None,
     prefix: PrefixState | None = None,
     copies: int = 1,
-) -> list[list[str] | None]:
-    """Greedy completions of a left-padded prompt batch, each cut at its first stop string or EOS.
+) -> GreedyTokens:
+    """Greedy decoding of a left-padded prompt batch, each row ending at its first stop token or EOS, kept on the
+    device (`decode_completions` makes the texts).
 
     Args:
-        stop_ids: from `stop_token_ids`: stop when one of these tokens is generated and decode each row once at
-            the end; None: decode every row after every token and look for the stop strings in the text.
+        stop_ids: from `stop_token_ids` (on the batch's device): a row stops when it generates one of these tokens;
+            None: every undecided row is decoded after every token and its text searched for the stop strings (the
+            one per-row host work left, needed for stop strings a token id cannot decide).
         prefix: the shared prefix the prompts continue (their positions and `batch` already start after it).
         copies: the batch holds this many copies of its rows, copy-major (several candidates in one pass, see
             `evox_merge.experts.rows`).
 
-    Returns:
-        Per copy, its rows' completions, or None where that copy's model produced non-finite logits. Decoding ends
-        as soon as every row has stopped (or every copy has failed).
+    Decoding ends as soon as every row has stopped (or every copy has failed): one host synchronisation per
+    generated token for that check, none per row.
     """
     eos_id = tokenizer.eos_token_id
     rows, length = batch.input_ids.shape
     per_copy = rows // copies
+    device = batch.input_ids.device
     cache_name = cache_argument(model)
     before = prefix.length if prefix is not None else 0
     attention_mask = batch.attention_mask.new_ones(rows, before + length + max_new_tokens)  # grown by slicing
@@ -69,14 +88,15 @@ def greedy_completions(
     output = model(input_ids=batch.input_ids, attention_mask=attention_mask[:, :width],
                    position_ids=batch.position_ids, use_cache=True, logits_to_keep=1, **cache)
     positions = batch.position_ids[:, -1:] + 1
-    tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=batch.input_ids.device)
-    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=tokens.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
-    finite = torch.ones(copies, dtype=torch.bool, device=tokens.device)
-    active = torch.ones(copies, dtype=torch.bool, device=tokens.device)  # copies with a row still decoding
-    ends = torch.tensor([] if eos_id is None else [eos_id], dtype=torch.long, device=tokens.device)
+    tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    finite = torch.ones(copies, dtype=torch.bool, device=device)
+    active = torch.ones(copies, dtype=torch.bool, device=device)  # copies with a row still decoding
+    ends = torch.full((0 if eos_id is None else 1,), -1 if eos_id is None else eos_id, dtype=torch.long,
+                      device=device)  # made on the device: no copy from the host per batch
     if stop_ids is not None:  # a row ends at EOS (dropped from its tokens at the end) or a stop token
-        ends = torch.cat([stop_ids.to(tokens.device), ends])
+        ends = torch.cat([stop_ids.to(device), ends])
     for step in range(max_new_tokens):
         logits = output.logits[:, -1]
         if copies == 1:  # while decoding, the one copy is active
@@ -99,5 +119,41 @@ def greedy_completions(
                        position_ids=positions + step, use_cache=True, **{cache_name: getattr(output, cache_name)})
     if eos_id is not None:  # EOS ends a row without being part of its completion
         lengths -= (tokens.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1) == eos_id).long()
-    texts = [cut_at_stop(tokenizer.decode(row[:n]), stop)[0] for row, n in zip(tokens.tolist(), lengths.tolist())]
-    return [texts[p * per_copy : (p + 1) * per_copy] if ok else None for p, ok in enumerate(finite.tolist())]
+    return GreedyTokens(tokens, lengths, finite)
+
+
+def decode_completions(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, lengths: torch.Tensor,
+                       finite: torch.Tensor, stop: Sequence[str]) -> list[list[str] | None]:
+    """Per copy, its rows' completions (each cut at its first stop string), or None where that copy's logits were
+    not finite, from ``tokens (copies, rows, T)``, ``lengths (copies, rows)`` and ``finite (copies,)``: one
+    transfer to the host for all three, then one batched decode."""
+    copies, rows, width = tokens.shape
+    host = torch.cat([tokens.flatten(), lengths.flatten(), finite.long()]).tolist()
+    ids, counts, ok = host[: copies * rows * width], host[copies * rows * width : -copies], host[-copies:]
+    texts = tokenizer.batch_decode([ids[r * width : r * width + n] for r, n in enumerate(counts)])
+    texts = [cut_at_stop(text, stop)[0] for text in texts]
+    return [texts[p * rows : (p + 1) * rows] if good else None for p, good in enumerate(ok)]
+
+
+def greedy_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: PromptBatch,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    *,
+    stop_ids: torch.Tensor | None = None,
+    prefix: PrefixState | None = None,
+    copies: int = 1,
+) -> list[list[str] | None]:
+    """Greedy completions of a left-padded prompt batch, each cut at its first stop string or EOS
+    (`greedy_tokens`, then `decode_completions`).
+
+    Returns:
+        Per copy, its rows' completions, or None where that copy's model produced non-finite logits.
+    """
+    generated = greedy_tokens(model, tokenizer, batch, max_new_tokens, stop, stop_ids=stop_ids, prefix=prefix,
+                              copies=copies)
+    per_copy = batch.input_ids.shape[0] // copies
+    return decode_completions(tokenizer, generated.tokens.view(copies, per_copy, -1),
+                              generated.lengths.view(copies, per_copy), generated.finite, stop)

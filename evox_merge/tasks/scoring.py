@@ -15,11 +15,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evox_merge.tasks.batching import (
-    IGNORE, choice_batches, encode, packed_choice_batch, prompt_batches, scored_sequences, split_batch,
+    choice_batches, encode, packed_choice_batch, prompt_batches, scored_sequences, split_batch,
     target_batches, tile_batch,
 )
 from evox_merge.util.errors import TaskFormatError
-from evox_merge.tasks.generation import greedy_completions, stop_token_ids
+from evox_merge.tasks.generation import decode_completions, greedy_tokens, stop_token_ids
 from evox_merge.tasks.logprobs import TokenLogprobs
 from evox_merge.tasks.prefix import cache_argument
 from evox_merge.tasks.prefix import MIN_SHARED_PREFIX, SharedPrefix
@@ -96,8 +96,9 @@ class LanguageModelScorer:
     """
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
-                 min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, batch_tokens: int | None = None) -> None:
         self.task = task
+        self.device = torch.device(device)
         sequences = scored_sequences(task, tokenizer)
         _check_scored_rows(task, sequences)
         ids = [row for row, _ in sequences]
@@ -109,7 +110,7 @@ class LanguageModelScorer:
             self._prefix_targets = torch.tensor(ids[0][1 : skip + 1], device=device)
             self._prefix_start = torch.tensor([min(context - 1, skip) for _, context in sequences], device=device)
         sequences = [(row[skip:], max(context - skip, 1)) for row, context in sequences]
-        self.batches = target_batches(sequences, pad_token_id(tokenizer), batch_size, device)
+        self.batches = target_batches(sequences, pad_token_id(tokenizer), batch_size, device, batch_tokens)
         self._counts = torch.tensor([len(row) - context for row, context in sequences], dtype=torch.float64)
         if self.prefix is not None:
             self._counts += (skip - self._prefix_start).double().cpu()
@@ -117,28 +118,35 @@ class LanguageModelScorer:
     @torch.no_grad()
     def row_logprobs(self, model: PreTrainedModel, copies: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Per text, the summed log-probability of its scored tokens ``(copies, texts)`` float64 and how many
-        tokens were scored ``(texts,)``, under the model's current weights (`copies`: see `MergeProblem`)."""
-        sums = torch.zeros(copies, self._counts.numel(), dtype=torch.float64)
+        tokens were scored ``(texts,)``, under the model's current weights (`copies`: see `MergeProblem`).
+
+        The sums stay on the scoring device until every batch has run: one transfer per call, no synchronisation
+        per batch (each batch's scored positions are found once, `TargetBatch.scored`)."""
+        sums = torch.zeros(copies, self._counts.numel(), dtype=torch.float64, device=self.device)
         tokens = TokenLogprobs(model, copies)
         state = self.prefix.run(model, copies, tokens=tokens) if self.prefix is not None else None
         cache_name = cache_argument(model)
         if state is not None:  # (copies, skip)
             picked = tokens.logprobs(state.states, self._prefix_targets.expand(copies, -1)).double()
             tails = torch.cat([picked.flip(-1).cumsum(-1).flip(-1), picked.new_zeros(copies, 1)], dim=1)
-            sums += tails[:, self._prefix_start].cpu()  # the sum of each row's scored prefix tokens
+            sums += tails[:, self._prefix_start]  # the sum of each row's scored prefix tokens
 
         def run(batch) -> None:
             tiled = tile_batch(batch, copies)
             mask = tiled.attention_mask if state is None else state.mask(tiled.attention_mask)
             extra = {} if state is None else {cache_name: state.cache(batch.rows.numel())}
             states, _ = tokens.states(input_ids=tiled.input_ids, attention_mask=mask, **extra)
-            scored = tiled.targets != IGNORE
-            picked = tokens.logprobs(states[scored], tiled.targets[scored]).double()  # (n_scored,)
-            per_row = picked.new_zeros(scored.shape[0]).index_add_(0, scored.nonzero()[:, 0], picked)
-            sums[:, batch.rows] += per_row.view(copies, -1).cpu()
+            positions, owners = batch.scored  # of one copy; copy p's rows follow p * B * L positions later
+            rows, length = batch.targets.shape
+            if copies > 1:
+                positions = (positions + torch.arange(copies, device=positions.device).unsqueeze(1) * rows * length)
+            positions = positions.flatten()
+            picked = tokens.logprobs(states.flatten(0, 1)[positions], tiled.targets.flatten()[positions])
+            picked = picked.double().view(copies, -1)  # (copies, n_scored)
+            sums[:, batch.rows] += picked.new_zeros(copies, rows).index_add_(1, owners, picked)
 
         run_batches(self.batches, run)
-        return sums, self._counts
+        return sums.cpu(), self._counts
 
     def example_parts(self, model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
         """Per text, ``(numerator, denominator)`` float64 of the task score: its summed log-probability and how
@@ -199,8 +207,9 @@ class MultipleChoiceScorer(ChoiceAnswers):
     """
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
-                 min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, batch_tokens: int | None = None) -> None:
         self.task = task
+        self.device = torch.device(device)
         examples = []
         for index, record in enumerate(task.records):
             prompt = encode(tokenizer, record["prompt"], special=True)
@@ -210,7 +219,8 @@ class MultipleChoiceScorer(ChoiceAnswers):
         self.prefix = SharedPrefix.of([prompt for prompt, _ in examples], min_shared_prefix, device)
         skip = self.prefix.length if self.prefix is not None else 0
         examples = [(prompt[skip:], choices) for prompt, choices in examples]
-        self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device, offset=skip)
+        self.batches = choice_batches(examples, pad_token_id(tokenizer), batch_size, device, offset=skip,
+                                      batch_tokens=batch_tokens)
         if self.prefix is not None:  # after a shared prefix, one row per example (see PackedChoiceBatch)
             self.batches = [packed_choice_batch(batch) for batch in self.batches]
         self._prepare_answers(task)
@@ -219,8 +229,9 @@ class MultipleChoiceScorer(ChoiceAnswers):
     def choice_logprobs(self, model: PreTrainedModel, copies: int | None = None) -> torch.Tensor:
         """``(examples, most choices)`` float64: each choice's summed log-probability given its prompt under the
         model's current weights (-inf where an example has fewer choices); ``(copies, examples, most choices)``
-        when `copies` is given (see `MergeProblem`'s ``candidates_per_pass``)."""
-        logprobs = torch.empty((copies or 1, *self._choice_chars.shape), dtype=torch.float64)
+        when `copies` is given (see `MergeProblem`'s ``candidates_per_pass``). They stay on the scoring device
+        until every batch has run (one transfer per call)."""
+        logprobs = torch.empty((copies or 1, *self._choice_chars.shape), dtype=torch.float64, device=self.device)
         cache_name = cache_argument(model)
         tokens = TokenLogprobs(model, copies or 1)
         state = self.prefix.run(model, copies or 1) if self.prefix is not None else None
@@ -264,10 +275,10 @@ class MultipleChoiceScorer(ChoiceAnswers):
             rows, choices, length = choice_ids.shape
             picked = tokens.logprobs(states, choice_ids.view(rows, -1))
             summed = torch.where(choice_mask.view(rows, -1).bool(), picked, 0.0).view(rows, choices, length)
-            logprobs[:, batch.rows] = summed.double().sum(-1).cpu().view(copies or 1, -1, choices)
+            logprobs[:, batch.rows] = summed.double().sum(-1).view(copies or 1, -1, choices)
 
         run_batches(self.batches, run if state is None else run_packed)
-        logprobs = logprobs.masked_fill(~self.real_choices, -math.inf)
+        logprobs = logprobs.cpu().masked_fill(~self.real_choices, -math.inf)
         return logprobs if copies is not None else logprobs[0]
 
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
@@ -311,8 +322,9 @@ class GenerationScorer(CompletionAnswers):
     """
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
-                 min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> None:
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, batch_tokens: int | None = None) -> None:
         self.task = task
+        self.device = torch.device(device)
         self.tokenizer = tokenizer
         prompts = [encode(tokenizer, record["prompt"], special=True) for record in task.records]
         for index, prompt in enumerate(prompts):
@@ -321,28 +333,34 @@ class GenerationScorer(CompletionAnswers):
                                       "prompt needs at least one token for the model to continue")
         self.prefix = SharedPrefix.of(prompts, min_shared_prefix, device)
         skip = self.prefix.length if self.prefix is not None else 0
-        self.batches = prompt_batches([p[skip:] for p in prompts], pad_token_id(tokenizer), batch_size, device, skip)
+        self.batches = prompt_batches([p[skip:] for p in prompts], pad_token_id(tokenizer), batch_size, device, skip,
+                                      batch_tokens=batch_tokens, new_tokens=task.spec.max_new_tokens)
         self.answers = [normalize_answer(record["answer"]) for record in task.records]
         self.stop_ids = stop_token_ids(tokenizer, task.spec.stop)
+        if self.stop_ids is not None:
+            self.stop_ids = self.stop_ids.to(device)  # once, not per batch
 
     def completions(self, model: PreTrainedModel, copies: int | None = None) -> list[str] | None:
         """Each example's completion, cut at the first stop string; None if the logits were not finite. With
-        `copies`, a list of that per copy (see `MergeProblem`'s ``candidates_per_pass``)."""
-        spec = self.task.spec
-        texts: list[list[str] | None] = [[""] * len(self.answers) for _ in range(copies or 1)]
-        state = self.prefix.run(model, copies or 1) if self.prefix is not None else None
+        `copies`, a list of that per copy (see `MergeProblem`'s ``candidates_per_pass``).
+
+        Every batch's tokens stay on the scoring device; they come to the host once, after the last batch, and are
+        decoded then (`decode_completions`)."""
+        spec, count = self.task.spec, copies or 1
+        tokens = torch.zeros(count, len(self.answers), spec.max_new_tokens, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(count, len(self.answers), dtype=torch.long, device=self.device)
+        finite = torch.ones(count, dtype=torch.bool, device=self.device)
+        state = self.prefix.run(model, count) if self.prefix is not None else None
 
         def run(batch) -> None:
-            per_copy = greedy_completions(model, self.tokenizer, tile_batch(batch, copies or 1), spec.max_new_tokens,
-                                          spec.stop, stop_ids=self.stop_ids, prefix=state, copies=copies or 1)
-            for p, batch_texts in enumerate(per_copy):
-                if batch_texts is None:
-                    texts[p] = None
-                elif texts[p] is not None:
-                    for row, text in zip(batch.rows.tolist(), batch_texts):
-                        texts[p][row] = text
+            generated = greedy_tokens(model, self.tokenizer, tile_batch(batch, count), spec.max_new_tokens, spec.stop,
+                                      stop_ids=self.stop_ids, prefix=state, copies=count)
+            tokens[:, batch.rows] = generated.tokens.view(count, -1, spec.max_new_tokens)
+            lengths[:, batch.rows] = generated.lengths.view(count, -1)
+            finite.logical_and_(generated.finite)
 
         run_batches(self.batches, run)
+        texts = decode_completions(self.tokenizer, tokens, lengths, finite, spec.stop)
         return texts if copies is not None else texts[0]
 
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
@@ -359,14 +377,16 @@ class GenerationScorer(CompletionAnswers):
 
 
 def build_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
-                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, model_config=None):
+                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, model_config=None, batch_tokens: int | None = None):
     """The scorer for the task's type, with the task tokenised and batched on `device`; rows sharing at least
-    `min_shared_prefix` leading tokens continue one run of them (None: never). With the config of an
-    encoder-decoder model (``is_encoder_decoder``), the encoder-decoder scorers (`evox_merge.tasks.seq2seq`)."""
+    `min_shared_prefix` leading tokens continue one run of them (None: never). `batch_tokens`: batches of at most
+    that many padded tokens instead of `batch_size` rows (decoder-only models; `evox_merge.tasks.batching`). With
+    the config of an encoder-decoder model (``is_encoder_decoder``), the encoder-decoder scorers
+    (`evox_merge.tasks.seq2seq`), batched by `batch_size`."""
     if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
         from evox_merge.tasks.seq2seq import build_seq2seq_scorer
 
         return build_seq2seq_scorer(task, tokenizer, batch_size, device, model_config)
     scorer = {"generation": GenerationScorer, "multiple_choice": MultipleChoiceScorer}.get(
         task.spec.type, LanguageModelScorer)
-    return scorer(task, tokenizer, batch_size, device, min_shared_prefix)
+    return scorer(task, tokenizer, batch_size, device, min_shared_prefix, batch_tokens)

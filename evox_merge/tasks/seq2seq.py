@@ -109,6 +109,17 @@ def target_logprobs(model: PreTrainedModel, batch: Seq2SeqBatch) -> torch.Tensor
     return torch.where(scored, picked, 0.0).double().sum(-1).view(rows, targets)
 
 
+def _encoder_inputs(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each example's prompt as the encoder reads it; a prompt that tokenises to nothing is refused, as the
+    decoder-only scorers refuse it (`evox_merge.tasks.batching.check_lengths` names its file and line first)."""
+    prompts = [encode(tokenizer, record["prompt"], special=True) for record in task.records]
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing; a prompt "
+                                  "needs at least one token for the encoder to read")
+    return prompts
+
+
 class _Seq2SeqScorer:
     def scores(self, model: PreTrainedModel, copies: int = 1) -> list[float]:
         if copies != 1:
@@ -127,12 +138,12 @@ class Seq2SeqMultipleChoiceScorer(ChoiceAnswers, _Seq2SeqScorer):
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device, start_id: int) -> None:
         self.task = task
         examples = []
-        for index, record in enumerate(task.records):
+        for index, (record, prompt) in enumerate(zip(task.records, _encoder_inputs(task, tokenizer))):
             choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
             if not all(choices):
                 raise TaskFormatError(f"task {task.name!r}, example {index}, choices[{choices.index([])}]: tokenises "
                                       "to nothing; a choice needs at least one token to score")
-            examples.append((encode(tokenizer, record["prompt"], special=True), choices))
+            examples.append((prompt, choices))
         self.batches = seq2seq_batches(examples, pad_token_id(tokenizer), start_id, batch_size, device)
         self._prepare_answers(task)
 
@@ -183,7 +194,7 @@ class Seq2SeqGenerationScorer(CompletionAnswers, _Seq2SeqScorer):
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device, start_id: int) -> None:
         self.task = task
         self.tokenizer = tokenizer
-        prompts = [encode(tokenizer, record["prompt"], special=True) for record in task.records]
+        prompts = _encoder_inputs(task, tokenizer)
         self.batches = seq2seq_batches([(p, [[0]]) for p in prompts], pad_token_id(tokenizer), start_id, batch_size,
                                        device)
         self.answers = [normalize_answer(record["answer"]) for record in task.records]
