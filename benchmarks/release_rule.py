@@ -35,6 +35,7 @@ from benchmarks.sweep.config import load_sweep_config
 from benchmarks.sweep.report import PRODUCT, mean_std, product_rows
 from benchmarks.sweep.runner import ROWS_NAME, _finished
 from evox_merge.problems.static_merges import StaticMerge
+from evox_merge.problems.static_names import RANDOM_STATIC_MERGES
 from evox_merge.run.selection import Candidate, release_by_rule, selection_margin, static_candidates
 from evox_merge.util.machine import machine_markdown
 
@@ -68,7 +69,7 @@ def contested_runs(sweep_dir: Path, progress: bool = True) -> list[dict]:
             continue  # a static merge won the contest: every rule releases it
         rival_row = max((r for r in rows if r["evaluations"] is None and r["method"] in statics
                          and r["tasks"] == row["tasks"] and r.get("selection") is not None
-                         and (r["method"] != "dare" or r["seed"] == row["seed"])), key=lambda r: r["selection"])
+                         and (r["method"] not in RANDOM_STATIC_MERGES or r["seed"] == row["seed"])), key=lambda r: r["selection"])
         search_problem, selection, _ = cells._problems(setup, config, tuple(row["tasks"]), row["seed"])
         rival_key = (tuple(row["tasks"]), rival_row["method"], rival_row["seed"], row["seed"])
         if rival_key not in tuned:

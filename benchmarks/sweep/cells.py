@@ -15,6 +15,7 @@ from benchmarks.sweep.setup import BenchSetup, load_setup
 from evox_merge.experts.spaces import SearchSpace, build_space
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import TaskNormalisation, anchor_normalisation
+from evox_merge.problems.static_names import RANDOM_STATIC_MERGES
 from evox_merge.run.loop import search
 from evox_merge.run.registry import build_algorithm, is_evogm, racing_for
 from evox_merge.run.selection import searched_candidates, select_release, static_candidates
@@ -57,7 +58,7 @@ def grid(config: SweepConfig, setup: BenchSetup) -> list[Cell]:
         for tasks in task_groups[setting]:
             for method in config.methods:
                 if method in STATIC_METHODS:
-                    seeds = config.seeds if method == "dare" else config.seeds[:1]
+                    seeds = config.seeds if method in RANDOM_STATIC_MERGES else config.seeds[:1]
                     cells += [Cell(setting, tasks, method, seed, "paper") for seed in seeds]
                     continue
                 for budget in config.budgets:

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.sweep.config import SEARCH_METHODS  # noqa: E402
+from evox_merge.problems.static_names import RANDOM_STATIC_MERGES  # noqa: E402
 
 Row = dict[str, Any]
 
@@ -60,7 +61,7 @@ def product_rows(rows: list[Row], statics: list[str]) -> list[Row]:
             continue
         rivals = [r for r in rows if r["evaluations"] is None and r["method"] in statics
                   and r["setting"] == row["setting"] and r["tasks"] == row["tasks"]
-                  and (r["method"] != "dare" or r["seed"] == row["seed"])]
+                  and (r["method"] not in RANDOM_STATIC_MERGES or r["seed"] == row["seed"])]
         key = lambda r: -math.inf if r.get("selection") is None else r["selection"]  # noqa: E731
         winner = max([*rivals, row], key=key)  # the static merges first: they win exact ties, as in `select_release`
         products.append({**row, "method": row["method"] + PRODUCT, "winner": winner["method"],

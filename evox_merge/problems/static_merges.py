@@ -3,7 +3,8 @@
 Linear merges are coefficient vectors in the expert basis (scored by `MergeProblem.evaluate`); TIES and DARE
 prune and sign-elect the dense task vectors layer by layer with `peft.utils.merge_utils`, so they produce merged
 deltas per target layer (scored by `MergeProblem.evaluate_deltas`). Every tuned hyperparameter (a scaling from a
-small grid, the best expert) is chosen on the problem's tasks, i.e. on validation.
+small grid, the best expert) is chosen on the problem's tasks, i.e. on validation. DELLA, Breadcrumbs, Model Stock,
+SLERP / NuSLERP / multi-SLERP, SCE and RankMean (`evox_merge.problems.static_methods`) are registered here too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import torch
 from evox_merge.experts.kernel import OPERATORS, operator_delta, target_delta
 from evox_merge.problems.merge_problem import MergeProblem
 
-DEFAULT_SCALINGS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_SCALINGS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5)
+"""The scaling grid of task arithmetic, TIES and DARE: up to 1.5 (2 more evaluations per tuned method than the old
+0.1..1.0), so that TIES's choice of 1.0 (t5, smollm2) is no longer the grid's edge and task arithmetic's tuned
+scale stays inside the default search box (`evox_merge.algorithms.limits.DEFAULT_UB`); on the tiny zoo every
+choice's top is interior (benchmarks/results/search_box.md). A choice on the edge says so in its settings
+(``on_grid_edge``)."""
 
 
 @dataclass
@@ -25,7 +31,8 @@ class StaticMerge:
     """One static merge and its validation scores.
 
     Attributes:
-        name: ``base``, ``best_single``, ``model_soup``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``.
+        name: ``base``, ``best_single``, ``model_soup``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+            or another key of `STATIC_MERGES`.
         settings: the hyperparameters used (the chosen ones where tuned).
         validation_scores: ``(K,)`` per-task scores on the problem it was chosen on.
         fitness: their weighted mean.
@@ -78,6 +85,12 @@ class StaticMerge:
                 for i, (name, layer) in enumerate(layers.items())}
 
 
+def on_grid_edge(value: float, grid: Sequence[float]) -> bool:
+    """Whether a tuned `value` is the smallest or the largest of its `grid` (more than one point): the best value
+    may lie beyond it, so the tuning is recorded as such (``settings["on_grid_edge"]``, counted by a sweep)."""
+    return len(grid) > 1 and value in (min(grid), max(grid))
+
+
 def _best_of(problem: MergeProblem, name: str, candidates: torch.Tensor, settings: list[dict]) -> StaticMerge:
     """Score linear candidates ``(C, N)`` and keep the best one on the problem's fitness."""
     scores = problem.evaluate_linear(candidates)
@@ -107,7 +120,8 @@ def model_soup(problem: MergeProblem) -> StaticMerge:
 def task_arithmetic(problem: MergeProblem, scalings: Sequence[float] = DEFAULT_SCALINGS) -> StaticMerge:
     """Task arithmetic: every coefficient equal to one scaling, chosen from `scalings`."""
     candidates = torch.tensor(scalings, dtype=torch.float32).unsqueeze(1).repeat(1, problem.num_experts)
-    return _best_of(problem, "task_arithmetic", candidates, [{"scaling": s} for s in scalings])
+    return _best_of(problem, "task_arithmetic", candidates,
+                    [{"scaling": s, "on_grid_edge": on_grid_edge(s, scalings)} for s in scalings])
 
 
 def operator_deltas(problem: MergeProblem, method: str, scaling: float, density: float) -> dict[str, torch.Tensor]:
@@ -143,7 +157,8 @@ def dense_merge(
         scores = problem.evaluate_deltas(deltas)
         fitness = float(problem.aggregate(scores.unsqueeze(0))[0])
         if best is None or fitness > best.fitness:
-            settings = {"scaling": scaling, "density": density, "seed": seed}
+            settings = {"scaling": scaling, "density": density, "seed": seed,
+                        "on_grid_edge": on_grid_edge(scaling, scalings)}
             best = StaticMerge(method, settings, scores, fitness, deltas=deltas)
     return best
 
@@ -164,4 +179,22 @@ STATIC_MERGES: dict[str, Callable[[MergeProblem, int], StaticMerge]] = {
     "task_arithmetic": lambda problem, seed: task_arithmetic(problem),
     "ties": lambda problem, seed: dense_merge(problem, "ties", density=0.2),
     "dare": lambda problem, seed: dense_merge(problem, "dare_ties", density=0.5, seed=seed),
+    # The merges of `evox_merge.problems.static_methods` (formulas: `evox_merge.experts.merge_methods`).
+    "della": lambda problem, seed: _methods().della(problem, seed=seed),
+    "della_linear": lambda problem, seed: _methods().della(problem, seed=seed, linear=True),
+    "breadcrumbs": lambda problem, seed: _methods().breadcrumbs(problem),
+    "breadcrumbs_ties": lambda problem, seed: _methods().breadcrumbs(problem, ties=True),
+    "model_stock": lambda problem, seed: _methods().model_stock(problem),
+    "slerp": lambda problem, seed: _methods().interpolation(problem, "slerp"),
+    "nuslerp": lambda problem, seed: _methods().interpolation(problem, "nuslerp"),
+    "multislerp": lambda problem, seed: _methods().multislerp(problem),
+    "sce": lambda problem, seed: _methods().sce(problem),
+    "rankmean": lambda problem, seed: _methods().rankmean(problem),
 }
+
+
+def _methods():
+    """`evox_merge.problems.static_methods`, imported on first use (it imports this module's `StaticMerge`)."""
+    from evox_merge.problems import static_methods
+
+    return static_methods
