@@ -38,7 +38,8 @@ def mergevolve_stage(config: Any, problem: MergeProblem, selection: dict[str, An
     start = selection["winner"]
     space = PerturbationSpace(list(experts.layers), experts.expert_names, start.merge.merged_deltas(experts.layers),
                               rank=stage.rank, sigma=stage.sigma)
-    evolving = MergeProblem(experts, problem.tasks, batch_size=config.batch_size, space=space)
+    evolving = MergeProblem(experts, problem.tasks, batch_size=config.batch_size, batch_tokens=config.batch_tokens,
+                            space=space)
     evolving.normalise(problem.normalisation)
     algorithm = MERGEvolve(space, pairs=stage.pairs, learning_rate=stage.learning_rate, seed=config.seed)
     monitor = search(algorithm, evolving, stage.generations)
