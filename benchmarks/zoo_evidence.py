@@ -86,12 +86,6 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return (x @ y).item() / denominator if denominator > 0 else math.nan
 
 
-def random_search_picks(names: list[str], validation: torch.Tensor) -> list[int]:
-    """Per task, the random candidate with the best validation score (the first among ties)."""
-    random_rows = [i for i, name in enumerate(names) if name.startswith("random")]
-    return [random_rows[int(torch.argmax(validation[random_rows, k]))] for k in range(validation.shape[1])]
-
-
 def _pick(rows: list[int], validation: torch.Tensor, k: int) -> int | None:
     """The row of `rows` with the best finite validation score on task `k` (the first among ties), or None."""
     finite = [r for r in rows if not math.isnan(validation[r, k].item())]

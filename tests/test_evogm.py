@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evox.core import Monitor, Problem
+from evox.core import Problem
 from evox.workflows import EvalMonitor, StdWorkflow
 from torch import nn
 

@@ -20,7 +20,7 @@ from evox_merge.run import registry
 from evox_merge.run.evidence import RUN_EVIDENCE_FIELDS, full_record
 from evox_merge.run.loop import search
 from evox_merge.run.monitor import EVIDENCE_FIELDS, read_records
-from evox_merge.run.objectives import Objectives, hypervolume_by_generation, objectives_from_config
+from evox_merge.run.objectives import hypervolume_by_generation, objectives_from_config
 from evox_merge.run.search import run_search
 from evox_merge.run.workflow import build_workflow
 

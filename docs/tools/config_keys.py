@@ -1,7 +1,7 @@
 """One line per search-config key for docs/reference/config.md, where the pydantic field has no ``description``.
 
 The key is its dotted path in a search config (``algorithm.name``; a task spec's fields under ``tasks[].``). A
-field's own ``Field(description=...)`` in evox_merge/run/config.py wins over this table; tests/test_docs.py fails
+field's own ``Field(description=...)`` in evox_merge/run/config.py or config_sections.py wins over this table; tests/test_docs.py fails
 when a key has neither, or when this table names a key the config no longer has. The wording follows the config
 classes' docstrings and the guides; the guides say more (each entry's page is named where one exists).
 """

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import importlib
 import inspect
 import re
 import sys

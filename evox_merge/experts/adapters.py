@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from evox_merge.util.adapter_files import pattern_value
 from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hub import read_json_file
 from evox_merge.util.layer_names import LORA_KEY
@@ -123,15 +124,6 @@ def _read_config(config_path: Path) -> dict:
     return config
 
 
-def _pattern_value(patterns: dict | None, module: str) -> tuple[str, object] | None:
-    """The first of PEFT's ``rank_pattern`` / ``alpha_pattern`` keys that matches a module path, with its value
-    (`peft.utils.other.get_pattern_key`'s rule: the key matches the end of the path at a dot)."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return pattern, value
-    return None
-
-
 def _check_ranks(config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Every module's factors (already paired by `_split_factors`) must have the rank the config gives the module
     (its ``rank_pattern`` entry, else ``r``)."""
@@ -139,7 +131,7 @@ def _check_ranks(config: dict, tensors: dict[str, torch.Tensor], path: Path) -> 
         match = LORA_KEY.match(key)
         if match["factor"] != "A":
             continue
-        matched = _pattern_value(config.get("rank_pattern"), match["module"])
+        matched = pattern_value(config.get("rank_pattern"), match["module"])
         expected, source = (matched[1], f"rank_pattern[{matched[0]!r}]") if matched else (config["r"], "r")
         if a.shape[0] != expected:
             raise MergeInputError(
@@ -184,6 +176,6 @@ def _split_factors(tensors: dict[str, torch.Tensor], weights_path: Path) -> tupl
 
 def _scaling(config: dict, module: str, rank: int) -> float:
     """LoRA scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA; honours alpha_pattern."""
-    matched = _pattern_value(config.get("alpha_pattern"), module)
+    matched = pattern_value(config.get("alpha_pattern"), module)
     alpha = matched[1] if matched else config["lora_alpha"]
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

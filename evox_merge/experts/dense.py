@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from evox_merge.util.safetensors_header import read_header
 from evox_merge.util.errors import MergeInputError
 
 DENSE_MODES = ("memory", "stream", "svd")
@@ -62,14 +62,11 @@ class TensorEntry:
 
 
 def _read_header(file: Path) -> tuple[dict, int]:
-    """A safetensors file's JSON header and the offset where its data begins."""
+    """A safetensors file's JSON header and the offset where its data begins (`read_header`), or a handled error
+    naming the file."""
     try:
-        with open(file, "rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            if size > 100 * 2 ** 20:
-                raise ValueError(f"header of {size} bytes")
-            return json.loads(handle.read(size)), 8 + size
-    except (OSError, ValueError, struct.error) as error:
+        return read_header(file)
+    except (OSError, ValueError) as error:
         raise MergeInputError(f"{file}: not a readable safetensors file ({error})") from None
 
 

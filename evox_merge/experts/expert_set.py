@@ -4,7 +4,6 @@ and kept per target: LoRA factors stacked per target layer, dense task vectors p
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property

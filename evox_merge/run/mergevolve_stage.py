@@ -21,7 +21,7 @@ from evox_merge.experts.spaces import PerturbationSpace
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.static_merges import StaticMerge
 from evox_merge.run.loop import search
-from evox_merge.run.output_dir import MERGEVOLVE_RECORDS as RECORDS
+from evox_merge.run.run_files import MERGEVOLVE_RECORDS as RECORDS
 from evox_merge.run.selection import Candidate, score_table, selection_margin
 from evox_merge.util.atomic import write_text_atomic
 

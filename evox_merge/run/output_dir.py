@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 from evox_merge.util.atomic import write_text_atomic
 from evox_merge.util.errors import MergeInputError, RunStateError
 from evox_merge.util.hashing import directory_sha256
-from evox_merge.run.run_files import MERGEVOLVE_RECORDS  # noqa: F401 (the run files' names, imported from here)
 from evox_merge.run.run_files import (CHECKPOINT_FILES, CHECKPOINT_NAME, LOCK_NAME, RECORDS_NAME, RUN_FILES, RUN_NAME,
                                       SEARCH_WRITER, record_run_files, unproven_phrase,
                                       unproven_run_files)
 from evox_merge.util.hub import resolve_model
 from evox_merge.util.lock import FolderBusy, FolderLock, stale_note
-from evox_merge.util.ownership import RECORD_NAME, few, named_hashes, output_path_problem, write_record
+from evox_merge.util.ownership import RECORD_NAME, named_hashes, output_path_problem, write_record
 
 if TYPE_CHECKING:
     from evox_merge.run.config import SearchConfig

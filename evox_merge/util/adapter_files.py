@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -31,10 +30,10 @@ from evox_merge.util.errors import MergeInputError
 from evox_merge.util.hashing import file_sha256
 from evox_merge.util.hub import is_dense_expert, read_json_file, resolve_model
 from evox_merge.util.layer_names import LORA_KEY
+from evox_merge.util.safetensors_header import read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_MAX_HEADER = 100 * 2 ** 20
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 # The adapter_config.json fields that scale a LoRA adapter's factors (two adapters with the same bytes and these
 # merge to the same delta).
@@ -55,26 +54,20 @@ def read_safetensors_header(path: Path) -> dict[str, HeaderEntry] | None:
     """Every tensor of the safetensors file `path` by name, from its header alone; None when the file cannot be
     read as safetensors (a short file, a header that is not JSON, offsets outside the file)."""
     try:
-        with open(path, "rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            if size > _MAX_HEADER:
-                return None
-            header = json.loads(handle.read(size))
+        header, data = read_header(path)
         file_size = path.stat().st_size
-    except (OSError, ValueError, struct.error):
-        return None
-    if not isinstance(header, dict):
+    except (OSError, ValueError):
         return None
     entries = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            start, end = (8 + size + int(offset) for offset in info["data_offsets"])
+            start, end = (data + int(offset) for offset in info["data_offsets"])
             entries[key] = HeaderEntry(str(info["dtype"]), tuple(int(d) for d in info["shape"]), start, end)
         except (KeyError, TypeError, ValueError):
             return None
-        if not 8 + size <= start <= end <= file_size:
+        if not data <= start <= end <= file_size:
             return None
     return entries
 

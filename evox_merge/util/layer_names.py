@@ -6,10 +6,10 @@ adapter's blocks before any model loads (`lora_layer_names` reads only the safet
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from pathlib import Path
+
+from evox_merge.util.safetensors_header import read_header
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 # A PEFT LoRA adapter's safetensors key: its module path (relative to the causal-LM model) and factor A or B.
@@ -37,10 +37,8 @@ def lora_layer_names(adapter_dir: str | Path) -> list[str]:
     full check of the adapter reports that)."""
     path = Path(adapter_dir) / "adapter_model.safetensors"
     try:
-        with open(path, "rb") as handle:
-            size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError, struct.error):
+        header, _ = read_header(path)
+    except (OSError, ValueError):
         return []
     names = {match["module"] for key in header if (match := LORA_KEY.match(key))}
     return sorted(names)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from evox_merge.util.errors import ZooError
-from evox_merge.zoo.lora_shape import STANDARD_TARGETS, LoraShape
+from evox_merge.zoo.lora_shape import LoraShape
 
 # Two ranks, and one expert (next letter, a per-character map) that adapts only the MLP.
 EXPERT_LORA: dict[str, LoraShape] = {
