@@ -270,6 +270,13 @@ def _algorithms(args: argparse.Namespace) -> None:
     print(f"{'<module.Class>':<24}any EvoX Algorithm by import path, e.g. evox.algorithms.DE")
 
 
+def _merges(args: argparse.Namespace) -> None:
+    from evox_merge.problems.static_names import STATIC_MERGE_DESCRIPTIONS
+
+    for name, description in STATIC_MERGE_DESCRIPTIONS.items():
+        print(f"{name:<24}{description}")
+
+
 def _zoo_build(args: argparse.Namespace) -> None:
     from evox_merge.run.zoo_search import check_zoo_arguments
     from evox_merge.zoo.files import default_zoo_dir
@@ -375,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     algorithms = commands.add_parser("algorithms", help="list the search algorithms algorithm.name accepts")
     algorithms.set_defaults(handler=_algorithms)
+
+    merges = commands.add_parser("merges", help="list the static merges (the release contest's rivals, a sweep's methods)")
+    merges.set_defaults(handler=_merges)
 
     zoo = commands.add_parser("zoo", help="the offline model zoo")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)

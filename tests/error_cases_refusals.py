@@ -104,6 +104,16 @@ CASES: list[Case] = [
     Case("pso_init_unknown", "`algorithm: {name: pso, params: {init: gaussian}}` (taken as uniform before)",
          lambda ws: search(ws, algorithm={"name": "pso", "params": {"init": "gaussian"}}), MergeInputError,
          INVALID + r"algorithm\.params\.init: expected 'hybrid' or 'uniform', got 'gaussian'"),
+    Case("pso_merging_density_zero", "`algorithm: {name: pso_merging, params: {density: 0}}` (sparsified experts "
+         "that are the base)",
+         lambda ws: search(ws, algorithm={"name": "pso_merging", "params": {"density": 0}}), MergeInputError,
+         INVALID + r"algorithm\.params\.density: expected a float in \(0, 1\], got 0"),
+    Case("model_swarms_no_pull", "`algorithm: {name: model_swarms}` with inertia, cognitive, social and repel all 0 "
+         "(a velocity of 0 / 0)",
+         lambda ws: search(ws, algorithm={"name": "model_swarms", "params": {"inertia": 0, "cognitive": 0,
+                                                                             "social": 0, "repel": 0}}),
+         MergeInputError, INVALID + r"algorithm\.params\.repel: expected at least one of inertia, cognitive, "
+         r"social, repel > 0 \(the velocity is their weighted mean\), got all 0"),
     Case("ub_infinite", "`algorithm.ub: .inf` (every candidate was NaN after the model loaded)",
          lambda ws: search(ws, algorithm={"name": "random", "ub": float("inf")}), MergeInputError,
          INVALID + r"algorithm\.ub: .*expected a finite number, got inf"),

@@ -14,6 +14,7 @@ from evox_merge.algorithms.common import initial_points
 from evox_merge.algorithms.evogm_basis import RoundBasis
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.static_merges import DEFAULT_SCALINGS, STATIC_MERGES, on_grid_edge, task_arithmetic
+from evox_merge.problems.static_names import LINEAR_STATIC_MERGES
 from evox_merge.run import registry
 from evox_merge.run.loop import search
 from evox_merge.run.search import run_search
@@ -118,6 +119,7 @@ def test_start_points_are_the_linear_static_merges_best_first(starts, problem):
     statics, initial, names = starts
     fitness = {c.name: c.search_fitness for c in statics}
     assert set(names) == {c.name for c in statics if c.merge.coefficients is not None}
+    assert {c.name for c in statics if c.merge.coefficients is not None} == set(LINEAR_STATIC_MERGES)
     assert [fitness[n] for n in names] == sorted((fitness[n] for n in names), reverse=True)
     assert initial.shape == (len(names), problem.num_experts)
     grid = task_arithmetic(problem)

@@ -7,7 +7,8 @@ import yaml
 
 from benchmarks.sweep.config import load_sweep_config
 from benchmarks.sweep.report import welch_p
-from benchmarks.sweep.runner import parse_only, run_sweep
+from benchmarks.sweep.config import parse_only
+from benchmarks.sweep.runner import run_sweep
 from evox_merge.run.config import RacingConfig, SpaceConfig
 
 

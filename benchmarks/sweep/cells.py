@@ -15,9 +15,9 @@ from benchmarks.sweep.setup import BenchSetup, load_setup
 from evox_merge.experts.spaces import SearchSpace, build_space
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import TaskNormalisation, anchor_normalisation
-from evox_merge.problems.static_names import RANDOM_STATIC_MERGES
+from evox_merge.problems.static_names import LINEAR_STATIC_MERGES, RANDOM_STATIC_MERGES
 from evox_merge.run.loop import search
-from evox_merge.run.registry import build_algorithm, is_evogm, racing_for
+from evox_merge.run.registry import build_algorithm, is_evogm, racing_for, start_points, takes_starting_points
 from evox_merge.run.selection import searched_candidates, select_release, static_candidates
 from evox_merge.tasks import read_task, split_task
 from evox_merge.util.errors import MergeInputError
@@ -70,19 +70,33 @@ def grid(config: SweepConfig, setup: BenchSetup) -> list[Cell]:
 
 def build_search_algorithm(
     method: str, num_experts: int, budget: BudgetSpec, seed: int, evogm_params: dict | None = None,
-    space: SearchSpace | None = None,
+    space: SearchSpace | None = None, initial: torch.Tensor | None = None,
 ) -> tuple[Algorithm, int]:
     """The registry's algorithm for a search method, and how many generations the budget gives every method.
 
     The population is ``pop_per_expert * num_experts`` whatever the search space, so every space gets the same
     evaluations; `space`: the problem's search space (default one coefficient per expert), where the search starts
     from the same merges as in the expert space (`build_algorithm`). EvoGM and its variants get the budget's rounds
-    and iterations (plus ``evogm_params``)."""
+    and iterations (plus ``evogm_params``). `initial`: the starting points of ``start: static`` (`static_start`)."""
     params = {**(evogm_params or {}), "num_rounds": budget.rounds, "iterations_per_round": budget.iterations} if (
         is_evogm(method)) else {}
     algorithm = build_algorithm(method, space.dim if space is not None else num_experts,
-                                pop_size=budget.pop_per_expert * num_experts, seed=seed, params=params, space=space)
+                                pop_size=budget.pop_per_expert * num_experts, seed=seed, params=params, space=space,
+                                initial=initial)
     return algorithm, budget.generations
+
+
+def static_start(method: str, start: str, problem: MergeProblem, seed: int) -> tuple[torch.Tensor | None, list[str],
+                                                                                  list]:
+    """The starting points of a search cell, as the product's ``algorithm.start`` gives them
+    (`evox_merge.run.search`): with ``static`` and a method that takes starting points, the linear static merges
+    (`LINEAR_STATIC_MERGES`: the only ones `start_points` keeps of the product's contest) tuned on `problem` (the
+    search part) with `seed`, as `start_points` (best first), their names, and the tuned merges (`Candidate`s);
+    else ``(None, [], [])``."""
+    if start != "static" or not takes_starting_points(method):
+        return None, [], []
+    statics = static_candidates(problem, list(LINEAR_STATIC_MERGES), seed=seed)
+    return *start_points(statics, problem.space), statics
 
 
 @lru_cache(maxsize=2)
@@ -141,9 +155,11 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict[str, Any]:
         row.update(validation=candidate.search_fitness, evaluations=None, curve=None, evaluation_seconds=None,
                    settings=candidate.merge.settings)
     else:
+        initial, starts, _ = static_start(cell.method, config.start, search_problem, cell.seed)
         algorithm, generations = build_search_algorithm(cell.method, setup.experts.num_experts,
                                                         config.budgets[cell.budget], cell.seed, config.evogm_params,
-                                                        space=search_problem.space)
+                                                        space=search_problem.space, initial=initial)
+        row.update(start=config.start if initial is not None else "default", starting_points=starts)
         if config.racing is not None:
             search_problem.race(*racing_for(algorithm, config.racing.confidence, config.racing.stages,
                                             config.selection_top_k))

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from evox_merge.algorithms.limits import DEFAULT_START, STARTS
 from evox_merge.problems.static_names import STATIC_MERGE_NAMES
 from evox_merge.run.config import RacingConfig, SpaceConfig, check_algorithm_params, check_device, seed_problem
 from evox_merge.run.registry import algorithm_names, argument_problems, is_multi_objective
@@ -73,6 +74,9 @@ class SweepConfig(_Strict):
     pit each search's pick against those of ``product_statics`` that are in ``methods``, on the selection part.
     Budgets other than ``paper`` run in ``large_budget_settings`` for ``large_budget_methods`` (default: every
     search method); ``single_task_unseen`` searches each of ``single_task_tasks`` (default: every unseen task).
+    ``start`` is every search's start, as the search config's ``algorithm.start`` (`evox_merge.algorithms.limits`):
+    ``static`` (the default, as the product's) starts each search from the static merges tuned on its search part,
+    ``default`` from the algorithm's own start. Rows record it; rows written before the key existed ran ``default``.
     """
 
     setup: SetupConfig = Field(default_factory=SetupConfig)
@@ -84,6 +88,7 @@ class SweepConfig(_Strict):
     large_budget_methods: list[str] | None = None
     single_task_tasks: list[str] | None = None
     evogm_params: dict = Field(default_factory=dict)
+    start: Literal[STARTS] = DEFAULT_START  # type: ignore[valid-type]
     max_validation_examples: int | None = Field(default=None, ge=1)
     selection_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
     selection_top_k: int = Field(default=5, ge=1)

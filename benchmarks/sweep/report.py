@@ -142,13 +142,19 @@ def cost_table(rows: list[Row], methods: list[str]) -> str:
         if chosen[0]["evaluations"] is None:
             lines.append(f"| {method} | {len(chosen)} | static | | {wall:.1f} | | | | {machines} |")
             continue
-        algorithm = statistics.mean(row["algorithm_seconds"] for row in chosen)
-        evaluation = statistics.mean(row["evaluation_seconds"] for row in chosen)
         evaluations = statistics.mean(row["evaluations"] for row in chosen)
         examples = statistics.mean(row.get("examples_fraction", 1.0) for row in chosen)
+        timed = [row for row in chosen if row.get("algorithm_seconds") is not None]
+        if not timed:  # rows that did not record the split of their time
+            lines.append(f"| {method} | {len(chosen)} | {evaluations:.0f} | {examples:.0%} | {wall:.1f} | "
+                         f"not recorded | not recorded | | {machines} |")
+            continue
+        algorithm = statistics.mean(row["algorithm_seconds"] for row in timed)
+        evaluation = statistics.mean(row["evaluation_seconds"] for row in timed)
         share = algorithm / (algorithm + evaluation) if algorithm + evaluation > 0 else 0.0
+        note = "" if len(timed) == len(chosen) else f" ({len(timed)} runs)"
         lines.append(f"| {method} | {len(chosen)} | {evaluations:.0f} | {examples:.0%} | {wall:.1f} | "
-                     f"{algorithm:.2f} | {evaluation:.1f} | {share:.1%} | {machines} |")
+                     f"{algorithm:.2f}{note} | {evaluation:.1f}{note} | {share:.1%} | {machines} |")
     return "\n".join(lines)
 
 

@@ -16,8 +16,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from benchmarks.sweep.cells import Cell, grid, run_cell
-from benchmarks.sweep.config import (STATIC_METHODS, SweepConfig, load_sweep_config, override_device,
-                                     parse_only)  # noqa: F401 (parse_only: `--only`, imported from here too)
+from benchmarks.sweep.config import STATIC_METHODS, SweepConfig, load_sweep_config, override_device
 from benchmarks.sweep.report import write_report
 from benchmarks.sweep.setup import load_setup
 from evox_merge.util.atomic import write_text_atomic
@@ -69,6 +68,7 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
     if workers is not None:
         config = config.model_copy(update={"workers": workers})
     if not report_only:
+        _refuse_mixed_starts(done, config, rows_path)
         (out / "config.yaml").write_text(yaml.safe_dump(given.model_dump(mode="json"), sort_keys=False))
         logger.info("sweep: %d cells, %d already done, %d to run now", len(cells), len(done), len(todo))
         _run_cells(todo, config, out, len(cells), progress)
@@ -81,6 +81,28 @@ def run_sweep(config: SweepConfig | str | Path, *, progress: bool = True, report
         preamble += (f"\n**Partial results: {len(rows)} of {len(cells)} cells finished, {remaining} still to run** "
                      "(rerun the sweep command to finish; it resumes).\n")
     return write_report(rows, config.methods, out, preamble, config.product_statics)
+
+
+def _refuse_mixed_starts(done: dict[str, dict], config: SweepConfig, rows_path: Path) -> None:
+    """MergeInputError when `rows_path` holds search rows that started otherwise than ``config.start`` says (a row
+    without ``start`` was written before the key existed and started ``default``): resuming would mix starts in one
+    table. Static merges' rows do not depend on the start."""
+    from evox_merge.run.registry import takes_starting_points
+    from evox_merge.util.errors import MergeInputError
+
+    expected = {}
+    for row in done.values():
+        if row["method"] in STATIC_METHODS:
+            continue
+        if row["method"] not in expected:
+            expected[row["method"]] = config.start if takes_starting_points(row["method"]) else "default"
+        found = row.get("start", "default")
+        if found != expected[row["method"]]:
+            raise MergeInputError(
+                f"start: {rows_path} holds rows that started {found!r} (method {row['method']}, seed {row['seed']}; "
+                f"rows without a 'start' field predate the key and started 'default'), but the config asks for "
+                f"start {config.start!r}; resuming would mix starts in one table. Set 'start: {found}' in the config "
+                "to finish that sweep, or use another output_dir")
 
 
 def _selected(cell: Cell, only: dict[str, set[str]]) -> bool:
@@ -178,6 +200,8 @@ Budgets per search: {budgets}. Seeds {config.seeds}. Each validation file is spl
 per task); fitness is the {config.normalise} normalised mean. Static merges are tuned on the search part too (best
 single expert, task arithmetic / TIES / DARE scaling from a grid); each search's pick is the best of its
 {config.selection_top_k} best candidates on the selection part. Test scores are raw means over every test example.
+Searches start `{config.start}` (`static`: from the static merges tuned on the search part, as the product's
+`algorithm.start`; `default`: each algorithm's own start).
 Running the cells took {_timing_summary(invocations)}.
 Exact config: `config.yaml`.
 

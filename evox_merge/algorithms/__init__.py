@@ -15,7 +15,7 @@ from typing import Any
 _EXPORTS = {
     "VARIANTS": "evogm_variants", "BoundedCMAES": "cmaes", "BoundedPSO": "pso", "EvoGM": "evogm",
     "EvoGMHistory": "evogm_history", "EvoGMSwitches": "evogm_variants", "GeneratorPair": "generators",
-    "RandomSearch": "random_search",
+    "RandomSearch": "random_search", "PSOMerging": "pso_merging", "ModelSwarms": "model_swarms",
 }
 
 __all__ = list(_EXPORTS)

@@ -57,6 +57,7 @@ def _optional(rule: Rule) -> Rule:
 
 _BOOL: Rule = (lambda v: isinstance(v, bool)), "true or false"
 _FINITE: Rule = _real(lambda v: True, "a finite number")
+_NON_NEGATIVE: Rule = _real(lambda v: v >= 0, "a number >= 0")
 _NUMBERS: Rule = (lambda v: isinstance(v, (list, tuple)) and all(_number(x) for x in v)), "a list of finite numbers"
 
 EVOGM_VARIANTS = ("default", "paper")
@@ -86,12 +87,27 @@ RULES: dict[str, dict[str, Rule]] = {
         "guarded_shift": _optional(_BOOL),
         "max_condition": _optional(_real(lambda v: v > 1, "a float > 1")),
     },
+    "EvoGMHybrid": {
+        "generative_generations": _integer(1),
+        "shrinkage": _real(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "variant": _choice(*EVOGM_VARIANTS),
+        "train_steps": _integer(1),
+        "hidden_sizes": ((lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                          and all(_integer(1)[0](x) for x in v)), "non-empty positive widths"),
+        "boundary": _choice("clip", "reflect"),
+    },
     "BoundedCMAES": {
         "sigma": _optional(_real(lambda v: v > 0, "a number > 0")),
         "mean_init": _optional(_NUMBERS),
         "boundary": _choice("clip", "reflect"),
     },
     "BoundedPSO": {"w": _FINITE, "phi_p": _FINITE, "phi_g": _FINITE, "init": _choice("hybrid", "uniform")},
+    "PSOMerging": {"w": _FINITE, "c1": _NON_NEGATIVE, "c2": _NON_NEGATIVE,
+                   "density": _real(lambda v: 0 < v <= 1, "a float in (0, 1]")},
+    "ModelSwarms": {"inertia": _NON_NEGATIVE, "cognitive": _NON_NEGATIVE, "social": _NON_NEGATIVE,
+                    "repel": _NON_NEGATIVE, "step_length": _real(lambda v: v > 0, "a number > 0"),
+                    "step_decay": _real(lambda v: 0 < v <= 1, "a float in (0, 1]"), "min_step": _NON_NEGATIVE,
+                    "restart_patience": _integer(1)},
     "MergeRVEA": {"alpha": _FINITE, "fr": _real(lambda v: v > 0, "a number > 0"), "max_gen": _integer(1)},
     "MergeHypE": {"n_sample": _integer(1)},
 }
@@ -100,6 +116,7 @@ RULES: dict[str, dict[str, Rule]] = {
 MIN_POP_SIZE: dict[str, tuple[int, str]] = {
     "EvoGM": (2, "a round's history splits into winners and losers"),
     "BoundedCMAES": (2, "its pop_size // 2 best candidates move the mean"),
+    "EvoGMHybrid": (2, "CMA-ES's pop_size // 2 best candidates move the mean"),
     "MergeNSGA2": (2, "crossover mates candidates in pairs"),
     "MergeNSGA3": (2, "crossover mates candidates in pairs"),
     "MergeHypE": (2, "crossover mates candidates in pairs"),
@@ -110,12 +127,21 @@ MOEAD_MIN_WEIGHTS = 11
 """MOEA/D needs a neighbourhood of ceil(weights / 10) >= 2 weight vectors (EvoX fails with an IndexError below)."""
 
 
+SWARM_PULLS = ("inertia", "cognitive", "social", "repel")
+"""`ModelSwarms`' four weights, normalised by their (randomly weighted) sum: not all of them may be 0. Their
+defaults are not 0, so only a config that sets all four to 0 breaks the rule."""
+
+
 def check_arguments(class_name: str, arguments: dict[str, Any]) -> list[str]:
     """Problems (``key: expected ..., got ...``) with constructor `arguments` of algorithm class `class_name`
     (those without a rule pass)."""
     rules = RULES.get(class_name, {})
-    return [f"{key}: expected {rules[key][1]}, got {value!r}" for key, value in arguments.items()
-            if key in rules and not rules[key][0](value)]
+    problems = [f"{key}: expected {rules[key][1]}, got {value!r}" for key, value in arguments.items()
+                if key in rules and not rules[key][0](value)]
+    if class_name == "ModelSwarms" and not problems and all(arguments.get(key, 1) == 0 for key in SWARM_PULLS):
+        problems.append(f"{SWARM_PULLS[-1]}: expected at least one of {', '.join(SWARM_PULLS)} > 0 (the velocity "
+                        "is their weighted mean), got all 0")
+    return problems
 
 
 def raise_for_arguments(class_name: str, arguments: dict[str, Any]) -> None:

@@ -190,6 +190,12 @@ STATIC_MERGES: dict[str, Callable[[MergeProblem, int], StaticMerge]] = {
     "multislerp": lambda problem, seed: _methods().multislerp(problem),
     "sce": lambda problem, seed: _methods().sce(problem),
     "rankmean": lambda problem, seed: _methods().rankmean(problem),
+    # The data-aware merges, computed from the problem's task data (`evox_merge.problems.data_aware`, `adamerging`).
+    "fisher": lambda problem, seed: _data_aware().fisher(problem),
+    "regmean": lambda problem, seed: _data_aware().regmean(problem),
+    "adamerging": lambda problem, seed: _adamerging().adamerging(problem),
+    "adamerging_layer": lambda problem, seed: _adamerging().adamerging(problem, layer_wise=True),
+    "adamerging_supervised": lambda problem, seed: _adamerging().adamerging(problem, objective="supervised"),
 }
 
 
@@ -198,3 +204,17 @@ def _methods():
     from evox_merge.problems import static_methods
 
     return static_methods
+
+
+def _data_aware():
+    """`evox_merge.problems.data_aware` (Fisher merging, RegMean), imported on first use (it imports this module)."""
+    from evox_merge.problems import data_aware
+
+    return data_aware
+
+
+def _adamerging():
+    """`evox_merge.problems.adamerging`, imported on first use (it imports this module's `StaticMerge`)."""
+    from evox_merge.problems import adamerging
+
+    return adamerging

@@ -16,6 +16,7 @@ from evox_merge.problems.normalisation import TaskNormalisation
 from evox_merge.run.selection import tied_with
 from evox_merge.tasks import TaskSpec
 from evox_merge.tasks.spec import split_overlap
+from evox_merge.tasks.chat import chat_facts
 
 OPERATOR = "linear task arithmetic in LoRA factor space: W = W0 + sum_i c_i * s_i * B_i A_i per target layer"
 _PACKAGES = ("evox-merge", "evox", "torch", "transformers", "peft", "safetensors", "tokenizers")
@@ -129,7 +130,7 @@ def build_recipe(
     box every searched candidate's coefficients lie in; ``search.start`` where the search started (`start`:
     ``{"start": "static" | "default", "starting_points": [{name, search_fitness, coefficients}]}``, from
     `evox_merge.run.search`)."""
-    tasks = [{**spec.to_dict(), **spec.file_hashes()} for spec in specs]
+    tasks = [{**spec.to_dict(), **spec.file_hashes(), **chat_facts(spec, experts.tokenizer)} for spec in specs]
     overlaps = {spec.name: overlap for spec in specs if (overlap := split_overlap(spec)) is not None}
     best = max((r for r in records if r["fitness"] is not None), key=lambda r: r["fitness"])
     winner = selection["winner"]

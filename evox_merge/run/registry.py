@@ -75,9 +75,15 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {
                        {"cycle_weight": 0.0}, "evogm"),
         AlgorithmEntry("evogm_pareto", _EVOGM, "EvoGM (default variant), winners and losers by Pareto rank and "
                        "crowding distance (objectives: pareto)", {"objectives": "pareto"}, "evogm", True),
+        AlgorithmEntry("evogm_cmaes", "evox_merge.algorithms.evogm_hybrid:EvoGMHybrid", "EvoGM (default variant) "
+                       "for its first generations, then CMA-ES from the best found and its elites' spread"),
         AlgorithmEntry("cmaes", "evox_merge.algorithms.cmaes:BoundedCMAES", "CMA-ES (EvoX) kept inside the box"),
         AlgorithmEntry("pso", "evox_merge.algorithms.pso:BoundedPSO", "PSO (EvoX) with clamped velocity, resumable"),
         AlgorithmEntry("random", "evox_merge.algorithms.random_search:RandomSearch", "uniform random search"),
+        AlgorithmEntry("pso_merging", "evox_merge.algorithms.pso_merging:PSOMerging", "PSO-Merging (arXiv "
+                       "2508.19839): PSO from the base, the experts and sparsified experts"),
+        AlgorithmEntry("model_swarms", "evox_merge.algorithms.model_swarms:ModelSwarms", "Model Swarms (arXiv "
+                       "2410.11163): experts pulled to the bests, pushed from the worst, decaying steps"),
         *(AlgorithmEntry(name, f"evox_merge.algorithms.multi_objective:{cls}", f"{label} (EvoX), multi-objective "
                          "(objectives: pareto)", multi_objective=True)
           for name, cls, label in (("nsga2", "MergeNSGA2", "NSGA-II"), ("nsga3", "MergeNSGA3", "NSGA-III"),

@@ -49,7 +49,7 @@ from evox_merge.experts.spaces import build_space
 from evox_merge.util.machine import describe_machine
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.normalisation import anchor_normalisation
-from evox_merge.problems.static_merges import STATIC_MERGES
+from evox_merge.problems.static_names import LINEAR_STATIC_MERGES, STATIC_MERGE_NAMES
 from evox_merge.problems.subsample import Subsampler, SubsampleSettings
 from evox_merge.run.progress import ProgressMode, SearchProgress
 from evox_merge.run.evidence import run_evidence
@@ -329,15 +329,17 @@ def _static_start(config: SearchConfig, problem: MergeProblem, show: bool) -> tu
                                             "does by default", config.algorithm.name)
         return None, None, {"start": "default", "starting_points": [],
                             "start_note": f"start: static asked; {config.algorithm.name} takes no starting points"}
-    bar = tqdm(total=len(STATIC_MERGES), desc="tuning the static merges to start from", unit="merge",
-               disable=not show, leave=False)
-    statics = static_candidates(problem, list(STATIC_MERGES), seed=config.seed, progress=bar)
+    contest = config.release.contest()
+    names = [name for name in STATIC_MERGE_NAMES if name in contest or name in LINEAR_STATIC_MERGES]
+    bar = tqdm(total=len(names), desc="tuning the static merges to start from", unit="merge", disable=not show,
+               leave=False)
+    statics = static_candidates(problem, names, seed=config.seed, progress=bar)
     bar.close()
     initial, names = start_points(statics, problem.space)
     fitness = {candidate.name: candidate.search_fitness for candidate in statics}
     facts["starting_points"] = [{"name": name, "search_fitness": fitness[name],
                                  "coefficients": row.tolist()} for name, row in zip(names, initial if names else [])]
-    return (statics if config.release.baselines else None), initial, facts
+    return [candidate for candidate in statics if candidate.name in contest], initial, facts
 
 
 def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs, records, show: bool,
@@ -357,7 +359,7 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
                                       space=problem.space).normalise(problem.normalisation)
     searched = searched_candidates(records, config.selection_top_k,
                                    space=None if problem.space.kind == "expert" else problem.space)
-    static_names = list(STATIC_MERGES) if config.release.baselines else []
+    static_names = config.release.contest()
     steps = len(static_names) * (statics is None) + (len(searched) + len(static_names) + 2) * ("selection" in splits)
     steps += len(splits) * (2 + len(static_names))
     bar = tqdm(total=steps, desc="selecting and scoring the release", unit="step", disable=not show, leave=False)

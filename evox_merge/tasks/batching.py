@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from evox_merge.tasks import Task
+from evox_merge.tasks.chat import check_chat_templates, context_ids, prompt_ids
 from evox_merge.tasks.spec import TaskSpec, iter_records
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 
@@ -131,6 +132,7 @@ def check_lengths(specs: Sequence[TaskSpec], tokenizer: PreTrainedTokenizerBase,
     """
     found = position_limit(model_config)
     seq2seq = is_encoder_decoder(model_config)
+    check_chat_templates(specs, tokenizer, model, seq2seq)
     for spec in specs:
         if seq2seq and spec.type == "language_modeling":
             _check_encoder_input(spec, tokenizer)
@@ -167,11 +169,11 @@ def _token_counts(spec: TaskSpec, records: list[dict], tokenizer: PreTrainedToke
     if not records:
         return []
     if spec.type == "language_modeling":
-        prefix = len(encode(tokenizer, spec.prefix, special=True)) if spec.prefix else 0
+        prefix = len(context_ids(spec, tokenizer))
         # A decoder-only model's text gets BOS where no prefix precedes it; an encoder-decoder's never does.
         texts = tokenizer([r["text"] for r in records], add_special_tokens=not (prefix or seq2seq))["input_ids"]
         return [(prefix, [len(ids)]) for ids in texts]
-    prompts = [len(ids) for ids in tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]]
+    prompts = [len(ids) for ids in prompt_ids(spec, tokenizer, [r["prompt"] for r in records])]
     if spec.type == "generation":
         return [(p, []) for p in prompts]
     choices = [c for r in records for c in r["choices"]]
@@ -230,14 +232,14 @@ def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tup
     """
     rows = []
     if task.spec.type == "language_modeling":
-        # A spec's prefix is context: tokenised on its own (with BOS) and followed by the text's tokens.
-        prefix = encode(tokenizer, task.spec.prefix, special=True) if task.spec.prefix else []
+        # A spec's prefix is context: tokenised on its own (with BOS; templated with chat_template) and followed by
+        # the text's tokens (`evox_merge.tasks.chat.context_ids`).
+        prefix = context_ids(task.spec, tokenizer)
         for record in task.records:
             ids = prefix + encode(tokenizer, record["text"], special=not prefix)
             rows.append((ids, max(len(prefix), 1)))
         return rows
-    for record in task.records:
-        context = encode(tokenizer, record["prompt"], special=True)
+    for record, context in zip(task.records, prompt_ids(task.spec, tokenizer, [r["prompt"] for r in task.records])):
         for choice in record["choices"]:
             rows.append((context + encode(tokenizer, choice, special=False), len(context)))
     return rows

@@ -19,6 +19,7 @@ from evox_merge.tasks.batching import (
     target_batches, tile_batch,
 )
 from evox_merge.util.errors import TaskFormatError
+from evox_merge.tasks.chat import prompt_ids
 from evox_merge.tasks.generation import decode_completions, greedy_tokens, stop_token_ids
 from evox_merge.tasks.logprobs import TokenLogprobs
 from evox_merge.tasks.prefix import cache_argument
@@ -211,8 +212,8 @@ class MultipleChoiceScorer(ChoiceAnswers):
         self.task = task
         self.device = torch.device(device)
         examples = []
-        for index, record in enumerate(task.records):
-            prompt = encode(tokenizer, record["prompt"], special=True)
+        prompts = prompt_ids(task.spec, tokenizer, [record["prompt"] for record in task.records])
+        for index, (record, prompt) in enumerate(zip(task.records, prompts)):
             choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
             _check_scored_rows(task, [(prompt + choice, len(prompt)) for choice in choices], index)
             examples.append((prompt, choices))
@@ -326,7 +327,7 @@ class GenerationScorer(CompletionAnswers):
         self.task = task
         self.device = torch.device(device)
         self.tokenizer = tokenizer
-        prompts = [encode(tokenizer, record["prompt"], special=True) for record in task.records]
+        prompts = prompt_ids(task.spec, tokenizer, [record["prompt"] for record in task.records])
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing; a "
@@ -386,7 +387,15 @@ def build_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int
     if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
         from evox_merge.tasks.seq2seq import build_seq2seq_scorer
 
+        if task.spec.chat_template or task.spec.lm_eval is not None:
+            raise TaskFormatError(f"task {task.name!r}: chat templates and lm-evaluation-harness tasks are scored on "
+                                  "decoder-only models only")
+
         return build_seq2seq_scorer(task, tokenizer, batch_size, device, model_config)
+    if task.spec.lm_eval is not None:  # the harness's metrics on our scorers' outputs
+        from evox_merge.tasks.lm_eval_scoring import build_harness_scorer
+
+        return build_harness_scorer(task, tokenizer, batch_size, device, min_shared_prefix, batch_tokens)
     scorer = {"generation": GenerationScorer, "multiple_choice": MultipleChoiceScorer}.get(
         task.spec.type, LanguageModelScorer)
     return scorer(task, tokenizer, batch_size, device, min_shared_prefix, batch_tokens)

@@ -15,6 +15,11 @@ of the record by its plain name (default ``"{prompt}"``; no attribute access, in
 no answer field, and a field it uses must hold text or a number); ``prefix`` (default empty) is the same text before
 every example, e.g. few-shot demonstrations (a language-modelling text is scored after it, and takes no template).
 
+With ``chat_template: true`` (or ``chat_template: {system: "..."}``) every prompt (the prefix and the filled
+template; a language-modelling task's prefix) is the user message of the tokenizer's chat template, after the optional
+system prompt, with the generation prompt added (`evox_merge.tasks.chat`). A spec with ``lm_eval`` names an
+lm-evaluation-harness task, built into these files by `evox_merge.tasks.lm_eval_tasks`.
+
 A test file (``test_path``) must be another file than the validation file and hold at least one example the
 validation file lacks; test examples that are also validation examples are counted (`split_overlap`) and reported
 as a warning in the run's log, recipe.json and model card.
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+from evox_merge.tasks.chat import chat_option
 from evox_merge.util.hashing import file_sha256
 from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.errors import TaskFormatError
@@ -69,6 +75,13 @@ class TaskSpec:
             (multiple choice, generation), or as context that each text is scored after (language modelling).
             Every row then starts with the same tokens, which the scorers run once per candidate
             (`evox_merge.tasks.prefix`).
+        chat_template: ``true`` (or ``{system: "..."}``, which sets `system_prompt` too): every prompt goes through
+            the tokenizer's chat template as the user message (`evox_merge.tasks.chat`).
+        system_prompt: the system message before each prompt (only with `chat_template`).
+        lm_eval: the name of an lm-evaluation-harness task, with optional ``limit``, ``num_fewshot``,
+            ``fewshot_seed``, ``include_path``, ``metric``, ``filter`` (then no ``type`` or ``path``: the harness task
+            is built into JSONL files, `evox_merge.tasks.lm_eval_tasks`); in a built spec, the harness facts (task,
+            version, config hash, splits).
     """
 
     name: str
@@ -81,6 +94,9 @@ class TaskSpec:
     stop: tuple[str, ...] = ("\n",)
     test_path: str | None = None
     prefix: str = ""
+    chat_template: bool = False
+    system_prompt: str = ""
+    lm_eval: str | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
@@ -116,6 +132,17 @@ class TaskSpec:
             raise TaskFormatError(f"{where}: field 'stop' must be a non-empty string or a list of them, got "
                                   f"{self.stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.chat_template, bool):
+            raise TaskFormatError(f"{where}: field 'chat_template' must be true, false or {{system: '...'}}, got "
+                                  f"{self.chat_template!r}")
+        if not isinstance(self.system_prompt, str):
+            raise TaskFormatError(f"{where}: field 'system_prompt' must be a string, got {self.system_prompt!r}")
+        if self.system_prompt and not self.chat_template:
+            raise TaskFormatError(f"{where}: a system prompt needs the chat template; write chat_template: "
+                                  "{system: '...'}")
+        if self.lm_eval is not None and not isinstance(self.lm_eval, dict):
+            raise TaskFormatError(f"{where}: field 'lm_eval' must name a harness task in a spec mapping (built by "
+                                  f"task_spec_from_dict), got {self.lm_eval!r}")
         used = template_fields(self.prompt_template, where)
         if self.type == "language_modeling" and self.prompt_template != "{prompt}":
             raise TaskFormatError(f"{where}: prompt_template {self.prompt_template!r} is not used by a "
@@ -138,11 +165,12 @@ class TaskSpec:
         raise TaskFormatError(f"split must be 'validation' or 'test', got {split!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``stop`` as a list; ``prefix`` only where one is set, so specs written before the
-        field existed read back the same)."""
+        """A JSON-ready dict (``stop`` as a list; ``prefix``, ``chat_template``, ``system_prompt`` and ``lm_eval``
+        only where set, so specs written before those fields existed read back the same)."""
         data = {**asdict(self), "stop": list(self.stop)}
-        if not self.prefix:
-            del data["prefix"]
+        for key in ("prefix", "chat_template", "system_prompt", "lm_eval"):
+            if not data[key]:
+                del data[key]
         return data
 
     def file_hashes(self) -> dict[str, str]:
@@ -229,6 +257,11 @@ def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None
     """Build a `TaskSpec` from a mapping; relative paths are resolved against `base_dir`."""
     if not isinstance(data, dict):
         raise TaskFormatError(f"{where}: expected a mapping of task fields, got {type(data).__name__}")
+    if isinstance(data.get("lm_eval"), str):  # an lm-evaluation-harness task by name: built into JSONL files here
+        from evox_merge.tasks.lm_eval_tasks import harness_spec
+
+        return harness_spec(data, base_dir, where)
+    data = chat_option(data, where)
     known = {f.name for f in fields(TaskSpec)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -378,14 +411,14 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
     if spec.type == "language_modeling":
         if not isinstance(record["text"], str) or not record["text"]:
             raise TaskFormatError(f"{where}: field 'text' must be a non-empty string")
-        return {"text": record["text"]}
+        return {"text": record["text"], **_doc_id(record, spec, where)}
     if not prompt:  # it tokenises to nothing: no context to score a choice or an answer after
         raise TaskFormatError(f"{where}: the prompt is empty (prefix + prompt_template {spec.prompt_template!r} give "
                               "''); expected text for the model to continue")
     if spec.type == "generation":
         if not isinstance(record["answer"], str):
             raise TaskFormatError(f"{where}: field 'answer' must be a string")
-        return {"prompt": prompt, "answer": record["answer"]}
+        return {"prompt": prompt, "answer": record["answer"], **_doc_id(record, spec, where)}
     choices = record["choices"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise TaskFormatError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
@@ -402,4 +435,15 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
         answer = choices.index(answer)
     elif not 0 <= answer < len(choices):
         raise TaskFormatError(f"{where}: answer index {answer} is outside the {len(choices)} choices")
-    return {"prompt": prompt, "choices": choices, "answer": answer}
+    return {"prompt": prompt, "choices": choices, "answer": answer, **_doc_id(record, spec, where)}
+
+
+def _doc_id(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, int]:
+    """A harness-built record's ``doc_id`` (the index of its document in the harness split), kept for scoring with
+    the harness's own metrics (`evox_merge.tasks.lm_eval_tasks`); nothing for other tasks."""
+    if spec.lm_eval is None:
+        return {}
+    doc_id = record.get("doc_id")
+    if isinstance(doc_id, bool) or not isinstance(doc_id, int) or doc_id < 0:
+        raise TaskFormatError(f"{where}: a harness-built record needs an integer 'doc_id' >= 0, got {doc_id!r}")
+    return {"doc_id": doc_id}

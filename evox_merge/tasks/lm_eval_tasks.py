@@ -1,0 +1,317 @@
+"""lm-evaluation-harness tasks as a task source: a spec naming a harness task is built by the harness's own task
+machinery into our JSONL records, then scored by our batched scorers with the harness's metrics.
+
+A spec such as ``{lm_eval: arc_easy, limit: 200, num_fewshot: 5}`` loads the task through the harness's
+``TaskManager`` (``include_path``: a folder of extra task YAMLs), sets ``num_fewshot`` and the few-shot seed as
+``lm_eval.simple_evaluate`` does, and turns each document into the request the harness would send (its
+``fewshot_context`` and ``construct_requests``: prompt templates, few-shot sampling, ``doc_to_choice``, target
+delimiter, stop sequences):
+
+* ``multiple_choice`` -> our multiple choice (context, each ``target_delimiter + choice``; trailing whitespace of the
+  context moved into the choices, as the harness's HF model does), scored by the harness's ``process_results`` on
+  our log-likelihoods (``acc`` or ``acc_norm``);
+* ``loglikelihood_rolling`` -> our language modelling, each text scored after the harness's prefix token (BOS, else
+  EOS; `evox_merge.tasks.chat.context_ids`); the fitness is minus the mean NLL per token, and
+  `rolling_metrics` gives the harness's word/byte perplexity from the same log-likelihoods;
+* ``generate_until`` -> our greedy generation (``until`` as stop strings, ``max_gen_toks``), scored by the
+  harness's filter pipeline (``filter``: its name, default the first) and ``process_results`` (``exact_match``).
+
+Search and selection use the harness's validation split, test its test split; a task with one of them only uses it
+for search and selection and has no test split (``lm_eval.splits`` in the spec and recipe.json says which). The
+records are written under `cache_root` (``$EVOX_MERGE_LM_EVAL_CACHE``, default ``~/.cache/evox-merge/lm_eval``),
+one folder per task, version and options; nothing there is deleted. Datasets come only from a local path or the
+datasets cache (``HF_DATASETS_OFFLINE`` is set): a missing one is a `TaskFormatError` naming the task and the cache.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from evox_merge.tasks.chat import chat_option
+from evox_merge.tasks.spec import TaskSpec
+from evox_merge.util.atomic import write_text_atomic
+from evox_merge.util.errors import TaskFormatError
+
+OPTIONS = {"lm_eval", "name", "limit", "num_fewshot", "fewshot_seed", "include_path", "metric", "filter", "weight",
+           "chat_template", "system_prompt"}
+FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
+# harness output type -> (our task type, the harness metrics we score, our metric name per harness metric)
+TYPES = {
+    "multiple_choice": ("multiple_choice", {"acc": "accuracy", "acc_norm": "accuracy_norm"}),
+    "generate_until": ("generation", {"exact_match": "exact_match"}),
+    "loglikelihood_rolling": ("language_modeling", {}),
+}
+
+
+def cache_root() -> Path:
+    """Where built harness tasks are written: ``$EVOX_MERGE_LM_EVAL_CACHE``, else ``lm_eval/`` in the cache root the
+    zoo uses (``$EVOX_MERGE_CACHE``, default ``$XDG_CACHE_HOME/evox-merge``, i.e. ``~/.cache/evox-merge``)."""
+    if os.environ.get("EVOX_MERGE_LM_EVAL_CACHE"):
+        return Path(os.environ["EVOX_MERGE_LM_EVAL_CACHE"]).expanduser().absolute()
+    root = os.environ.get("EVOX_MERGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evox-merge")
+    return Path(root, "lm_eval").expanduser().absolute()
+
+
+def harness_version() -> str:
+    """The installed lm-evaluation-harness version; a `TaskFormatError` naming the extra when it is missing."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("lm_eval")
+    except PackageNotFoundError:
+        raise TaskFormatError("lm-evaluation-harness is not installed; pip install 'evox-merge[lm-eval]'") from None
+
+
+def _offline() -> None:
+    """Datasets only from a local path or the cache: no download, ever."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
+    datasets.config.HF_DATASETS_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+
+
+@lru_cache(maxsize=8)
+def _manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+@lru_cache(maxsize=32)
+def harness_task(name: str, include_path: str | None, num_fewshot: int | None):
+    """The harness's task object, built by its ``TaskManager`` with ``num_fewshot`` set as ``simple_evaluate``
+    sets it (memoised per process: scorers and splits share one).
+
+    Raises:
+        TaskFormatError: the harness is missing, the task is unknown or a group, or its dataset is not local.
+    """
+    harness_version()
+    _offline()
+    manager = _manager(include_path)
+    where = f"lm_eval task {name!r}"
+    if name not in manager.all_tasks:
+        close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+        raise TaskFormatError(f"{where}: no such harness task" + (f" (did you mean {close}?)" if close else "") +
+                              (f"; the include_path {include_path} adds its YAMLs" if include_path else
+                               "; a local task needs 'include_path', the folder of its YAML"))
+    try:
+        loaded = manager.load([name])
+    except Exception as error:  # the harness's and datasets' own errors, all reported the same way
+        import datasets
+
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TaskFormatError(f"{where}: its dataset could not be loaded from a local path or the datasets cache "
+                              f"{datasets.config.HF_DATASETS_CACHE} (downloads are off: HF_DATASETS_OFFLINE=1): "
+                              f"{type(error).__name__}: {first}") from None
+    if loaded["groups"] or len(loaded["tasks"]) != 1:
+        raise TaskFormatError(f"{where} is a group of {sorted(loaded['tasks'])}; name each of its tasks in its own "
+                              "spec")
+    task = next(iter(loaded["tasks"].values()))
+    if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+        task.set_config(key="num_fewshot", value=num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    return task
+
+
+def config_sha256(task) -> str:
+    """SHA-256 of the harness task's config (``dump_config``, keys sorted, callables by name)."""
+    text = json.dumps(task.dump_config(), sort_keys=True, default=lambda value: getattr(value, "__name__", str(value)))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_docs(task, split: str) -> list:
+    """The harness task's documents of one split (``validation`` or ``test``)."""
+    return list(task.validation_docs() if split == "validation" else task.test_docs())
+
+
+def _splits(task, where: str) -> dict[str, str | None]:
+    """Which harness split serves as our validation file (search, selection) and which as test."""
+    has_validation, has_test = task.has_validation_docs(), task.has_test_docs()
+    if has_validation:
+        return {"validation": "validation", "test": "test" if has_test else None}
+    if has_test:
+        return {"validation": "test", "test": None}
+    raise TaskFormatError(f"{where}: the harness task has neither a validation nor a test split")
+
+
+def _int_option(data: dict, key: str, least: int, where: str) -> int | None:
+    value = data.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise TaskFormatError(f"{where}: '{key}' must be an integer >= {least}, got {value!r}")
+    return value
+
+
+def harness_spec(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
+    """Build a harness task named by ``data["lm_eval"]`` into JSONL files and return its `TaskSpec`.
+
+    Keys: ``lm_eval`` (the harness task), ``name`` (default: the harness task), ``limit`` (the first examples of
+    each split), ``num_fewshot``, ``fewshot_seed`` (default 1234, as ``simple_evaluate``), ``include_path`` (a folder of
+    task YAMLs), ``metric`` (``acc``/``acc_norm``, ``exact_match``; default the task's first of those), ``filter``
+    (generation: the harness filter pipeline, default its first), ``weight``, ``chat_template``/``system_prompt``.
+
+    Raises:
+        TaskFormatError: an unknown key, a bad value, an unknown task or group, a dataset that is not local, a task
+            type or metric we cannot score, naming `where` and the task.
+    """
+    unknown = sorted(set(data) - OPTIONS)
+    if unknown:
+        raise TaskFormatError(f"{where}: unknown field(s) {unknown} for an lm_eval task; expected some of "
+                              f"{sorted(OPTIONS)}")
+    name = data["lm_eval"]
+    where = f"{where} (lm_eval task {name!r})"
+    limit = _int_option(data, "limit", 1, where)
+    num_fewshot = _int_option(data, "num_fewshot", 0, where)
+    seed = _int_option(data, "fewshot_seed", 0, where)
+    seed = FEWSHOT_SEED if seed is None else seed
+    include = data.get("include_path")
+    if include is not None:
+        if not isinstance(include, str):
+            raise TaskFormatError(f"{where}: 'include_path' must be a folder path, got {include!r}")
+        include = str(Path(base_dir or ".", include).expanduser().absolute())
+        if not Path(include).is_dir():
+            raise TaskFormatError(f"{where}: include_path {include} is not a folder of task YAMLs")
+    task = harness_task(name, include, num_fewshot)
+    output_type = task.get_config("output_type")
+    if output_type not in TYPES:
+        raise TaskFormatError(f"{where}: output_type {output_type!r} is not scored here; expected one of "
+                              f"{sorted(TYPES)}")
+    our_type, metrics = TYPES[output_type]
+    metric, filter_name = _metric(task, data, metrics, where), _filter(task, data, output_type, where)
+    splits = _splits(task, where)
+    meta = {"task": name, "harness_version": harness_version(), "config_sha256": config_sha256(task),
+            "output_type": output_type, "num_fewshot": task.get_config("num_fewshot"), "fewshot_seed": seed,
+            "limit": limit, "include_path": include, "metric": metric, "filter": filter_name, "splits": splits}
+    folder = cache_root() / f"{name}-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]}"
+    paths = {}
+    for ours, theirs in splits.items():
+        if theirs is None:
+            continue
+        records = build_records(task, theirs, limit, seed, where)
+        paths[ours] = str(folder / f"{ours}.jsonl")
+        _write_if_changed(Path(paths[ours]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    generation = task.get_config("generation_kwargs") or {}
+    options = chat_option({key: data[key] for key in ("chat_template", "system_prompt") if key in data}, where)
+    extra: dict[str, Any] = {}
+    if output_type == "generate_until":
+        extra = _generation_options(task, generation, where)
+    return TaskSpec(name=data.get("name", name), type=our_type, path=paths["validation"],
+                    metric=metrics.get(metric, ""), weight=data.get("weight", 1.0), test_path=paths.get("test"),
+                    lm_eval=meta, **options, **extra)
+
+
+def _metric(task, data: dict, metrics: dict[str, str], where: str) -> str | None:
+    """The harness metric the task is scored by: ``data["metric"]`` or the task's first that we score."""
+    listed = list(task._metric_fn_list)
+    if not metrics:  # language modelling: the fitness is minus the mean NLL per token
+        if data.get("metric") is not None:
+            raise TaskFormatError(f"{where}: a loglikelihood_rolling task is scored by minus the mean NLL per token "
+                                  "(its harness perplexities come from the same sums); leave 'metric' out")
+        return None
+    usable = [m for m in listed if m in metrics]
+    metric = data.get("metric", usable[0] if usable else None)
+    if metric not in metrics or metric not in listed:
+        raise TaskFormatError(f"{where}: metric {metric!r} cannot be scored here; the task lists {listed}, of which "
+                              f"we score {usable}")
+    return metric
+
+
+def _filter(task, data: dict, output_type: str, where: str) -> str | None:
+    """The name of the harness filter pipeline a generation task is scored after (default its first)."""
+    names = [ensemble.name for ensemble in task._filters]
+    if output_type != "generate_until":
+        if data.get("filter") is not None:
+            raise TaskFormatError(f"{where}: 'filter' applies to generate_until tasks only")
+        return None
+    chosen = data.get("filter", names[0])
+    if chosen not in names:
+        raise TaskFormatError(f"{where}: filter {chosen!r} is not one of the task's filter pipelines {names}")
+    return chosen
+
+
+def _generation_options(task, generation: dict, where: str) -> dict[str, Any]:
+    """Our decoding settings from the harness's ``generation_kwargs``: greedy, ``until``, ``max_gen_toks``."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    kwargs = normalize_gen_kwargs(dict(generation))
+    if kwargs.get("do_sample"):
+        raise TaskFormatError(f"{where}: the task samples (do_sample: true); only greedy decoding is scored here")
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else [stop for stop in until if stop]
+    return {"max_new_tokens": int(kwargs["max_gen_toks"]), "stop": tuple(until) or ("\n\n",)}
+
+
+def build_records(task, split: str, limit: int | None, seed: int, where: str) -> list[dict[str, Any]]:
+    """Our records for the first `limit` documents of a harness split, each from the request the harness builds
+    (the few-shot seed reset first, as ``simple_evaluate`` does before building a task's requests)."""
+    task.set_fewshot_seed(seed=seed)
+    output_type = task.get_config("output_type")
+    records = []
+    for doc_id, doc in enumerate(split_docs(task, split)):
+        if limit is not None and doc_id >= limit:
+            break
+        context = task.fewshot_context(doc, num_fewshot=task.get_config("num_fewshot") or 0,
+                                       **({} if output_type == "loglikelihood_rolling" else
+                                          {"gen_prefix": task.doc_to_prefix(doc)}))
+        requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
+        records.append(_record(task, doc, doc_id, requests, output_type, f"{where}, {split} document {doc_id}"))
+    if not records:
+        raise TaskFormatError(f"{where}: the harness's {split} split holds no documents")
+    return records
+
+
+def _record(task, doc, doc_id: int, requests, output_type: str, where: str) -> dict[str, Any]:
+    if output_type == "loglikelihood_rolling":
+        (text,) = requests.arguments
+        return {"text": text, "doc_id": doc_id}
+    if output_type == "generate_until":
+        context, _ = requests.arguments
+        return {"prompt": context, "answer": str(task.doc_to_target(doc)), "doc_id": doc_id}
+    if task.multiple_input or task.multiple_target:
+        raise TaskFormatError(f"{where}: multiple-input or multiple-target choice tasks are not scored here")
+    pairs = [request.arguments[:2] for request in requests][: len(task.doc_to_choice(doc))]
+    context = pairs[0][0]
+    spaces = len(context) - len(context.rstrip())  # moved into each choice, as the harness's HF model does
+    prompt, moved = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
+    if not prompt:
+        raise TaskFormatError(f"{where}: the context is empty; expected text to score the choices after")
+    gold = task.doc_to_target(doc)
+    choices = task.doc_to_choice(doc)
+    answer = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise TaskFormatError(f"{where}: the target {gold!r} is not one of the {len(choices)} choices")
+    return {"prompt": prompt, "choices": [moved + continuation for _, continuation in pairs], "answer": answer,
+            "doc_id": doc_id}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically unless it already holds exactly that."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+def spec_task(spec: TaskSpec):
+    """The harness task a built spec came from, and the harness split its current file holds.
+
+    Raises:
+        TaskFormatError: the harness task's config changed since the files were built (its hash differs).
+    """
+    meta = spec.lm_eval
+    task = harness_task(meta["task"], meta.get("include_path"), meta.get("num_fewshot"))
+    if config_sha256(task) != meta["config_sha256"]:
+        raise TaskFormatError(f"task {spec.name!r}: the harness task {meta['task']!r} changed since its files were "
+                              f"built (config hash {config_sha256(task)[:12]} != {meta['config_sha256'][:12]}); build "
+                              "the spec again")
+    ours = "test" if spec.test_path is not None and spec.path == spec.test_path else "validation"
+    return task, meta["splits"][ours]
