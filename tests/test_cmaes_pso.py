@@ -9,19 +9,7 @@ from evox.workflows import EvalMonitor, StdWorkflow
 from evox_merge.algorithms import BoundedCMAES, BoundedPSO, EvoGM, RandomSearch
 from evox_merge.algorithms.cmaes import repair
 from evox_merge.problems.landscapes import SmoothLandscape
-
-
-class Recording(Problem):
-    """Evaluates a base landscape and keeps every population it was given."""
-
-    def __init__(self, base: Problem):
-        super().__init__()
-        self.base = base
-        self.populations: list[torch.Tensor] = []
-
-    def evaluate(self, pop: torch.Tensor) -> torch.Tensor:
-        self.populations.append(pop.clone())
-        return self.base.evaluate(pop)
+from tests.recording import Recording
 
 
 def _steps_to_reach(algorithm, problem, threshold: float, max_generations: int) -> int | None:

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from evox.core import Problem
 from evox.workflows import EvalMonitor, StdWorkflow
 
 from evox_merge.algorithms.cmaes import BoundedCMAES
@@ -13,21 +12,9 @@ from evox_merge.algorithms.evogm_hybrid import EvoGMHybrid, elite_distribution
 from evox_merge.problems.landscapes import SmoothLandscape
 from evox_merge.run.registry import build_algorithm, takes_starting_points
 from evox_merge.util.errors import MergeInputError
+from tests.recording import Recording
 
 TINY = {"hidden_sizes": (16, 16), "train_steps": 5}
-
-
-class Recording(Problem):
-    """Evaluates a base landscape and keeps every population it was given."""
-
-    def __init__(self, base: Problem):
-        super().__init__()
-        self.base = base
-        self.populations: list[torch.Tensor] = []
-
-    def evaluate(self, pop: torch.Tensor) -> torch.Tensor:
-        self.populations.append(pop.clone())
-        return self.base.evaluate(pop)
 
 
 def run(algorithm, problem, generations: int) -> StdWorkflow:

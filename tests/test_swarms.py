@@ -10,21 +10,9 @@ from evox_merge.experts.spaces import LayerSpace
 from evox_merge.problems.landscapes import SmoothLandscape
 from evox_merge.run import registry
 from evox_merge.util.errors import MergeInputError
+from tests.recording import Recording
 
 SWARMS = [PSOMerging, ModelSwarms]
-
-
-class Recording(Problem):
-    """Evaluates a base landscape and keeps every population it was given."""
-
-    def __init__(self, base: Problem):
-        super().__init__()
-        self.base = base
-        self.populations: list[torch.Tensor] = []
-
-    def evaluate(self, pop: torch.Tensor) -> torch.Tensor:
-        self.populations.append(pop.clone())
-        return self.base.evaluate(pop)
 
 
 def _run(algorithm, problem: Problem, steps: int) -> StdWorkflow:
