@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from evox_merge.experts.merger import shared_merger  # noqa: E402
-from evox_merge.tasks import read_task, task_spec_from_dict  # noqa: E402
+from evox_merge.tasks import read_task, task_spec_from_dict, task_specs_from_dict  # noqa: E402
 from evox_merge.tasks.batching import check_lengths  # noqa: E402
 from evox_merge.tasks.lm_eval_scoring import rolling_metrics  # noqa: E402
 from evox_merge.tasks.scoring import build_scorer  # noqa: E402
@@ -91,6 +91,11 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
+GROUP_YAML = """group: evox_group
+task:
+  - evox_mc
+  - evox_gen
+"""
 MISSING_YAML = """task: evox_missing
 dataset_path: json
 dataset_kwargs:
@@ -124,7 +129,8 @@ def harness_dir(tmp_path_factory) -> Path:
     for split in ("validation", "test"):
         for name, docs in _documents(rng, DOCS).items():
             (data / f"{name}_{split}.json").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-    for name, text in (("mc", MC_YAML), ("lm", LM_YAML), ("gen", GEN_YAML), ("missing", MISSING_YAML)):
+    for name, text in (("mc", MC_YAML), ("lm", LM_YAML), ("gen", GEN_YAML), ("missing", MISSING_YAML),
+                       ("group", GROUP_YAML)):
         (yamls / f"{name}.yaml").write_text(text.format(data=data))
     return root
 
@@ -177,6 +183,22 @@ def test_spec_built_offline_with_splits_and_hash(harness_dir):
     assert first["prompt"].count("rev ") == 3 and first["prompt"].endswith(":")  # two shots, then the document
     assert all(choice.startswith(" ") for choice in first["choices"])  # the target delimiter
     assert task_spec_from_dict(spec.to_dict()) == spec  # a built spec reads back without rebuilding
+
+
+def test_a_group_becomes_one_spec_per_task_sharing_its_weight(harness_dir):
+    options = {"lm_eval": "evox_group", "include_path": str(harness_dir / "yaml"), "limit": 6, "weight": 2.0}
+    specs = task_specs_from_dict(options)
+    assert [spec.name for spec in specs] == ["evox_gen", "evox_mc"]
+    assert [spec.weight for spec in specs] == [1.0, 1.0]
+    assert {spec.lm_eval["group"] for spec in specs} == {"evox_group"}
+    alone = task_spec_from_dict({"lm_eval": "evox_mc", "include_path": str(harness_dir / "yaml"), "limit": 6})
+    assert read_task(specs[1]).records == read_task(alone).records  # a member is built as the task alone
+    assert [s.name for s in task_specs_from_dict({"lm_eval": "evox_mc", "include_path": options["include_path"]})] \
+        == ["evox_mc"]
+    with pytest.raises(TaskFormatError, match="'name' names one task"):
+        task_specs_from_dict({**options, "name": "mine"})
+    with pytest.raises(TaskFormatError, match="is a group of"):
+        task_spec_from_dict(options)
 
 
 def test_handled_errors(harness_dir, tokenizer):

@@ -29,7 +29,7 @@ from evox_merge.util.layer_names import block_index, lora_layer_names
 from evox_merge.run import registry
 from evox_merge.run.output_dir import output_dir_problem
 from evox_merge.tasks.spec import (TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap,
-                                   split_task, task_spec_from_dict)
+                                   split_task, task_specs_from_dict)
 from evox_merge.util.hub import is_dense_expert, is_hub_id, local_path, read_model_config, resolve_model
 from evox_merge.util.adapter_files import expert_problems, task_spec_file_problem
 from evox_merge.util.yaml_file import read_yaml
@@ -144,7 +144,8 @@ class SearchConfig(_Strict):
         """The task specs (read from the spec file when ``tasks`` is a path)."""
         if isinstance(self.tasks, str):
             return load_task_specs(Path(base_dir, self.tasks))
-        specs = [task_spec_from_dict(item, base_dir, f"tasks[{i}]") for i, item in enumerate(self.tasks)]
+        specs = [spec for i, item in enumerate(self.tasks)
+                 for spec in task_specs_from_dict(item, base_dir, f"tasks[{i}]")]
         check_task_specs(specs)
         return specs
 

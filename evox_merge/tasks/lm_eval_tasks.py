@@ -86,13 +86,11 @@ def _manager(include_path: str | None):
     return TaskManager(include_path=include_path)
 
 
-@lru_cache(maxsize=32)
-def harness_task(name: str, include_path: str | None, num_fewshot: int | None):
-    """The harness's task object, built by its ``TaskManager`` with ``num_fewshot`` set as ``simple_evaluate``
-    sets it (memoised per process: scorers and splits share one).
+def _load(name: str, include_path: str | None) -> dict:
+    """``TaskManager.load([name])``: the task (or a group's tasks) with its dataset, offline.
 
     Raises:
-        TaskFormatError: the harness is missing, the task is unknown or a group, or its dataset is not local.
+        TaskFormatError: the harness is missing, the name is unknown, or a dataset is not local.
     """
     harness_version()
     _offline()
@@ -104,7 +102,7 @@ def harness_task(name: str, include_path: str | None, num_fewshot: int | None):
                               (f"; the include_path {include_path} adds its YAMLs" if include_path else
                                "; a local task needs 'include_path', the folder of its YAML"))
     try:
-        loaded = manager.load([name])
+        return manager.load([name])
     except Exception as error:  # the harness's and datasets' own errors, all reported the same way
         import datasets
 
@@ -112,9 +110,29 @@ def harness_task(name: str, include_path: str | None, num_fewshot: int | None):
         raise TaskFormatError(f"{where}: its dataset could not be loaded from a local path or the datasets cache "
                               f"{datasets.config.HF_DATASETS_CACHE} (downloads are off: HF_DATASETS_OFFLINE=1): "
                               f"{type(error).__name__}: {first}") from None
+
+
+@lru_cache(maxsize=32)
+def group_members(name: str, include_path: str | None) -> tuple[str, ...] | None:
+    """The task names of a harness group (its subgroups' tasks too), sorted; None when `name` is one task."""
+    loaded = _load(name, include_path)
+    if not loaded["groups"] and len(loaded["tasks"]) == 1:
+        return None
+    return tuple(sorted(loaded["tasks"]))
+
+
+@lru_cache(maxsize=32)
+def harness_task(name: str, include_path: str | None, num_fewshot: int | None):
+    """The harness's task object, built by its ``TaskManager`` with ``num_fewshot`` set as ``simple_evaluate``
+    sets it (memoised per process: scorers and splits share one).
+
+    Raises:
+        TaskFormatError: the harness is missing, the task is unknown or a group, or its dataset is not local.
+    """
+    loaded = _load(name, include_path)
     if loaded["groups"] or len(loaded["tasks"]) != 1:
-        raise TaskFormatError(f"{where} is a group of {sorted(loaded['tasks'])}; name each of its tasks in its own "
-                              "spec")
+        raise TaskFormatError(f"lm_eval task {name!r} is a group of {sorted(loaded['tasks'])}: build it with "
+                              "harness_specs")
     task = next(iter(loaded["tasks"].values()))
     if num_fewshot is not None and task.get_config("num_fewshot") != 0:
         task.set_config(key="num_fewshot", value=num_fewshot)
@@ -151,7 +169,41 @@ def _int_option(data: dict, key: str, least: int, where: str) -> int | None:
     return value
 
 
-def harness_spec(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
+def harness_specs(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> list[TaskSpec]:
+    """The specs of a harness task (one) or group (one per task of the group, its subgroups' too): each member
+    built by `harness_spec` with the spec's options, named after the harness task, with an equal share of the
+    spec's ``weight`` (the group counts as one task in the fitness) and the group's name in ``lm_eval.group``.
+    A ``name`` applies to a single task only."""
+    include = _include_path(data, base_dir, f"{where} (lm_eval task {data['lm_eval']!r})")
+    members = group_members(data["lm_eval"], include)
+    if members is None:
+        return [harness_spec(data, base_dir, where)]
+    group = data["lm_eval"]
+    if "name" in data:
+        raise TaskFormatError(f"{where} (lm_eval group {group!r}): 'name' names one task; a group's tasks keep "
+                              f"their harness names {list(members)}")
+    weight = data.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TaskFormatError(f"{where} (lm_eval group {group!r}): 'weight' must be a number, got {weight!r}")
+    return [harness_spec({**data, "lm_eval": member, "weight": weight / len(members)}, base_dir,
+                         f"{where} (group {group!r})", group=group) for member in members]
+
+
+def _include_path(data: dict[str, Any], base_dir: str | Path | None, where: str) -> str | None:
+    """The spec's ``include_path`` as an absolute folder, or None."""
+    include = data.get("include_path")
+    if include is None:
+        return None
+    if not isinstance(include, str):
+        raise TaskFormatError(f"{where}: 'include_path' must be a folder path, got {include!r}")
+    include = str(Path(base_dir or ".", include).expanduser().absolute())
+    if not Path(include).is_dir():
+        raise TaskFormatError(f"{where}: include_path {include} is not a folder of task YAMLs")
+    return include
+
+
+def harness_spec(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task",
+                 group: str | None = None) -> TaskSpec:
     """Build a harness task named by ``data["lm_eval"]`` into JSONL files and return its `TaskSpec`.
 
     Keys: ``lm_eval`` (the harness task), ``name`` (default: the harness task), ``limit`` (the first examples of
@@ -173,13 +225,7 @@ def harness_spec(data: dict[str, Any], base_dir: str | Path | None = None, where
     num_fewshot = _int_option(data, "num_fewshot", 0, where)
     seed = _int_option(data, "fewshot_seed", 0, where)
     seed = FEWSHOT_SEED if seed is None else seed
-    include = data.get("include_path")
-    if include is not None:
-        if not isinstance(include, str):
-            raise TaskFormatError(f"{where}: 'include_path' must be a folder path, got {include!r}")
-        include = str(Path(base_dir or ".", include).expanduser().absolute())
-        if not Path(include).is_dir():
-            raise TaskFormatError(f"{where}: include_path {include} is not a folder of task YAMLs")
+    include = _include_path(data, base_dir, where)
     task = harness_task(name, include, num_fewshot)
     output_type = task.get_config("output_type")
     if output_type not in TYPES:
@@ -190,7 +236,8 @@ def harness_spec(data: dict[str, Any], base_dir: str | Path | None = None, where
     splits = _splits(task, where)
     meta = {"task": name, "harness_version": harness_version(), "config_sha256": config_sha256(task),
             "output_type": output_type, "num_fewshot": task.get_config("num_fewshot"), "fewshot_seed": seed,
-            "limit": limit, "include_path": include, "metric": metric, "filter": filter_name, "splits": splits}
+            "limit": limit, "include_path": include, "metric": metric, "filter": filter_name, "splits": splits,
+            **({"group": group} if group is not None else {})}
     folder = cache_root() / f"{name}-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]}"
     paths = {}
     for ours, theirs in splits.items():

@@ -253,8 +253,20 @@ def _same_file(first: str, second: str) -> bool:
         return Path(first).absolute().resolve() == Path(second).absolute().resolve()
 
 
+def task_specs_from_dict(data: dict[str, Any], base_dir: str | Path | None = None,
+                         where: str = "task") -> list[TaskSpec]:
+    """The specs a mapping stands for: one, or one per task of an lm-evaluation-harness group
+    (`evox_merge.tasks.lm_eval_tasks.harness_specs`)."""
+    if isinstance(data, dict) and isinstance(data.get("lm_eval"), str):
+        from evox_merge.tasks.lm_eval_tasks import harness_specs
+
+        return harness_specs(data, base_dir, where)
+    return [task_spec_from_dict(data, base_dir, where)]
+
+
 def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
-    """Build a `TaskSpec` from a mapping; relative paths are resolved against `base_dir`."""
+    """Build a `TaskSpec` from a mapping; relative paths are resolved against `base_dir` (a harness group:
+    `task_specs_from_dict`)."""
     if not isinstance(data, dict):
         raise TaskFormatError(f"{where}: expected a mapping of task fields, got {type(data).__name__}")
     if isinstance(data.get("lm_eval"), str):  # an lm-evaluation-harness task by name: built into JSONL files here
@@ -286,7 +298,8 @@ def load_task_specs(path: str | Path) -> list[TaskSpec]:
         data = data.get("tasks")
     if not isinstance(data, list) or not data:
         raise TaskFormatError(f"{path}: expected a non-empty list of task specs (or a 'tasks' key holding one)")
-    specs = [task_spec_from_dict(item, path.parent, f"{path} task #{i}") for i, item in enumerate(data)]
+    specs = [spec for i, item in enumerate(data) for spec in task_specs_from_dict(item, path.parent,
+                                                                                  f"{path} task #{i}")]
     check_task_specs(specs, str(path))
     return specs
 
