@@ -75,7 +75,7 @@ def test_prompts_are_templated_exactly_as_apply_chat_template(tmp_path, chat_tok
     task = read_task(spec)
     expected = [_reference_ids(chat_tokenizer, record["prompt"], system) for record in task.records]
     assert expected[0][0] == chat_tokenizer.bos_token_id and expected[0].count(chat_tokenizer.bos_token_id) == 1
-    assert prompt_ids(spec, chat_tokenizer, [r["prompt"] for r in task.records]) == expected
+    assert prompt_ids(spec, chat_tokenizer, task.records) == expected
     rows = scored_sequences(task, chat_tokenizer)  # one per choice: the templated prompt, then the choice
     contexts = [ids[:context] for ids, context in rows]
     assert contexts == [ids for ids in expected for _ in range(3)]

@@ -270,6 +270,54 @@ def test_generation_with_regex_filter_equals_simple_evaluate(harness_dir, tokeni
     assert any(s["filtered_resps"][0] != "[invalid]" for s in theirs.values())  # the regex found something
 
 
+TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}a:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.slow
+def test_the_harness_conversation_equals_simple_evaluate_with_apply_chat_template(harness_dir, chat_tokenizer,
+                                                                                   model):
+    chat = {"apply_chat_template": True, "fewshot_as_multiturn": True, "system_instruction": "be brief"}
+    options = {key: chat[key] for key in ("apply_chat_template", "fewshot_as_multiturn", "system_instruction")}
+    results, samples = _simple_evaluate(model, chat_tokenizer, harness_dir, "evox_mc", num_fewshot=2, limit=DOCS,
+                                        **options)
+    spec = _spec(harness_dir, "evox_mc", num_fewshot=2, limit=DOCS, metric="acc_norm", **chat)
+    assert spec.chat_template and spec.lm_eval["fewshot_as_multiturn"] and spec.lm_eval["apply_chat_template"]
+    task, scorer = _ours(spec, chat_tokenizer, model)
+    assert abs(scorer.score(model) - results["acc_norm,none"]) <= 1 / DOCS + 1e-9
+    by_doc = {sample["doc_id"]: sample for sample in samples}
+    for record, row in zip(task.records, scorer.choice_logprobs(model)):
+        sample = by_doc[record["doc_id"]]
+        context = sample["arguments"][0][0]
+        assert context.startswith("s:be brief\n") and context.count("\na:") == 3  # two shots as turns, then ours
+        theirs = torch.tensor([float(resp[0][0]) for resp in sample["resps"]], dtype=torch.float64)
+        torch.testing.assert_close(row, theirs, atol=1e-3, rtol=1e-4)
+    results, samples = _simple_evaluate(model, chat_tokenizer, harness_dir, "evox_gen", limit=DOCS, **options)
+    task, scorer = _ours(_spec(harness_dir, "evox_gen", limit=DOCS, **chat), chat_tokenizer, model)
+    theirs = {s["doc_id"]: s for s in samples if s["filter"] == "first-letter"}
+    same = sum(text == theirs[r["doc_id"]]["resps"][0][0] for r, text in zip(task.records, scorer.completions(model)))
+    assert same >= DOCS - 1
+    assert abs(scorer.score(model) - results["exact_match,first-letter"]) <= 1 / DOCS + 1e-9
+
+
+def test_harness_chat_options_are_checked(harness_dir):
+    with pytest.raises(TaskFormatError, match="'fewshot_as_multiturn' needs 'apply_chat_template: true'"):
+        _spec(harness_dir, "evox_mc", fewshot_as_multiturn=True)
+    with pytest.raises(TaskFormatError, match="not both"):
+        _spec(harness_dir, "evox_mc", apply_chat_template=True, chat_template=True)
+    with pytest.raises(TaskFormatError, match="apply_chat_template applies to multiple_choice and generate_until"):
+        _spec(harness_dir, "evox_lm", apply_chat_template=True)
+    with pytest.raises(TaskFormatError, match="'apply_chat_template' must be true or false"):
+        _spec(harness_dir, "evox_mc", apply_chat_template="yes")
+
+
 @pytest.mark.slow
 def test_search_with_harness_and_chat_tasks_records_them(harness_dir, tiny_setup, tmp_path):
     """A search whose tasks are two harness tasks and a chat-templated JSONL task (the tokenizer given by the

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from evox_merge.tasks import Task
-from evox_merge.tasks.chat import check_chat_templates, context_ids, prompt_ids
+from evox_merge.tasks.chat import check_chat_templates, choice_texts, context_ids, prompt_ids
 from evox_merge.tasks.spec import TaskSpec, iter_records
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 
@@ -173,10 +173,10 @@ def _token_counts(spec: TaskSpec, records: list[dict], tokenizer: PreTrainedToke
         # A decoder-only model's text gets BOS where no prefix precedes it; an encoder-decoder's never does.
         texts = tokenizer([r["text"] for r in records], add_special_tokens=not (prefix or seq2seq))["input_ids"]
         return [(prefix, [len(ids)]) for ids in texts]
-    prompts = [len(ids) for ids in prompt_ids(spec, tokenizer, [r["prompt"] for r in records])]
+    prompts = [len(ids) for ids in prompt_ids(spec, tokenizer, records)]
     if spec.type == "generation":
         return [(p, []) for p in prompts]
-    choices = [c for r in records for c in r["choices"]]
+    choices = [c for r in records for c in choice_texts(spec, tokenizer, r)]
     lengths = iter(len(ids) for ids in tokenizer(choices, add_special_tokens=False)["input_ids"])
     return [(p, [next(lengths) for _ in r["choices"]]) for p, r in zip(prompts, records)]
 
@@ -239,8 +239,8 @@ def scored_sequences(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[tup
             ids = prefix + encode(tokenizer, record["text"], special=not prefix)
             rows.append((ids, max(len(prefix), 1)))
         return rows
-    for record, context in zip(task.records, prompt_ids(task.spec, tokenizer, [r["prompt"] for r in task.records])):
-        for choice in record["choices"]:
+    for record, context in zip(task.records, prompt_ids(task.spec, tokenizer, task.records)):
+        for choice in choice_texts(task.spec, tokenizer, record):
             rows.append((context + encode(tokenizer, choice, special=False), len(context)))
     return rows
 

@@ -58,13 +58,56 @@ def chat_text(tokenizer: Any, user: str, system: str = "") -> str:
     return tokenizer.apply_chat_template(chat_messages(user, system), tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(spec: "TaskSpec", tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """The token ids the scorers read for each prompt of a multiple-choice or generation task: the templated
-    conversation without added special tokens (`chat_text`), or the prompt with the tokenizer's special tokens."""
+def prompt_ids(spec: "TaskSpec", tokenizer: Any, records: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """The token ids the scorers read for each record's prompt of a multiple-choice or generation task: a harness
+    conversation (``chat``, `harness_context`), the templated prompt without added special tokens (`chat_text`),
+    or the prompt with the tokenizer's special tokens."""
+    if any("chat" in record for record in records):
+        return [_harness_ids(tokenizer, harness_context(spec, tokenizer, record)[0]) for record in records]
+    prompts = [record["prompt"] for record in records]
     if spec.chat_template:
         texts = [chat_text(tokenizer, prompt, spec.system_prompt) for prompt in prompts]
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     return tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []
+
+
+def choice_texts(spec: "TaskSpec", tokenizer: Any, record: dict[str, Any]) -> list[str]:
+    """A multiple-choice record's choices as the scorers tokenise them: after a harness conversation, each with the
+    rendered context's trailing whitespace in front (`harness_context`)."""
+    if "chat" not in record:
+        return list(record["choices"])
+    moved = harness_context(spec, tokenizer, record)[1]
+    return [moved + choice for choice in record["choices"]]
+
+
+def harness_context(spec: "TaskSpec", tokenizer: Any, record: dict[str, Any]) -> tuple[str, str]:
+    """A harness record's conversation (``chat``: the messages lm-evaluation-harness built with
+    ``apply_chat_template``) rendered as the harness's HF model renders it (``add_generation_prompt``, else
+    ``continue_final_message``; a template that refuses the system role gets the conversation without it), and
+    for multiple choice the rendered text's trailing whitespace, which the harness moves into each choice:
+    ``(context, moved)``."""
+    import jinja2
+
+    chat = record["chat"]
+    flag = bool(chat["add_generation_prompt"])
+    try:
+        text = tokenizer.apply_chat_template(chat["messages"], tokenize=False, add_generation_prompt=flag,
+                                             continue_final_message=not flag)
+    except jinja2.exceptions.TemplateError:
+        messages = [message for message in chat["messages"] if message["role"] != "system"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=flag,
+                                             continue_final_message=not flag)
+    if spec.type != "multiple_choice":
+        return text, ""
+    kept = text.rstrip()
+    return kept, text[len(kept):]
+
+
+def _harness_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered text as the harness's HF model encodes it: with the tokenizer's special tokens unless the
+    text already starts with its BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
 def context_ids(spec: "TaskSpec", tokenizer: Any) -> list[int]:

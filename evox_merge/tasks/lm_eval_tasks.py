@@ -16,6 +16,11 @@ delimiter, stop sequences):
 * ``generate_until`` -> our greedy generation (``until`` as stop strings, ``max_gen_toks``), scored by the
   harness's filter pipeline (``filter``: its name, default the first) and ``process_results`` (``exact_match``).
 
+With ``apply_chat_template: true`` (multiple choice and ``generate_until``), the harness builds the conversation as
+``simple_evaluate(apply_chat_template=True)`` does (``fewshot_as_multiturn``, default true as there; a
+``system_instruction``): each record keeps the harness's messages (``chat``), rendered by the scored model's
+tokenizer (`evox_merge.tasks.chat.prompt_ids`) as the harness's HF model renders them.
+
 Search and selection use the harness's validation split, test its test split; a task with one of them only uses it
 for search and selection and has no test split (``lm_eval.splits`` in the spec and recipe.json says which). The
 records are written under `cache_root` (``$EVOX_MERGE_LM_EVAL_CACHE``, default ``~/.cache/evox-merge/lm_eval``),
@@ -39,7 +44,8 @@ from evox_merge.util.atomic import write_text_atomic
 from evox_merge.util.errors import TaskFormatError
 
 OPTIONS = {"lm_eval", "name", "limit", "num_fewshot", "fewshot_seed", "include_path", "metric", "filter", "weight",
-           "chat_template", "system_prompt"}
+           "chat_template", "system_prompt", "apply_chat_template", "fewshot_as_multiturn", "system_instruction"}
+CHAT_MARK = "\x00evox-merge chat\x00"  # what the capturing chat template returns, then the messages as JSON
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
 # harness output type -> (our task type, the harness metrics we score, our metric name per harness metric)
 TYPES = {
@@ -226,34 +232,71 @@ def harness_spec(data: dict[str, Any], base_dir: str | Path | None = None, where
     seed = _int_option(data, "fewshot_seed", 0, where)
     seed = FEWSHOT_SEED if seed is None else seed
     include = _include_path(data, base_dir, where)
+    chat = _chat_options(data, where)
     task = harness_task(name, include, num_fewshot)
     output_type = task.get_config("output_type")
     if output_type not in TYPES:
         raise TaskFormatError(f"{where}: output_type {output_type!r} is not scored here; expected one of "
                               f"{sorted(TYPES)}")
     our_type, metrics = TYPES[output_type]
+    if chat.get("apply_chat_template") and output_type == "loglikelihood_rolling":
+        raise TaskFormatError(f"{where}: apply_chat_template applies to multiple_choice and generate_until tasks (the "
+                              "harness scores a rolling text without a template)")
     metric, filter_name = _metric(task, data, metrics, where), _filter(task, data, output_type, where)
     splits = _splits(task, where)
     meta = {"task": name, "harness_version": harness_version(), "config_sha256": config_sha256(task),
             "output_type": output_type, "num_fewshot": task.get_config("num_fewshot"), "fewshot_seed": seed,
             "limit": limit, "include_path": include, "metric": metric, "filter": filter_name, "splits": splits,
-            **({"group": group} if group is not None else {})}
+            **({"group": group} if group is not None else {}), **chat}
     folder = cache_root() / f"{name}-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]}"
     paths = {}
     for ours, theirs in splits.items():
         if theirs is None:
             continue
-        records = build_records(task, theirs, limit, seed, where)
+        records = build_records(task, theirs, limit, seed, where, chat)
         paths[ours] = str(folder / f"{ours}.jsonl")
         _write_if_changed(Path(paths[ours]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     generation = task.get_config("generation_kwargs") or {}
     options = chat_option({key: data[key] for key in ("chat_template", "system_prompt") if key in data}, where)
+    if chat.get("apply_chat_template"):  # the tokenizer must have a template (checked before the model loads)
+        options = {"chat_template": True}
     extra: dict[str, Any] = {}
     if output_type == "generate_until":
         extra = _generation_options(task, generation, where)
     return TaskSpec(name=data.get("name", name), type=our_type, path=paths["validation"],
                     metric=metrics.get(metric, ""), weight=data.get("weight", 1.0), test_path=paths.get("test"),
                     lm_eval=meta, **options, **extra)
+
+
+def _chat_options(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The harness's chat options of a spec, checked: ``apply_chat_template``, ``fewshot_as_multiturn`` (with it
+    only; default true, as ``simple_evaluate``'s) and ``system_instruction`` (also without a template, as text)."""
+    apply = data.get("apply_chat_template", False)
+    multiturn = data.get("fewshot_as_multiturn")
+    system = data.get("system_instruction")
+    for key, value in (("apply_chat_template", apply), ("fewshot_as_multiturn", multiturn)):
+        if value is not None and not isinstance(value, bool):
+            raise TaskFormatError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if system is not None and not isinstance(system, str):
+        raise TaskFormatError(f"{where}: 'system_instruction' must be a string, got {system!r}")
+    if multiturn is not None and not apply:
+        raise TaskFormatError(f"{where}: 'fewshot_as_multiturn' needs 'apply_chat_template: true'")
+    if apply and ("chat_template" in data or "system_prompt" in data):
+        raise TaskFormatError(f"{where}: give either the harness's 'apply_chat_template' (its conversation, "
+                              "'system_instruction') or our 'chat_template' (the whole context as one user message), "
+                              "not both")
+    chat: dict[str, Any] = {}
+    if apply:
+        chat.update(apply_chat_template=True, fewshot_as_multiturn=True if multiturn is None else multiturn)
+    if system is not None:
+        chat["system_instruction"] = system
+    return chat
+
+
+def _capture(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A chat template for the harness's ``fewshot_context`` that returns the conversation itself (`CHAT_MARK`,
+    then JSON), to be rendered later by the scored model's tokenizer."""
+    return CHAT_MARK + json.dumps({"messages": messages, "add_generation_prompt": add_generation_prompt})
 
 
 def _metric(task, data: dict, metrics: dict[str, str], where: str) -> str | None:
@@ -297,9 +340,16 @@ def _generation_options(task, generation: dict, where: str) -> dict[str, Any]:
     return {"max_new_tokens": int(kwargs["max_gen_toks"]), "stop": tuple(until) or ("\n\n",)}
 
 
-def build_records(task, split: str, limit: int | None, seed: int, where: str) -> list[dict[str, Any]]:
+def build_records(task, split: str, limit: int | None, seed: int, where: str,
+                  chat: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Our records for the first `limit` documents of a harness split, each from the request the harness builds
-    (the few-shot seed reset first, as ``simple_evaluate`` does before building a task's requests)."""
+    (the few-shot seed reset first, as ``simple_evaluate`` does before building a task's requests); `chat`: the
+    harness's chat options (`_chat_options`)."""
+    chat = chat or {}
+    apply = bool(chat.get("apply_chat_template"))
+    context_options = {"system_instruction": chat.get("system_instruction"), "apply_chat_template": apply,
+                       "fewshot_as_multiturn": bool(chat.get("fewshot_as_multiturn")),
+                       "chat_template": _capture if apply else None}
     task.set_fewshot_seed(seed=seed)
     output_type = task.get_config("output_type")
     records = []
@@ -308,8 +358,9 @@ def build_records(task, split: str, limit: int | None, seed: int, where: str) ->
             break
         context = task.fewshot_context(doc, num_fewshot=task.get_config("num_fewshot") or 0,
                                        **({} if output_type == "loglikelihood_rolling" else
-                                          {"gen_prefix": task.doc_to_prefix(doc)}))
-        requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1))
+                                          {"gen_prefix": task.doc_to_prefix(doc), **context_options}))
+        requests = task.construct_requests(doc=doc, ctx=context, metadata=(task.config.task, doc_id, 1),
+                                           apply_chat_template=apply)
         records.append(_record(task, doc, doc_id, requests, output_type, f"{where}, {split} document {doc_id}"))
     if not records:
         raise TaskFormatError(f"{where}: the harness's {split} split holds no documents")
@@ -322,22 +373,44 @@ def _record(task, doc, doc_id: int, requests, output_type: str, where: str) -> d
         return {"text": text, "doc_id": doc_id}
     if output_type == "generate_until":
         context, _ = requests.arguments
-        return {"prompt": context, "answer": str(task.doc_to_target(doc)), "doc_id": doc_id}
+        chat = _captured(context)
+        return {"prompt": _plain(chat) if chat else context, "answer": str(task.doc_to_target(doc)), "doc_id": doc_id,
+                **({"chat": chat} if chat else {})}
     if task.multiple_input or task.multiple_target:
         raise TaskFormatError(f"{where}: multiple-input or multiple-target choice tasks are not scored here")
     pairs = [request.arguments[:2] for request in requests][: len(task.doc_to_choice(doc))]
     context = pairs[0][0]
+    chat = _captured(context)
+    if chat:  # rendered by the scored model's tokenizer, its trailing whitespace moved then (`chat.prompt_ids`)
+        gold, choices = task.doc_to_target(doc), task.doc_to_choice(doc)
+        answer = _answer(gold, choices, where)
+        return {"prompt": _plain(chat), "choices": [continuation for _, continuation in pairs], "answer": answer,
+                "doc_id": doc_id, "chat": chat}
     spaces = len(context) - len(context.rstrip())  # moved into each choice, as the harness's HF model does
     prompt, moved = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
     if not prompt:
         raise TaskFormatError(f"{where}: the context is empty; expected text to score the choices after")
-    gold = task.doc_to_target(doc)
-    choices = task.doc_to_choice(doc)
+    answer = _answer(task.doc_to_target(doc), task.doc_to_choice(doc), where)
+    return {"prompt": prompt, "choices": [moved + continuation for _, continuation in pairs], "answer": answer,
+            "doc_id": doc_id}
+
+
+def _answer(gold, choices: list[str], where: str) -> int:
+    """The index of the gold choice (the target is a choice's text or its index)."""
     answer = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise TaskFormatError(f"{where}: the target {gold!r} is not one of the {len(choices)} choices")
-    return {"prompt": prompt, "choices": [moved + continuation for _, continuation in pairs], "answer": answer,
-            "doc_id": doc_id}
+    return answer
+
+
+def _captured(context: str) -> dict[str, Any] | None:
+    """The conversation `_capture` put into a context, or None for a plain one."""
+    return json.loads(context[len(CHAT_MARK):]) if context.startswith(CHAT_MARK) else None
+
+
+def _plain(chat: dict[str, Any]) -> str:
+    """A conversation's text without a template (what the record shows and what length checks count first)."""
+    return "\n\n".join(message["content"] for message in chat["messages"])
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from evox_merge.tasks.batching import (
     target_batches, tile_batch,
 )
 from evox_merge.util.errors import TaskFormatError
-from evox_merge.tasks.chat import prompt_ids
+from evox_merge.tasks.chat import choice_texts, prompt_ids
 from evox_merge.tasks.generation import decode_completions, greedy_tokens, stop_token_ids
 from evox_merge.tasks.logprobs import TokenLogprobs
 from evox_merge.tasks.prefix import cache_argument
@@ -212,9 +212,10 @@ class MultipleChoiceScorer(ChoiceAnswers):
         self.task = task
         self.device = torch.device(device)
         examples = []
-        prompts = prompt_ids(task.spec, tokenizer, [record["prompt"] for record in task.records])
+        prompts = prompt_ids(task.spec, tokenizer, task.records)
         for index, (record, prompt) in enumerate(zip(task.records, prompts)):
-            choices = [encode(tokenizer, choice, special=False) for choice in record["choices"]]
+            choices = [encode(tokenizer, choice, special=False)
+                       for choice in choice_texts(task.spec, tokenizer, record)]
             _check_scored_rows(task, [(prompt + choice, len(prompt)) for choice in choices], index)
             examples.append((prompt, choices))
         self.prefix = SharedPrefix.of([prompt for prompt, _ in examples], min_shared_prefix, device)
@@ -327,7 +328,7 @@ class GenerationScorer(CompletionAnswers):
         self.task = task
         self.device = torch.device(device)
         self.tokenizer = tokenizer
-        prompts = prompt_ids(task.spec, tokenizer, [record["prompt"] for record in task.records])
+        prompts = prompt_ids(task.spec, tokenizer, task.records)
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise TaskFormatError(f"task {task.name!r}, example {index}: the prompt tokenises to nothing; a "

@@ -409,7 +409,8 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
     """Check one record's fields for its task type; normalise a multiple-choice answer to an index."""
     for key in REQUIRED_FIELDS[spec.type]:
         if key not in record:
-            raise TaskFormatError(f"{where}: missing field {key!r} (type {spec.type} needs {REQUIRED_FIELDS[spec.type]})")
+            raise TaskFormatError(f"{where}: missing field {key!r} (type {spec.type} needs "
+                                  f"{REQUIRED_FIELDS[spec.type]})")
     for key in template_fields(spec.prompt_template) if spec.type != "language_modeling" else ():
         value = record.get(key)
         if key in record and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
@@ -424,14 +425,14 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
     if spec.type == "language_modeling":
         if not isinstance(record["text"], str) or not record["text"]:
             raise TaskFormatError(f"{where}: field 'text' must be a non-empty string")
-        return {"text": record["text"], **_doc_id(record, spec, where)}
+        return {"text": record["text"], **_harness_fields(record, spec, where)}
     if not prompt:  # it tokenises to nothing: no context to score a choice or an answer after
         raise TaskFormatError(f"{where}: the prompt is empty (prefix + prompt_template {spec.prompt_template!r} give "
                               "''); expected text for the model to continue")
     if spec.type == "generation":
         if not isinstance(record["answer"], str):
             raise TaskFormatError(f"{where}: field 'answer' must be a string")
-        return {"prompt": prompt, "answer": record["answer"], **_doc_id(record, spec, where)}
+        return {"prompt": prompt, "answer": record["answer"], **_harness_fields(record, spec, where)}
     choices = record["choices"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise TaskFormatError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings")
@@ -448,15 +449,25 @@ def _checked_record(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[
         answer = choices.index(answer)
     elif not 0 <= answer < len(choices):
         raise TaskFormatError(f"{where}: answer index {answer} is outside the {len(choices)} choices")
-    return {"prompt": prompt, "choices": choices, "answer": answer, **_doc_id(record, spec, where)}
+    return {"prompt": prompt, "choices": choices, "answer": answer, **_harness_fields(record, spec, where)}
 
 
-def _doc_id(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, int]:
+def _harness_fields(record: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, Any]:
     """A harness-built record's ``doc_id`` (the index of its document in the harness split), kept for scoring with
-    the harness's own metrics (`evox_merge.tasks.lm_eval_tasks`); nothing for other tasks."""
+    the harness's own metrics, and its ``chat`` (the conversation the harness built with ``apply_chat_template``:
+    ``messages`` and ``add_generation_prompt``; `evox_merge.tasks.lm_eval_tasks`); nothing for other tasks."""
     if spec.lm_eval is None:
         return {}
     doc_id = record.get("doc_id")
     if isinstance(doc_id, bool) or not isinstance(doc_id, int) or doc_id < 0:
         raise TaskFormatError(f"{where}: a harness-built record needs an integer 'doc_id' >= 0, got {doc_id!r}")
-    return {"doc_id": doc_id}
+    if "chat" not in record:
+        return {"doc_id": doc_id}
+    chat = record["chat"]
+    messages = chat.get("messages") if isinstance(chat, dict) else None
+    if (not isinstance(messages, list) or not messages or not isinstance(chat.get("add_generation_prompt"), bool)
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise TaskFormatError(f"{where}: 'chat' must hold 'messages' (a list of role/content strings) and "
+                              "'add_generation_prompt' (true or false)")
+    return {"doc_id": doc_id, "chat": chat}
