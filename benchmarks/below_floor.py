@@ -38,7 +38,8 @@ from evox_merge.experts import ExpertSet
 from evox_merge.experts.merger import shared_merger
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.tasks import Task, TaskSpec, read_task
-from evox_merge.tasks.scoring import GenerationScorer, build_scorer
+from evox_merge.tasks.scorers import build_scorer
+from evox_merge.tasks.scoring import GenerationScorer
 from evox_merge.util.machine import machine_markdown
 from evox_merge.zoo import build_zoo, load_zoo
 

@@ -33,7 +33,7 @@ from evox_merge.util.report_text import replace_section
 from evox_merge.zoo.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from evox_merge.experts import ExpertSet
 from evox_merge.problems.merge_problem import MergeProblem
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 from evox_merge.tasks import TaskSpec, read_task
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

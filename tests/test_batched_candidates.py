@@ -10,7 +10,7 @@ from evox_merge.experts.merger import shared_merger
 from evox_merge.experts.rows import candidate_rows
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.tasks import TaskSpec, read_task
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 from evox_merge.util.errors import MergeInputError
 
 PREFIX = "rev ab: ba\ncopy xy=xy\n"

@@ -6,7 +6,7 @@ import torch
 
 from evox_merge.tasks import TaskSpec, read_task
 from evox_merge.tasks.batching import ChoiceBatch, PackedChoiceBatch, PromptBatch, TargetBatch, cut_sorted
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 
 
 def padded_tokens(batch, new_tokens: int = 0) -> int:

@@ -12,7 +12,7 @@ from evox_merge.experts.merger import shared_merger
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.run.config import SearchConfig, resolve_dtype
 from evox_merge.tasks import read_task
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 from tests.test_search import search_config
 
 UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16 keeps 8 significant bits: a rounding's relative error is at most 2**-8

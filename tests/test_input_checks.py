@@ -25,8 +25,9 @@ from evox_merge.experts.adapters import read_lora_adapter
 from evox_merge.run.config import check_objectives
 from evox_merge.run.report import model_card
 from evox_merge.tasks.batching import check_lengths, position_limit
-from evox_merge.tasks.scoring import build_scorer
-from evox_merge.tasks.spec import TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap
+from evox_merge.tasks.scorers import build_scorer
+from evox_merge.tasks.spec import TaskSpec, check_task_specs, read_task, split_overlap
+from evox_merge.tasks.spec_sources import load_task_specs
 from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.util.yaml_file import read_yaml
 
@@ -91,7 +92,7 @@ def test_test_path_linked_to_path_is_the_same_file(tmp_path):
 
 
 def test_evaluate_prints_null_for_a_score_that_is_not_finite(tiny_setup, tmp_path, monkeypatch, capsys):
-    import evox_merge.tasks.scoring as scoring
+    import evox_merge.tasks.scorers as scoring
 
     ws = Workspace(tmp_path, tiny_setup)
     real = scoring.build_scorer

@@ -21,7 +21,7 @@ from evox_merge.experts.merger import shared_merger  # noqa: E402
 from evox_merge.tasks import read_task, task_spec_from_dict, task_specs_from_dict  # noqa: E402
 from evox_merge.tasks.batching import check_lengths  # noqa: E402
 from evox_merge.tasks.lm_eval_scoring import rolling_metrics  # noqa: E402
-from evox_merge.tasks.scoring import build_scorer  # noqa: E402
+from evox_merge.tasks.scorers import build_scorer  # noqa: E402
 from evox_merge.util.errors import TaskFormatError  # noqa: E402
 from evox_merge.zoo.char_tokenizer import build_char_tokenizer  # noqa: E402
 from tiny_models import tiny_config  # noqa: E402

@@ -13,7 +13,7 @@ import evox_merge.tasks.logprobs as logprobs_module
 from evox_merge.experts.rows import candidate_rows
 from evox_merge.tasks import TaskSpec, read_task
 from evox_merge.tasks.logprobs import OutputHead, TokenLogprobs
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 from test_batched_candidates import PREFIX
 from tiny_models import build_tiny_t5_setup
 

@@ -8,7 +8,7 @@ import torch
 
 from evox_merge.tasks import TaskSpec, read_task
 from evox_merge.tasks.prefix import SharedPrefix, common_prefix_length
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 from evox_merge.util.errors import TaskFormatError
 from test_scoring import assert_equals_full_sequences
 

@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from evox_merge.tasks.scoring import MultipleChoiceScorer, build_scorer
+from evox_merge.tasks.scoring import MultipleChoiceScorer
+from evox_merge.tasks.scorers import build_scorer
 from evox_merge.tasks import TaskSpec, read_task
 
 

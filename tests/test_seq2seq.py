@@ -13,7 +13,8 @@ from evox_merge.experts.merger import shared_merger
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.tasks import read_task
 from evox_merge.tasks.batching import encode
-from evox_merge.tasks.scoring import build_scorer, normalize_answer
+from evox_merge.tasks.scorers import build_scorer
+from evox_merge.tasks.scoring import normalize_answer
 from evox_merge.util.errors import MergeInputError
 from tiny_models import build_tiny_t5_setup, write_dense_experts
 

@@ -31,7 +31,7 @@ from evox_merge.experts.merger import shared_merger
 from evox_merge.problems.data_objectives import (OBJECTIVES, ObjectiveBatch, batch_terms, gradients_for,
                                                  objective_batches, task_denominators)
 from evox_merge.problems.merge_problem import MergeProblem
-from evox_merge.problems.static_merges import StaticMerge
+from evox_merge.problems.static_result import StaticMerge
 from evox_merge.util.errors import MergeInputError
 
 ADAMERGING_STEPS = 10

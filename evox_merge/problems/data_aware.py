@@ -34,7 +34,7 @@ from evox_merge.experts.merger import shared_merger
 from evox_merge.problems.data_objectives import batch_terms, gradients_for, objective_batches
 from evox_merge.problems.merge_problem import MergeProblem
 from evox_merge.problems.static_methods import tune
-from evox_merge.problems.static_merges import StaticMerge
+from evox_merge.problems.static_result import StaticMerge
 from evox_merge.util.errors import MergeInputError
 
 Deltas = dict[str, torch.Tensor]

@@ -17,7 +17,7 @@ from evox_merge.experts.rows import candidate_rows
 from evox_merge.experts.spaces import ExpertSpace, SearchSpace
 from evox_merge.problems.normalisation import TaskNormalisation, identity_normalisation
 from evox_merge.problems.racing import Racing, RacingState, survivors, task_estimates
-from evox_merge.tasks.scoring import build_scorer
+from evox_merge.tasks.scorers import build_scorer
 from evox_merge.tasks import Task, TaskSpec, read_task
 
 logger = logging.getLogger(__name__)

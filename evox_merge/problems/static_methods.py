@@ -22,7 +22,7 @@ from evox_merge.experts.expert_set import ExpertSet
 from evox_merge.experts.kernel import target_delta, target_task_vectors
 from evox_merge.experts.merger import shared_merger
 from evox_merge.problems.merge_problem import MergeProblem
-from evox_merge.problems.static_merges import DEFAULT_SCALINGS, StaticMerge, on_grid_edge
+from evox_merge.problems.static_result import DEFAULT_SCALINGS, StaticMerge, on_grid_edge
 from evox_merge.util.layer_names import block_index
 
 Deltas = dict[str, torch.Tensor]

@@ -28,8 +28,8 @@ from evox_merge.util.errors import MergeInputError, TaskFormatError
 from evox_merge.util.layer_names import block_index, lora_layer_names
 from evox_merge.run import registry
 from evox_merge.run.output_dir import output_dir_problem
-from evox_merge.tasks.spec import (TaskSpec, check_task_specs, load_task_specs, read_task, split_overlap,
-                                   split_task, task_specs_from_dict)
+from evox_merge.tasks.spec import TaskSpec, check_task_specs, read_task, split_overlap, split_task
+from evox_merge.tasks.spec_sources import load_task_specs, task_specs_from_dict
 from evox_merge.util.hub import is_dense_expert, is_hub_id, local_path, read_model_config, resolve_model
 from evox_merge.util.adapter_files import expert_problems, task_spec_file_problem
 from evox_merge.util.yaml_file import read_yaml

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 from evox_merge.util.errors import MergeInputError
-from evox_merge.tasks.spec import load_task_specs, read_task
+from evox_merge.tasks.spec import read_task
+from evox_merge.tasks.spec_sources import load_task_specs
 from evox_merge.util.hub import read_model_config, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def evaluate_model(
     from evox_merge.experts.expert_set import _check_adapter_fits_model, _check_vocabulary, _load_base_model
     from evox_merge.run.config import resolve_dtype
     from evox_merge.tasks.batching import check_lengths
-    from evox_merge.tasks.scoring import build_scorer
+    from evox_merge.tasks.scorers import build_scorer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_source.path)

@@ -376,27 +376,3 @@ class GenerationScorer(CompletionAnswers):
     def score(self, model: PreTrainedModel) -> float:
         """Exact-match accuracy of the model's current weights; NaN if decoding met non-finite logits."""
         return self.scores(model)[0]
-
-
-def build_scorer(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, device,
-                 min_shared_prefix: int | None = MIN_SHARED_PREFIX, model_config=None, batch_tokens: int | None = None):
-    """The scorer for the task's type, with the task tokenised and batched on `device`; rows sharing at least
-    `min_shared_prefix` leading tokens continue one run of them (None: never). `batch_tokens`: batches of at most
-    that many padded tokens instead of `batch_size` rows (decoder-only models; `evox_merge.tasks.batching`). With
-    the config of an encoder-decoder model (``is_encoder_decoder``), the encoder-decoder scorers
-    (`evox_merge.tasks.seq2seq`), batched by `batch_size`."""
-    if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
-        from evox_merge.tasks.seq2seq import build_seq2seq_scorer
-
-        if task.spec.chat_template or task.spec.lm_eval is not None:
-            raise TaskFormatError(f"task {task.name!r}: chat templates and lm-evaluation-harness tasks are scored on "
-                                  "decoder-only models only")
-
-        return build_seq2seq_scorer(task, tokenizer, batch_size, device, model_config)
-    if task.spec.lm_eval is not None:  # the harness's metrics on our scorers' outputs
-        from evox_merge.tasks.lm_eval_scoring import build_harness_scorer
-
-        return build_harness_scorer(task, tokenizer, batch_size, device, min_shared_prefix, batch_tokens)
-    scorer = {"generation": GenerationScorer, "multiple_choice": MultipleChoiceScorer}.get(
-        task.spec.type, LanguageModelScorer)
-    return scorer(task, tokenizer, batch_size, device, min_shared_prefix, batch_tokens)

@@ -39,7 +39,6 @@ from typing import Any, Iterator
 
 from evox_merge.tasks.chat import chat_option
 from evox_merge.util.hashing import file_sha256
-from evox_merge.util.yaml_file import read_yaml
 from evox_merge.util.errors import TaskFormatError
 
 TASK_TYPES = {
@@ -142,7 +141,7 @@ class TaskSpec:
                                   "{system: '...'}")
         if self.lm_eval is not None and not isinstance(self.lm_eval, dict):
             raise TaskFormatError(f"{where}: field 'lm_eval' must name a harness task in a spec mapping (built by "
-                                  f"task_spec_from_dict), got {self.lm_eval!r}")
+                                  f"spec_sources.task_spec_from_dict), got {self.lm_eval!r}")
         used = template_fields(self.prompt_template, where)
         if self.type == "language_modeling" and self.prompt_template != "{prompt}":
             raise TaskFormatError(f"{where}: prompt_template {self.prompt_template!r} is not used by a "
@@ -253,26 +252,9 @@ def _same_file(first: str, second: str) -> bool:
         return Path(first).absolute().resolve() == Path(second).absolute().resolve()
 
 
-def task_specs_from_dict(data: dict[str, Any], base_dir: str | Path | None = None,
-                         where: str = "task") -> list[TaskSpec]:
-    """The specs a mapping stands for: one, or one per task of an lm-evaluation-harness group
-    (`evox_merge.tasks.lm_eval_tasks.harness_specs`)."""
-    if isinstance(data, dict) and isinstance(data.get("lm_eval"), str):
-        from evox_merge.tasks.lm_eval_tasks import harness_specs
-
-        return harness_specs(data, base_dir, where)
-    return [task_spec_from_dict(data, base_dir, where)]
-
-
-def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
-    """Build a `TaskSpec` from a mapping; relative paths are resolved against `base_dir` (a harness group:
-    `task_specs_from_dict`)."""
-    if not isinstance(data, dict):
-        raise TaskFormatError(f"{where}: expected a mapping of task fields, got {type(data).__name__}")
-    if isinstance(data.get("lm_eval"), str):  # an lm-evaluation-harness task by name: built into JSONL files here
-        from evox_merge.tasks.lm_eval_tasks import harness_spec
-
-        return harness_spec(data, base_dir, where)
+def plain_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None, where: str = "task") -> TaskSpec:
+    """Build a `TaskSpec` from a mapping of its fields (not a harness task: `evox_merge.tasks.spec_sources`);
+    relative paths are resolved against `base_dir`."""
     data = chat_option(data, where)
     known = {f.name for f in fields(TaskSpec)}
     unknown = sorted(set(data) - known)
@@ -286,22 +268,6 @@ def task_spec_from_dict(data: dict[str, Any], base_dir: str | Path | None = None
         if isinstance(data.get(key), str) and base_dir is not None:
             data[key] = str(Path(base_dir, data[key]).expanduser().absolute())
     return TaskSpec(**data)
-
-
-def load_task_specs(path: str | Path) -> list[TaskSpec]:
-    """Read a YAML or JSON file holding a list of task specs (or ``{"tasks": [...]}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskFormatError(f"task spec file {path} does not exist")
-    data = read_yaml(path, TaskFormatError, "YAML/JSON")
-    if isinstance(data, dict):
-        data = data.get("tasks")
-    if not isinstance(data, list) or not data:
-        raise TaskFormatError(f"{path}: expected a non-empty list of task specs (or a 'tasks' key holding one)")
-    specs = [spec for i, item in enumerate(data) for spec in task_specs_from_dict(item, path.parent,
-                                                                                  f"{path} task #{i}")]
-    check_task_specs(specs, str(path))
-    return specs
 
 
 def read_task(spec: TaskSpec, limit: int | None = None) -> Task:
