@@ -60,6 +60,10 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     scores = recipe["evaluation"]["scores"]
     assert {"release", "best_searched", "base", "best_single", "task_arithmetic", "ties", "dare"} <= set(scores)
     assert set(scores["release"]) == {"search", "selection", "test"}
+    examples = recipe["evaluation"]["examples"]  # per split and task, what the scores were taken on
+    assert set(examples) == {"search", "selection", "test"}
+    assert set(examples["search"]) == set(recipe["evaluation"]["tasks"])
+    assert all(count > 0 for split in examples.values() for count in split.values())
     assert recipe["release"]["name"] in [c["name"] for c in recipe["selection"]["candidates"]]
     margin = recipe["release"]["selection_margin"]  # the release against the other kind's best, with its interval
     by_name = {c["name"]: c for c in recipe["selection"]["candidates"]}

@@ -188,6 +188,7 @@ def build_recipe(
                           "full_model": "best/model" if config.release.full_model or experts.dense else None,
                           "adapter_compression": adapter_info},
         "evaluation": {"tasks": [spec.name for spec in specs], "task_files": tasks, "scores": selection["scores"],
+                       "examples": selection.get("examples"),
                        "splits": {"search": "the examples the search scored candidates on",
                                   "selection": "held out from the search; chose the release",
                                   "test": "the tasks' test files, never used to choose anything" if not overlaps else

@@ -382,7 +382,9 @@ def _select_and_score(config: SearchConfig, problem: MergeProblem, parts, specs,
     scores = score_table(merges, splits, progress=bar)
     bar.close()
     return {"winner": winner, "contest_winner": contest_winner, "best_searched": best_searched,
-            "candidates": searched + statics, "scores": scores, "splits": splits, "margin": margin}
+            "candidates": searched + statics, "scores": scores, "splits": splits, "margin": margin,
+            "examples": {split: {task.name: len(task.records) for task in part.tasks}
+                         for split, part in splits.items()}}
 
 
 def _peak_memory_mb(device: str) -> float:
