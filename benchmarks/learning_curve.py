@@ -140,12 +140,14 @@ def report() -> Path:
              "(what the contest releases without a search). Validation-to-test gap: the pick's normalised "
              "search-part fitness minus its normalised test score. Machine: the shared 2-core CPU (quality only).",
              ""]
+    status = []
     figure, axes = plt.subplots(1, len(SETTINGS), figsize=(12, 4))
     for setting, axis in zip(SETTINGS, axes):
         points = {size: point(load_rows(path, setting)) for size, path in SOURCES.items() if path.exists()}
         points = {size: p for size, p in points.items() if all(p[method]["gains"] for method in SHOWN)}
         if not points:
             continue
+        status.append(f"{setting} at {sorted(points)} search examples per task")
         lines += setting_section(setting, points)
         sizes = list(points)
         for method in SHOWN:
@@ -163,6 +165,9 @@ def report() -> Path:
     figure.tight_layout()
     figure.savefig(RESULTS / "learning_curve.png", dpi=120)
     plt.close(figure)
+    lines[2:2] = [f"**Status:** {'; '.join(status)} (a size appears once all four rows of it have runs). Not run: "
+                  "the t5 and smollm2 zoos, and sizes above 64 (the tiny zoo's validation files hold 100 examples per "
+                  "task, 30 of them the selection part).", ""]
     lines += ["![learning curve](learning_curve.png)", ""]
     path = RESULTS / "learning_curve.md"
     path.write_text("\n".join(lines) + "\n")

@@ -157,6 +157,8 @@ def test_the_release_contest_holds_data_aware_merges_only_when_named(tiny_setup,
 
     assert not set(CONTEST_STATIC_MERGES) & set(DATA_AWARE_STATIC_MERGES)
     assert load_config(search_config(tiny_setup, tmp_path / "a")).release.contest() == list(CONTEST_STATIC_MERGES)
+    everything = load_config(search_config(tiny_setup, tmp_path / "a", release={"baselines": "all"}))
+    assert set(everything.release.contest()) >= set(DATA_AWARE_STATIC_MERGES) | set(CONTEST_STATIC_MERGES)
     named = search_config(tiny_setup, tmp_path / "named", budget={"generations": 2},
                           release={"baselines": ["regmean", "task_arithmetic"]})
     run_search(named, progress="quiet")

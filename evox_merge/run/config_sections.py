@@ -93,9 +93,9 @@ class ReleaseConfig(_Strict):
     """What the release packet holds besides the recipe and the merged LoRA adapter.
 
     ``baselines``: which static merges compete with the searched candidates on the selection part and are reported
-    beside the release: ``true`` every data-free one (`evox_merge.problems.static_names.CONTEST_STATIC_MERGES`),
-    ``false`` none, or a list of names from ``evox-merge merges`` (the data-aware ones, Fisher, RegMean and
-    AdaMerging, only this way). ``rule``: ``best`` releases the
+    beside the release: ``true`` base, best single, soup, task arithmetic, TIES and DARE
+    (`evox_merge.problems.static_names.CONTEST_STATIC_MERGES`), ``all`` every one of ``evox-merge merges``,
+    ``false`` none, or a list of names from it. ``rule``: ``best`` releases the
     contest's winner; ``significant`` releases a searched winner only when its selection margin over the best static
     merge is above resampling noise, else that static merge (`evox_merge.run.selection.release_by_rule`; measured
     in benchmarks/results/release_rule.md).
@@ -103,19 +103,19 @@ class ReleaseConfig(_Strict):
 
     full_model: bool = False
     adapter_rank: int | None = Field(default=None, ge=1)
-    baselines: bool | list[str] = True
+    baselines: bool | Literal["all"] | list[str] = True
     rule: Literal[RELEASE_RULES] = "best"
 
     @field_validator("baselines")
     @classmethod
-    def _known_merges(cls, value: bool | list[str]) -> bool | list[str]:
+    def _known_merges(cls, value: bool | str | list[str]) -> bool | str | list[str]:
         from evox_merge.problems.static_names import STATIC_MERGE_NAMES
 
         if isinstance(value, list):
             unknown = [name for name in value if name not in STATIC_MERGE_NAMES]
             if unknown:
                 raise ValueError(f"unknown static merges {unknown}: use names from {list(STATIC_MERGE_NAMES)} "
-                                 "(evox-merge merges), or true / false")
+                                 "(evox-merge merges), or true / false / all")
             if len(set(value)) != len(value):
                 raise ValueError(f"a static merge named twice in {value}")
         return value
@@ -126,6 +126,8 @@ class ReleaseConfig(_Strict):
 
         if isinstance(self.baselines, bool):
             return list(CONTEST_STATIC_MERGES) if self.baselines else []
+        if self.baselines == "all":
+            return list(STATIC_MERGE_NAMES)
         return [name for name in STATIC_MERGE_NAMES if name in self.baselines]
 
 
