@@ -73,6 +73,9 @@ def test_search_writes_every_record_and_the_release_packet(finished_run):
     assert margin["margin"] == pytest.approx(by_name[recipe["release"]["name"]]["selection_fitness"]
                                              - by_name[margin["over"]]["selection_fitness"], abs=1e-6)
     assert "paired bootstrap interval" in (out / "README.md").read_text()
+    searched = set(examples["search"].values())  # the model card says it, beside the learning curve's evidence
+    assert len(searched) == 1 and f"The search scored candidates on {searched.pop()} examples per task. On evox" in (
+        out / "README.md").read_text()
     oob = margin["out_of_bag"]  # the whole contest rerun on resamples, judged on what each left out
     assert set(oob) == {"gain", "ci95", "searched_won_share", "resamples"} and 0 < oob["resamples"] <= 2000
     # ci95 holds quantiles of the per-resample differences, gain their mean: with most resamples tied at 0 (a search

@@ -250,6 +250,27 @@ def _verdict(recipe: dict[str, Any]) -> str:
     return verdict if margin is None else f"{verdict} {margin}"
 
 
+SEARCH_SIZE_EVIDENCE = (
+    "On evox-merge's tiny zoo (benchmarks/results/learning_curve.md in its repository) searches beat tuned task "
+    "arithmetic on a 10-task merge only from 64 search examples per task on, and the best static merge on single "
+    "tasks only from 32; with fewer, a searched release is expected to do no better on new examples than a static "
+    "merge.")
+
+
+def search_size_note(evaluation: dict[str, Any]) -> str:
+    """How many examples per task the search scored candidates on, beside what the learning curve says that
+    takes (`SEARCH_SIZE_EVIDENCE`); empty for a recipe that did not record it."""
+    counts = (evaluation.get("examples") or {}).get("search")
+    if not counts:
+        return ""
+    low, high = min(counts.values()), max(counts.values())
+    size = str(low) if low == high else f"{low}-{high}"
+    note = f"The search scored candidates on {size} examples per task. {SEARCH_SIZE_EVIDENCE}"
+    if low < 32:
+        note += " This run had fewer on some task: more validation examples would make its choice more trustworthy."
+    return note + "\n"
+
+
 def model_card(recipe: dict[str, Any]) -> str:
     """A Markdown model card generated from the recipe."""
     release = recipe["release"]
@@ -288,7 +309,7 @@ Splits: `search` = the examples the search scored candidates on; `selection` = h
 release; `test` = {_test_split(suite)}. `mean` is the weighted mean of raw scores; `normalised` the
 fitness the search used ({recipe['normalisation']['mode']}: 0 = base model, 1 = best single expert per task).
 `best_searched` is the search's best candidate on the selection part (the algorithm alone).
-
+{search_size_note(suite)}
 | merge | split | {' | '.join(columns)} |
 | --- | --- | {' | '.join('---' for _ in columns)} |
 {chr(10).join(rows)}
