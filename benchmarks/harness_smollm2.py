@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         facts["search"] = {"wall_seconds": time.perf_counter() - started, "resources": recipe.get("resources"),
                            "lm_eval": {f["name"]: f.get("lm_eval") for f in recipe["evaluation"]["task_files"]},
                            "table": ["What it printed:", "", "```", printed, "```"], **record_facts(args.out)}
+    if args.step == "report" and facts.get("search") is not None and "records" not in facts["search"]:
+        facts["search"].update(record_facts(args.out))
+        facts_path.write_text(json.dumps(facts, indent=1) + "\n")
     if args.step != "report":
         from evox_merge.util.machine import host_description
 
@@ -200,8 +203,9 @@ def write_report(facts: dict, out: Path) -> None:
     search = facts.get("search")
     if search:
         lines += ["## The search", "", f"`evox-merge search {out}/config.yaml`: EvoGM (default), P = 12, "
-                  "8 generations = 96 evaluations, search part 30 examples per task at most, selection 30% of each "
-                  "validation file, seed 0. Wall time "
+                  "8 generations = 96 evaluations, search part 22 examples per task (`max_validation_examples: 30` of "
+                  "the 70% of each 32-example validation file left after the selection part), seed 0; started from "
+                  "the static merges; the contest held the 16 data-free static merges (the default then; now 6). Wall time "
                   f"{search['wall_seconds'] / 60:.1f} min.", ""]
         resources = search.get("resources") or {}
         if resources:

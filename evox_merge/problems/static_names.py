@@ -41,8 +41,9 @@ when ``release.baselines`` names them."""
 CONTEST_STATIC_MERGES = ("base", "best_single", "model_soup", "task_arithmetic", "ties", "dare")
 """The release contest's static merges with ``release.baselines: true`` (the default). The others compete when
 ``release.baselines`` names them (or is ``all``): each merged-delta method holds one dense delta per target for the
-contest (about 0.5 GB each on SmolLM2-135M with 6 experts, where the 16 data-free merges took 8.6 GB and about as
-long to tune as the search: benchmarks/results/harness_smollm2.md)."""
+contest (about 0.5 GB each on SmolLM2-135M with 6 experts: with the 16 data-free merges a search there peaked at
+9.1 GiB, and tuning and scoring them took about 77 of its 92 minutes, the searched candidates 15:
+benchmarks/results/harness_smollm2.md)."""
 
 RANDOM_STATIC_MERGES = ("dare", "della", "della_linear")
 """The static merges that draw random drop masks from the run's seed: a sweep runs them once per seed (the others
