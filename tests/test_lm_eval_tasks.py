@@ -282,8 +282,9 @@ def chat_tokenizer():
 
 
 @pytest.mark.slow
-def test_the_harness_conversation_equals_simple_evaluate_with_apply_chat_template(harness_dir, chat_tokenizer,
-                                                                                   model):
+def test_the_harness_conversation_equals_simple_evaluate_with_apply_chat_template(harness_dir, chat_tokenizer):
+    torch.manual_seed(1)  # the random base model (the merge's equality is the plain tests' [merge] case)
+    model = Qwen2ForCausalLM(tiny_config(len(chat_tokenizer))).eval()
     chat = {"apply_chat_template": True, "fewshot_as_multiturn": True, "system_instruction": "be brief"}
     options = {key: chat[key] for key in ("apply_chat_template", "fewshot_as_multiturn", "system_instruction")}
     results, samples = _simple_evaluate(model, chat_tokenizer, harness_dir, "evox_mc", num_fewshot=2, limit=DOCS,
