@@ -111,7 +111,7 @@ def test_adamerging_decreases_its_objective_and_stays_in_the_box(problem, layer_
     assert learned.shape == ((len(problem.experts.target_names), 4) if layer_wise else (4,))
     assert learned.min() >= -0.5 and learned.max() <= 0.6 and not torch.allclose(learned, torch.tensor(0.3))
     torch.testing.assert_close(merge.score(problem), merge.validation_scores)
-    assert merge.coefficients is None and set(merge.deltas) == set(problem.experts.target_names)
+    assert merge.coefficients is None and set(merge.delta_dict()) == set(problem.experts.target_names)
     if not layer_wise:  # the deltas are the linear merge of the learned coefficients
         torch.testing.assert_close(merge.validation_scores, problem.evaluate_linear(learned.unsqueeze(0))[0],
                                    atol=1e-6, rtol=1e-6)

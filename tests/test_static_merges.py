@@ -31,7 +31,7 @@ def test_ties_equals_peft_merge_utils_and_scores_through_the_problem(problem):
     layer = "model.layers.0.self_attn.q_proj"
     task_vectors = list(dense_task_vectors(problem.experts.layers[layer], 4))
     expected = merge_utils.ties(task_vectors, torch.full((4,), 0.4), 0.3)
-    torch.testing.assert_close(merge.deltas[layer], expected)
+    torch.testing.assert_close(merge.delta_dict()[layer], expected)
     torch.testing.assert_close(merge.score(problem), merge.validation_scores)
 
 
@@ -55,9 +55,12 @@ def test_dare_is_seeded_and_leaves_global_rng_alone(problem):
     assert torch.equal(torch.random.get_rng_state(), state)
     again = baselines.dense_merge(problem, "dare_linear", density=0.5, scalings=(0.5,), seed=1)
     other = baselines.dense_merge(problem, "dare_linear", density=0.5, scalings=(0.5,), seed=2)
-    layer = next(iter(first.deltas))
-    assert torch.equal(first.deltas[layer], again.deltas[layer])
-    assert not torch.equal(first.deltas[layer], other.deltas[layer])
+    layer = next(iter(first.delta_dict()))
+    assert first.deltas is None  # the tuned merge holds no dense delta: its masks are redrawn from the seed
+    assert torch.equal(first.delta_dict()[layer], first.delta_dict()[layer])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first.delta_dict()[layer], again.delta_dict()[layer])
+    assert not torch.equal(first.delta_dict()[layer], other.delta_dict()[layer])
 
 
 def test_every_static_merge_is_tuned_on_the_problem_and_rescores_to_its_fitness(problem):
@@ -210,7 +213,8 @@ def dense_problem(tiny_setup, tmp_path_factory):
 def test_the_new_merges_tune_on_lora_experts_record_their_grid_and_rescore(problem):
     for name in NEW:
         merge = baselines.tune_static_merge(name, problem, seed=1)
-        assert merge.name == name and set(merge.deltas) == set(problem.experts.target_names)
+        assert merge.name == name and merge.deltas is None  # held by no tuned merge: recomputed when needed
+        assert set(merge.delta_dict()) == set(problem.experts.target_names)
         for key, values in merge.settings["grid"].items():
             assert merge.settings[key] in values
         assert merge.settings["operator"]
@@ -226,8 +230,9 @@ def test_the_new_merges_on_dense_experts_use_theta_minus_theta0_from_the_files(d
     experts = problem.experts
     for name in NEW:
         merge = baselines.tune_static_merge(name, problem, seed=1)
-        assert set(merge.deltas) == set(experts.target_names)
-        assert all(bool(torch.isfinite(d).all()) for d in merge.deltas.values()), name
+        deltas = merge.delta_dict()
+        assert set(deltas) == set(experts.target_names)
+        assert all(bool(torch.isfinite(d).all()) for d in deltas.values()), name
         rescored = float(problem.aggregate(merge.score(problem).unsqueeze(0))[0])
         assert rescored == pytest.approx(merge.fitness, abs=1e-6), name
     base = load_file(str(experts.base_path) + "/model.safetensors")
@@ -320,6 +325,7 @@ def test_the_new_merges_compete_in_the_release_contest_and_write_through_apply(p
     assert operator(winner.merge.settings, winner.name) == winner.merge.settings["operator"]
     prefix, suffix = "base_model.model.", ".lora_A.weight"
     for candidate in statics:
+        deltas = candidate.merge.delta_dict()
         out = tmp_path / candidate.name
         info = write_merge(problem.experts, candidate.merge, out)
         assert info["exact"] and info["max_relative_error"] < 1e-6
@@ -327,4 +333,4 @@ def test_the_new_merges_compete_in_the_release_contest_and_write_through_apply(p
         for key in (k for k in tensors if k.endswith(suffix)):
             layer = key[len(prefix):-len(suffix)]
             written = tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double()
-            torch.testing.assert_close(written, candidate.merge.deltas[layer].double(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(written, deltas[layer].double(), atol=1e-5, rtol=1e-4)

@@ -157,8 +157,10 @@ def adamerging(problem: MergeProblem, layer_wise: bool = False, objective: str =
                 "operator": f"AdaMerging (arXiv 2310.02575), {'layer' if layer_wise else 'task'}-wise: coefficients "
                             f"learned by {steps} Adam steps on the search part's "
                             f"{'entropy (unlabelled)' if objective == 'entropy' else 'supervised loss'}"}
-    deltas = {target_name: target_delta(target, coefficients[i] if layer_wise else coefficients)
-              for i, (target_name, target) in enumerate(problem.experts.targets.items())}
-    scores = problem.evaluate_deltas(deltas)
+    def deltas() -> dict[str, torch.Tensor]:
+        return {target_name: target_delta(target, coefficients[i] if layer_wise else coefficients)
+                for i, (target_name, target) in enumerate(problem.experts.targets.items())}
+
+    scores = problem.evaluate_deltas(deltas())
     fitness = float(problem.aggregate(scores.unsqueeze(0))[0])
-    return StaticMerge(name, settings, scores, fitness, deltas=deltas)
+    return StaticMerge(name, settings, scores, fitness, rebuild=deltas)

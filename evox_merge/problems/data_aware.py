@@ -342,7 +342,7 @@ def fisher(problem: MergeProblem, scalings: Sequence[float] = DATA_AWARE_SCALING
     return tune(problem, "fisher", {"scaling": scalings}, {"floor": floor, "examples": examples},
                 lambda scaling: {name: delta * scaling for name, delta in unscaled.items()},
                 "Fisher merging (arXiv 2111.09832): sum_i F_i tau_i / sum_i F_i with each expert's diagonal "
-                "empirical Fisher on the search part (normalised, floored), times the scaling")
+                "empirical Fisher on the search part (normalised, floored), times the scaling", hold=True)
 
 
 def regmean(problem: MergeProblem, alphas: Sequence[float] = REGMEAN_ALPHAS,
@@ -364,4 +364,4 @@ def regmean(problem: MergeProblem, alphas: Sequence[float] = REGMEAN_ALPHAS,
     return tune(problem, "regmean", {"alpha": alphas, "scaling": scalings}, {"linear_targets": len(sums.gram)},
                 deltas_at, "RegMean (arXiv 2212.09849): per Linear target (sum_i G_i)^-1 sum_i G_i W_i with the "
                            "experts' input Gram matrices on the search part (off-diagonals times alpha), the mean "
-                           "elsewhere, times the scaling")
+                           "elsewhere, times the scaling", hold=True)

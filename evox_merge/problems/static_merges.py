@@ -78,17 +78,20 @@ def dense_merge(
         raise ValueError(f"method must be one of {OPERATORS}, got {method!r}")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    best: StaticMerge | None = None
-    for scaling in scalings:
+
+    def deltas_at(scaling: float) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            deltas = operator_deltas(problem, method, scaling, density)
-        scores = problem.evaluate_deltas(deltas)
+            return operator_deltas(problem, method, scaling, density)
+
+    best: StaticMerge | None = None
+    for scaling in scalings:
+        scores = problem.evaluate_deltas(deltas_at(scaling))
         fitness = float(problem.aggregate(scores.unsqueeze(0))[0])
         if best is None or fitness > best.fitness:
             settings = {"scaling": scaling, "density": density, "seed": seed,
                         "on_grid_edge": on_grid_edge(scaling, scalings)}
-            best = StaticMerge(method, settings, scores, fitness, deltas=deltas)
+            best = StaticMerge(method, settings, scores, fitness, rebuild=lambda s=scaling: deltas_at(s))
     return best
 
 

@@ -11,6 +11,7 @@ target and expert by expert: the same masks for every grid point, and the global
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Callable, Sequence
@@ -170,10 +171,14 @@ def rankmean_deltas(experts: ExpertSet) -> Deltas:
 
 
 def tune(problem: MergeProblem, name: str, grid: dict[str, Sequence], fixed: dict,
-         deltas_at: Callable[..., Deltas], operator: str) -> StaticMerge:
+         deltas_at: Callable[..., Deltas], operator: str,
+         rebuild_at: Callable[..., Deltas] | None = None, hold: bool = False) -> StaticMerge:
     """Score ``deltas_at(**point)`` for every point of `grid` (its values' product, in order) on `problem` and keep
     the best (the first on ties); ``settings``: the point, `fixed`, the ``grid``, whether a tuned value is at the
-    grid's edge, and the ``operator`` in words (recipe.json's ``release.operator``)."""
+    grid's edge, and the ``operator`` in words (recipe.json's ``release.operator``). The merge holds no deltas: its
+    ``rebuild`` recomputes them at the chosen point with `rebuild_at` (default `deltas_at`; give one that does not
+    close over tensors cached for the tuning, so that they are freed with it). ``hold=True`` keeps the chosen
+    point's deltas instead (Fisher, RegMean: rebuilding them would keep their data statistics alive)."""
     best: StaticMerge | None = None
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
@@ -186,7 +191,10 @@ def tune(problem: MergeProblem, name: str, grid: dict[str, Sequence], fixed: dic
             settings = {**point, **fixed, "grid": {k: list(grid[k]) for k in keys}, "on_grid_edge": edge,
                         "operator": operator + " on each target's exact task vectors (a LoRA layer's s_i B_i A_i, "
                                                "a dense parameter's theta_i - theta_0)"}
-            best = StaticMerge(name, settings, scores, fitness, deltas=deltas)
+            best = (StaticMerge(name, settings, scores, fitness, deltas=deltas) if hold else
+                    StaticMerge(name, settings, scores, fitness,
+                                rebuild=functools.partial(rebuild_at or deltas_at, **point)))
+        del deltas
     return best
 
 
@@ -199,7 +207,8 @@ def della(problem: MergeProblem, seed: int = 0, linear: bool = False, density: f
                 {"density": density, "epsilon": epsilon, "rescale": "probability", "seed": seed},
                 lambda scaling: _scaled(unscaled, scaling),
                 f"DELLA{'-linear' if linear else ''} (arXiv 2406.11617): MagPrune, then "
-                f"{'a sum' if linear else 'sign election and disjoint mean'}, times the scaling")
+                f"{'a sum' if linear else 'sign election and disjoint mean'}, times the scaling",
+                lambda scaling: _scaled(della_deltas(problem.experts, density, epsilon, seed, linear=linear), scaling))
 
 
 def breadcrumbs(problem: MergeProblem, ties: bool = False, density: float = 0.2, gamma: float = 0.01,
@@ -209,7 +218,8 @@ def breadcrumbs(problem: MergeProblem, ties: bool = False, density: float = 0.2,
     return tune(problem, "breadcrumbs_ties" if ties else "breadcrumbs", {"scaling": scalings},
                 {"density": density, "gamma": gamma}, lambda scaling: _scaled(unscaled, scaling),
                 f"Model Breadcrumbs (arXiv 2312.06795): outliers and small entries dropped, then a sum"
-                f"{' over the entries of the elected sign' if ties else ''}, times the scaling")
+                f"{' over the entries of the elected sign' if ties else ''}, times the scaling",
+                lambda scaling: _scaled(breadcrumbs_deltas(problem.experts, density, gamma, ties=ties), scaling))
 
 
 def model_stock(problem: MergeProblem) -> StaticMerge:

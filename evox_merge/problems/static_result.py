@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -32,8 +32,12 @@ class StaticMerge:
         validation_scores: ``(K,)`` per-task scores on the problem it was chosen on.
         fitness: their weighted mean.
         coefficients: ``(N,)`` for linear merges (``(D,)`` in `space` for a searched candidate), else None.
-        deltas: merged weight delta per target layer for TIES/DARE, else None.
+        deltas: merged weight delta per target layer, held (a MERGEvolve stage's, Fisher's, RegMean's), else None.
         space: the search space `coefficients` are in (`evox_merge.experts.spaces`; None: one per expert).
+        rebuild: for a merge whose deltas are not held (TIES, DARE, DELLA, the other merged-delta merges, AdaMerging),
+            a function that recomputes them from the chosen settings (random masks from the recorded seed, so
+            the same deltas every call): a tuned merge then keeps no dense tensor between its scorings, which at
+            1B-8B parameters would be 4-32 GB per merge in the release contest (`delta_dict`).
     """
 
     name: str
@@ -43,12 +47,20 @@ class StaticMerge:
     coefficients: torch.Tensor | None = None
     deltas: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     space: Any = field(default=None, repr=False)
+    rebuild: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
+
+    def delta_dict(self) -> dict[str, torch.Tensor] | None:
+        """The merged delta per target of a merge given as deltas: the held ones, or recomputed by `rebuild` (not
+        kept: the caller's copy is freed when it is done with it); None for a merge given as coefficients."""
+        if self.deltas is not None:
+            return self.deltas
+        return None if self.rebuild is None else self.rebuild()
 
     def score(self, problem: MergeProblem) -> torch.Tensor:
         """Per-task scores ``(K,)`` of this merge on another problem over the same experts (e.g. the test split;
         a merge in a search space is scored on problems of that space)."""
         if self.coefficients is None:
-            return problem.evaluate_deltas(self.deltas)
+            return problem.evaluate_deltas(self.delta_dict())
         if self.space is None:
             return problem.evaluate_linear(self.coefficients.unsqueeze(0))[0]
         if problem.space.to_dict() != self.space.to_dict():
@@ -71,8 +83,8 @@ class StaticMerge:
     def merged_deltas(self, layers: dict) -> dict[str, torch.Tensor]:
         """The merge's dense delta per target (`layers`: the experts' ``targets``, `LayerFactors` or dense
         `DenseTarget` by name, in order)."""
-        if self.deltas is not None:
-            return self.deltas
+        if self.coefficients is None:
+            return self.delta_dict()
         if self.dense:
             return self.space.deltas(self.coefficients, layers)
         coefficients = self.layer_coefficients()
